@@ -1,0 +1,45 @@
+"""jxent: information-theoretic quantities and cross-entropy losses for JAX."""
+
+from jxent._classification import (
+    binary_cross_entropy,
+    categorical_cross_entropy,
+    mean_squared_error,
+    sigmoid_binary_cross_entropy,
+    sigmoid_focal_loss,
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
+from jxent import grads
+from jxent._information import (
+    binary_entropy,
+    cross_entropy,
+    cross_entropy_from_logits,
+    entropy,
+    entropy_from_logits,
+    js_divergence,
+    kl_divergence,
+    kl_divergence_from_logits,
+    self_information,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "grads",
+    "binary_cross_entropy",
+    "categorical_cross_entropy",
+    "mean_squared_error",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+    "binary_entropy",
+    "cross_entropy",
+    "cross_entropy_from_logits",
+    "entropy",
+    "entropy_from_logits",
+    "js_divergence",
+    "kl_divergence",
+    "kl_divergence_from_logits",
+    "self_information",
+]

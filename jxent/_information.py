@@ -1,0 +1,305 @@
+"""Information quantities on probabilities and on logits.
+
+Every function returns nats by default; ``base=2`` gives bits and any positive
+base other than 1 works. Inputs in bfloat16/float16 are accumulated, and
+returned, in float32.
+
+Conventions at the boundary (all tested):
+
+* ``0 * log 0 = 0``: a zero-probability entry of ``p`` adds nothing to the
+  value *and nothing to the gradient* (the one-sided derivative of
+  ``-p log p`` at 0 is +inf; jxent uses 0 so that training never sees NaN/inf
+  from classes that are simply absent).
+* Where the mathematics says +inf, the result is +inf: ``-log 0``,
+  ``D(p||q)`` and ``H(p, q)`` with some ``p_i > 0`` where ``q_i = 0``.
+* From logits, ``-inf`` entries mask classes out of the distribution; values
+  and gradients stay finite, the gradient of a masked entry is exactly 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jxent import _checks
+
+Array = jax.Array
+
+
+def _xlogy(x: Array, y: Array) -> Array:
+  """x * log(y) with 0 where x == 0, and a zero gradient there (for both x and y)."""
+  nonzero = x != 0
+  safe_y = jnp.where(nonzero, y, 1)
+  return jnp.where(nonzero, x * jnp.log(safe_y), 0)
+
+
+def _pair(p, q, name_p: str, name_q: str, axis: int):
+  p = _checks.floating(p, name_p)
+  q = _checks.floating(q, name_q)
+  _checks.same_shape(p, q, name_p, name_q)
+  dtype = jnp.result_type(p, q)
+  axis = _checks.canonical_axis(axis, p.ndim, name_p)
+  return p.astype(dtype), q.astype(dtype), axis
+
+
+def self_information(p, *, base=None) -> Array:
+  r"""Self-information (surprisal) :math:`I(p) = -\log p`, elementwise.
+
+  Args:
+    p: probabilities of the events, any shape, values in [0, 1].
+    base: logarithm base (``None`` for nats, ``2`` for bits).
+
+  Returns:
+    An array with the shape of ``p``. ``-log 0 = +inf``; ``-log 1 = 0``.
+
+  >>> import jxent
+  >>> jxent.self_information(jnp.array([0.7, 0.2, 0.1])).round(2)
+  Array([0.36, 1.61, 2.3 ], dtype=float32)
+  """
+  p = _checks.floating(p, "p")
+  _checks.check_unit_interval(p, "p")
+  return _checks.in_nats_to_base(-jnp.log(p), base)
+
+
+def entropy(p, *, axis: int = -1, base=None) -> Array:
+  r"""Shannon entropy :math:`H(p) = -\sum_i p_i \log p_i` along ``axis``.
+
+  Args:
+    p: probabilities ``[..., n, ...]`` summing to one along ``axis``.
+    axis: the axis that holds the distribution.
+    base: logarithm base (``None`` for nats, ``2`` for bits).
+
+  Returns:
+    ``p``'s shape without ``axis``. Entries with ``p_i = 0`` contribute 0 to the
+    value and to the gradient, so ``H`` lies in ``[0, log n]``.
+
+  >>> import jxent
+  >>> float(jxent.entropy(jnp.array([0.7, 0.2, 0.1])))  # doctest: +ELLIPSIS
+  0.8018...
+  """
+  p = _checks.floating(p, "p")
+  axis = _checks.canonical_axis(axis, p.ndim, "p")
+  _checks.check_probabilities(p, axis, "p")
+  return _checks.in_nats_to_base(-jnp.sum(_xlogy(p, p), axis=axis), base)
+
+
+def binary_entropy(p, *, base=None) -> Array:
+  r"""Entropy of a Bernoulli(p): :math:`-p \log p - (1-p) \log (1-p)`, elementwise.
+
+  Args:
+    p: success probabilities, any shape, values in [0, 1].
+    base: logarithm base (``None`` for nats, ``2`` for bits).
+
+  Returns:
+    ``p``'s shape; 0 at ``p = 0`` and ``p = 1``, ``log 2`` at ``p = 0.5``. The
+    derivative ``log((1-p)/p)`` is returned inside (0, 1) and taken as 0 at
+    the two ends (where it is ``±inf``).
+
+  >>> import jxent
+  >>> jxent.binary_entropy(jnp.array([0.0, 0.5, 1.0]), base=2)
+  Array([0., 1., 0.], dtype=float32)
+  """
+  p = _checks.floating(p, "p")
+  _checks.check_unit_interval(p, "p")
+  return _checks.in_nats_to_base(_binary_entropy(p), base)
+
+
+@jax.custom_jvp
+def _binary_entropy(p: Array) -> Array:
+  q = 1 - p
+  return -(_xlogy(p, p) + _xlogy(q, q))
+
+
+@_binary_entropy.defjvp
+def _binary_entropy_jvp(primals, tangents):
+  # dH/dp = log((1 - p) / p), finite inside (0, 1); 0 at p = 0 and p = 1 by convention.
+  (p,), (dp,) = primals, tangents
+  inside = (p > 0) & (p < 1)
+  safe = jnp.where(inside, p, 0.5)
+  slope = jnp.where(inside, jnp.log1p(-safe) - jnp.log(safe), 0)
+  return _binary_entropy(p), slope * dp
+
+
+def kl_divergence(p, q, *, axis: int = -1, base=None) -> Array:
+  r"""Kullback-Leibler divergence :math:`D(p\|q) = \sum_i p_i \log(p_i / q_i)`.
+
+  The arguments are in mathematical order: ``p`` is the reference (true)
+  distribution, ``q`` the model. (``optax.losses.kl_divergence`` takes
+  ``(log_predictions, targets)``, the other way round.)
+
+  Args:
+    p: probabilities ``[..., n, ...]``.
+    q: probabilities, same shape as ``p``.
+    axis: the axis that holds the distributions.
+    base: logarithm base (``None`` for nats, ``2`` for bits).
+
+  Returns:
+    The shape of ``p`` without ``axis``. Non-negative; 0 iff ``p == q``;
+    ``+inf`` where some ``p_i > 0`` has ``q_i = 0``. Terms with ``p_i = 0``
+    contribute 0 to the value and to the gradient whatever ``q_i`` is.
+
+  >>> import jxent
+  >>> p, q = jnp.array([0.7, 0.2, 0.1]), jnp.array([0.5, 0.3, 0.2])
+  >>> float(jxent.kl_divergence(p, q))  # doctest: +ELLIPSIS
+  0.0851...
+  """
+  p, q, axis = _pair(p, q, "p", "q", axis)
+  _checks.check_probabilities(p, axis, "p")
+  _checks.check_probabilities(q, axis, "q")
+  return _checks.in_nats_to_base(jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis), base)
+
+
+def cross_entropy(p, q, *, axis: int = -1, base=None) -> Array:
+  r"""Cross-entropy :math:`H(p, q) = -\sum_i p_i \log q_i = H(p) + D(p\|q)`.
+
+  Args:
+    p: the reference distribution ``[..., n, ...]`` (the labels).
+    q: the model's distribution, same shape as ``p`` (the predictions).
+    axis: the axis that holds the distributions.
+    base: logarithm base (``None`` for nats, ``2`` for bits).
+
+  Returns:
+    The shape of ``p`` without ``axis``; ``+inf`` where some ``p_i > 0`` has
+    ``q_i = 0``; terms with ``p_i = 0`` contribute nothing.
+
+  >>> import jxent
+  >>> float(jxent.cross_entropy(jnp.array([0., 1., 0.]), jnp.array([0.3, 0.6, 0.1])))
+  ... # doctest: +ELLIPSIS
+  0.5108...
+  """
+  p, q, axis = _pair(p, q, "p", "q", axis)
+  _checks.check_probabilities(p, axis, "p")
+  _checks.check_probabilities(q, axis, "q")
+  return _checks.in_nats_to_base(-jnp.sum(_xlogy(p, q), axis=axis), base)
+
+
+def js_divergence(p, q, *, axis: int = -1, base=None) -> Array:
+  r"""Jensen-Shannon divergence :math:`\tfrac12 D(p\|m) + \tfrac12 D(q\|m)`, :math:`m = (p+q)/2`.
+
+  Symmetric, always finite, and bounded by ``log 2`` (1 bit).
+
+  Args:
+    p: probabilities ``[..., n, ...]``.
+    q: probabilities, same shape as ``p``.
+    axis: the axis that holds the distributions.
+    base: logarithm base (``None`` for nats, ``2`` for bits).
+
+  Returns:
+    The shape of ``p`` without ``axis``, in ``[0, log 2]``.
+
+  >>> import jxent
+  >>> float(jxent.js_divergence(jnp.array([1., 0.]), jnp.array([0., 1.]), base=2))
+  1.0
+  """
+  p, q, axis = _pair(p, q, "p", "q", axis)
+  _checks.check_probabilities(p, axis, "p")
+  _checks.check_probabilities(q, axis, "q")
+  m = 0.5 * (p + q)
+  d_pm = _xlogy(p, p) - _xlogy(p, m)
+  d_qm = _xlogy(q, q) - _xlogy(q, m)
+  return _checks.in_nats_to_base(0.5 * jnp.sum(d_pm + d_qm, axis=axis), base)
+
+
+# --------------------------------------------------------------------------- logits
+
+
+def _log_softmax(logits: Array, axis: int) -> Array:
+  """log_softmax that tolerates -inf entries (masked classes) without NaN.
+
+  A row whose entries are all -inf has no distribution; its log-probabilities
+  are all -inf.
+  """
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0)
+  shifted = logits - m
+  lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))
+  return shifted - lse
+
+
+def _logits(x, name: str, axis: int):
+  x = _checks.floating(x, name)
+  return x, _checks.canonical_axis(axis, x.ndim, name)
+
+
+def _plogq(logp: Array, logq: Array) -> Array:
+  """p * log q with p = exp(logp); 0 (and zero gradient) where p == 0."""
+  nonzero = logp > -jnp.inf
+  p = jnp.exp(jnp.where(nonzero, logp, 0))
+  safe_logq = jnp.where(nonzero, logq, 0)
+  return jnp.where(nonzero, p * safe_logq, 0)
+
+
+def entropy_from_logits(logits, *, axis: int = -1, base=None) -> Array:
+  r"""Entropy of ``softmax(logits)``: :math:`-\sum_i p_i \log p_i`, computed in log space.
+
+  Args:
+    logits: unnormalised log-probabilities ``[..., n, ...]``; ``-inf`` masks a class.
+    axis: the class axis.
+    base: logarithm base (``None`` for nats, ``2`` for bits).
+
+  Returns:
+    ``logits``' shape without ``axis``. Finite for any finite logits (also
+    ``±1e4``); masked classes add nothing and get a zero gradient.
+
+  >>> import jxent
+  >>> float(jxent.entropy_from_logits(jnp.log(jnp.array([0.7, 0.2, 0.1]))))
+  ... # doctest: +ELLIPSIS
+  0.8018...
+  """
+  logits, axis = _logits(logits, "logits", axis)
+  logp = _log_softmax(logits, axis)
+  return _checks.in_nats_to_base(0.0 - jnp.sum(_plogq(logp, logp), axis=axis), base)
+
+
+def kl_divergence_from_logits(p_logits, q_logits, *, axis: int = -1, base=None) -> Array:
+  r""":math:`D(p\|q)` for ``p = softmax(p_logits)`` and ``q = softmax(q_logits)``.
+
+  Args:
+    p_logits: logits of the reference distribution ``[..., n, ...]``.
+    q_logits: logits of the model, same shape.
+    axis: the class axis.
+    base: logarithm base (``None`` for nats, ``2`` for bits).
+
+  Returns:
+    ``p_logits``' shape without ``axis``. Classes masked in ``p`` (``-inf``)
+    contribute 0; a class masked in ``q`` but not in ``p`` gives ``+inf``.
+
+  >>> import jxent
+  >>> z = jnp.array([1.0, 2.0, 3.0])
+  >>> float(jxent.kl_divergence_from_logits(z, z))
+  0.0
+  """
+  p_logits, axis = _logits(p_logits, "p_logits", axis)
+  q_logits, _ = _logits(q_logits, "q_logits", axis)
+  _checks.same_shape(p_logits, q_logits, "p_logits", "q_logits")
+  logp = _log_softmax(p_logits, axis)
+  logq = _log_softmax(q_logits, axis)
+  return _checks.in_nats_to_base(
+      jnp.sum(_plogq(logp, logp) - _plogq(logp, logq), axis=axis), base
+  )
+
+
+def cross_entropy_from_logits(p_logits, q_logits, *, axis: int = -1, base=None) -> Array:
+  r""":math:`H(p, q) = -\sum_i p_i \log q_i` for ``p, q = softmax(p_logits), softmax(q_logits)``.
+
+  Args:
+    p_logits: logits of the reference distribution ``[..., n, ...]``.
+    q_logits: logits of the model, same shape.
+    axis: the class axis.
+    base: logarithm base (``None`` for nats, ``2`` for bits).
+
+  Returns:
+    ``p_logits``' shape without ``axis``; ``+inf`` where ``q`` masks a class
+    that ``p`` does not.
+
+  >>> import jxent
+  >>> z = jnp.zeros(4)
+  >>> float(jxent.cross_entropy_from_logits(z, z, base=2))
+  2.0
+  """
+  p_logits, axis = _logits(p_logits, "p_logits", axis)
+  q_logits, _ = _logits(q_logits, "q_logits", axis)
+  _checks.same_shape(p_logits, q_logits, "p_logits", "q_logits")
+  logp = _log_softmax(p_logits, axis)
+  logq = _log_softmax(q_logits, axis)
+  return _checks.in_nats_to_base(-jnp.sum(_plogq(logp, logq), axis=axis), base)

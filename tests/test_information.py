@@ -1,0 +1,270 @@
+"""Information quantities against float64 SciPy/NumPy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special as sp
+import scipy.stats as st
+from jax.experimental import checkify
+from jax.test_util import check_grads
+
+import jxent
+
+RNG = np.random.default_rng(0)
+
+
+def _probs(shape, zeros=0.0, rng=RNG):
+  """Random distributions along the last axis, with a fraction of exact zeros."""
+  x = rng.gamma(0.7, size=shape)
+  if zeros:
+    x = np.where(rng.uniform(size=shape) < zeros, 0.0, x)
+    x[..., 0] += 0.1  # no all-zero rows
+  return (x / x.sum(-1, keepdims=True)).astype(np.float64)
+
+
+P = _probs((8, 7), zeros=0.3)
+Q = _probs((8, 7))
+Q_ZERO = _probs((8, 7), zeros=0.3, rng=np.random.default_rng(1))
+
+
+def _np_logsoftmax(z):
+  z = np.asarray(z, np.float64)
+  m = np.max(z, -1, keepdims=True)
+  return z - m - np.log(np.sum(np.exp(z - m), -1, keepdims=True))
+
+
+# ------------------------------------------------------------------ values vs SciPy
+
+
+@pytest.mark.parametrize("base", [None, 2, 10])
+def test_entropy_matches_scipy(base):
+  got = jax.jit(lambda p: jxent.entropy(p, base=base))(P.astype(np.float32))
+  np.testing.assert_allclose(got, st.entropy(P, base=base, axis=-1), rtol=2e-6, atol=1e-6)
+
+
+def test_entropy_axis():
+  got = jxent.entropy(P.T.astype(np.float32), axis=0)
+  np.testing.assert_allclose(got, sp.entr(P).sum(-1), rtol=2e-6)
+
+
+def test_self_information_values():
+  p = np.array([0.7, 0.2, 0.1, 1.0, 0.0])
+  got = jxent.self_information(p.astype(np.float32))
+  with np.errstate(divide="ignore"):
+    np.testing.assert_allclose(got, -np.log(p), rtol=1e-6)
+  assert got[-1] == np.inf
+  np.testing.assert_allclose(jxent.self_information(0.5, base=2), 1.0)
+
+
+def test_binary_entropy_matches_reference():
+  p = np.concatenate([[0.0, 1.0, 0.5, 1e-30], RNG.uniform(size=20)])
+  ref = sp.entr(p) + sp.entr(1 - p)
+  np.testing.assert_allclose(jxent.binary_entropy(p.astype(np.float32)), ref, atol=1e-6)
+  np.testing.assert_allclose(jxent.binary_entropy(0.5, base=2), 1.0)
+  g = jax.grad(lambda p: jxent.binary_entropy(p).sum())(jnp.array([0.0, 1.0, 0.25]))
+  np.testing.assert_allclose(g[:2], 0.0)
+  np.testing.assert_allclose(g[2], np.log(0.75 / 0.25), rtol=1e-6)
+
+
+@pytest.mark.parametrize("q", [Q, Q_ZERO], ids=["q_positive", "q_with_zeros"])
+def test_kl_matches_rel_entr(q):
+  got = jax.jit(jxent.kl_divergence)(P.astype(np.float32), q.astype(np.float32))
+  ref = sp.rel_entr(P, q).sum(-1)
+  finite = np.isfinite(ref)
+  np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(got)[~finite] == np.inf)
+  if q is Q_ZERO:
+    assert (~finite).any() and finite.any()  # both cases exercised
+
+
+def test_cross_entropy_and_identity():
+  p32, q32 = P.astype(np.float32), Q.astype(np.float32)
+  h = jxent.entropy(p32)
+  hpq = jxent.cross_entropy(p32, q32)
+  d = jxent.kl_divergence(p32, q32)
+  ref = -(sp.xlogy(P, Q)).sum(-1)
+  np.testing.assert_allclose(hpq, ref, rtol=2e-6)
+  np.testing.assert_allclose(hpq - h, d, atol=2e-6)  # D = H(p,q) - H(p)
+  assert np.all(np.asarray(d) >= 0)
+  assert np.all(np.asarray(h) <= np.log(P.shape[-1]) + 1e-6)
+  np.testing.assert_allclose(jxent.kl_divergence(p32, p32), 0.0, atol=1e-6)
+
+
+def test_cross_entropy_inf_where_q_is_zero():
+  p = jnp.array([0.5, 0.5, 0.0])
+  assert jxent.cross_entropy(p, jnp.array([1.0, 0.0, 0.0])) == np.inf
+  # p_i = 0 terms ignore q_i, even q_i = 0.
+  np.testing.assert_allclose(jxent.cross_entropy(p, jnp.array([0.5, 0.5, 0.0])), np.log(2))
+
+
+def test_js_divergence():
+  m = 0.5 * (P + Q)
+  ref = 0.5 * (sp.rel_entr(P, m).sum(-1) + sp.rel_entr(Q, m).sum(-1))
+  got = jxent.js_divergence(P.astype(np.float32), Q.astype(np.float32))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(jxent.js_divergence(Q.astype(np.float32), P.astype(np.float32)),
+                             got, rtol=1e-6)
+  disjoint = jxent.js_divergence(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]), base=2)
+  np.testing.assert_allclose(disjoint, 1.0)
+
+
+def test_seed_article_numbers():
+  p = jnp.array([0.7, 0.2, 0.1])
+  np.testing.assert_allclose(jxent.self_information(p), [0.3567, 1.6094, 2.3026], atol=1e-4)
+  np.testing.assert_allclose(jxent.entropy(p), 0.80182, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- logits
+
+
+Z = RNG.normal(size=(8, 7)) * 3
+Z2 = RNG.normal(size=(8, 7)) * 3
+
+
+def test_from_logits_match_references():
+  lp, lq = _np_logsoftmax(Z), _np_logsoftmax(Z2)
+  p, q = np.exp(lp), np.exp(lq)
+  z32, z232 = Z.astype(np.float32), Z2.astype(np.float32)
+  np.testing.assert_allclose(jxent.entropy_from_logits(z32), st.entropy(p, axis=-1), rtol=2e-5)
+  np.testing.assert_allclose(
+      jxent.kl_divergence_from_logits(z32, z232), sp.rel_entr(p, q).sum(-1), rtol=2e-5,
+      atol=1e-6)
+  np.testing.assert_allclose(
+      jxent.cross_entropy_from_logits(z32, z232), -(p * lq).sum(-1), rtol=2e-5)
+  np.testing.assert_allclose(
+      jxent.entropy_from_logits(z32, base=2), st.entropy(p, base=2, axis=-1), rtol=2e-5)
+
+
+def test_logits_with_masked_entries():
+  z = jnp.array([[1.0, -jnp.inf, 2.0, 0.5], [-jnp.inf, -jnp.inf, 3.0, 3.0]])
+  ref = st.entropy(np.exp(_np_logsoftmax(np.where(np.isinf(z), -1e30, z))), axis=-1)
+  np.testing.assert_allclose(jxent.entropy_from_logits(z), ref, rtol=1e-6)
+  g = jax.grad(lambda z: jxent.entropy_from_logits(z).sum())(z)
+  assert np.all(np.isfinite(g))
+  assert g[0, 1] == 0 and g[1, 0] == 0 and g[1, 1] == 0
+  # p masks a class that q keeps: finite; q masks a class p keeps: +inf.
+  zq = jnp.array([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, -jnp.inf]])
+  kl = jxent.kl_divergence_from_logits(z, zq)
+  assert np.isfinite(kl[0]) and kl[1] == np.inf
+  g = jax.grad(lambda a, b: jxent.kl_divergence_from_logits(a, b)[0], argnums=(0, 1))(z, zq)
+  assert all(np.all(np.isfinite(x[0])) for x in g)
+
+
+def test_logits_extreme_values():
+  z = jnp.array([1e4, -1e4, 0.0])
+  assert np.isfinite(jxent.entropy_from_logits(z))
+  np.testing.assert_allclose(jxent.entropy_from_logits(z), 0.0, atol=1e-6)
+  np.testing.assert_allclose(
+      jxent.cross_entropy_from_logits(z, jnp.array([0.0, 1e4, 0.0])), 1e4, rtol=1e-6)
+  g = jax.grad(lambda z: jxent.kl_divergence_from_logits(z, -z))(z)
+  assert np.all(np.isfinite(g))
+
+
+# ---------------------------------------------------------------------- gradients
+
+
+def test_zero_probabilities_give_zero_gradient():
+  p = jnp.array([0.0, 0.3, 0.7])
+  q = jnp.array([0.0, 0.5, 0.5])
+  g_h = jax.grad(jxent.entropy)(p)
+  g_p, g_q = jax.grad(jxent.kl_divergence, argnums=(0, 1))(p, q)
+  g_ce = jax.grad(jxent.cross_entropy, argnums=1)(p, q)
+  for g in (g_h, g_p, g_q, g_ce):
+    assert np.all(np.isfinite(g))
+    assert g[0] == 0
+  # Non-zero entries: d(-p log p)/dp = -log p - 1, d D/dq = -p/q.
+  np.testing.assert_allclose(g_h[1:], -np.log([0.3, 0.7]) - 1, rtol=1e-6)
+  np.testing.assert_allclose(g_q[1:], -np.array([0.3, 0.7]) / 0.5, rtol=1e-6)
+
+
+def test_check_grads_probabilities():
+  p = jnp.asarray(_probs((3, 5)), jnp.float32)
+  q = jnp.asarray(_probs((3, 5), rng=np.random.default_rng(5)), jnp.float32)
+  for f in (jxent.kl_divergence, jxent.cross_entropy, jxent.js_divergence):
+    check_grads(lambda a, b: f(a, b).sum(), (p, q), order=1, modes=["rev"], eps=1e-3,
+                atol=2e-2, rtol=2e-2)
+  check_grads(lambda a: jxent.entropy(a).sum(), (p,), order=1, modes=["rev"], eps=1e-3,
+              atol=2e-2, rtol=2e-2)
+
+
+def test_check_grads_logits_float64():
+  with jax.enable_x64(True):
+    a, b = jnp.asarray(Z[:3]), jnp.asarray(Z2[:3])
+    for f in (jxent.kl_divergence_from_logits, jxent.cross_entropy_from_logits):
+      check_grads(lambda a, b: f(a, b).sum(), (a, b), order=2, modes=["rev"])
+    check_grads(lambda a: jxent.entropy_from_logits(a).sum(), (a,), order=2, modes=["rev"])
+    assert jxent.entropy_from_logits(a).dtype == jnp.float64
+    np.testing.assert_allclose(
+        jxent.entropy_from_logits(a), st.entropy(np.exp(_np_logsoftmax(Z[:3])), axis=-1),
+        rtol=1e-12)
+
+
+# ------------------------------------------------------------ transformations, dtypes
+
+
+def test_vmap_matches_batched():
+  p, q = P.astype(np.float32), Q.astype(np.float32)
+  np.testing.assert_allclose(jax.vmap(jxent.kl_divergence)(p, q), jxent.kl_divergence(p, q),
+                             rtol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jxent.entropy_from_logits)(Z.astype(np.float32)),
+                             jxent.entropy_from_logits(Z.astype(np.float32)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_accumulates_in_float32(dtype):
+  z = jnp.asarray(Z, dtype)
+  got = jax.jit(jxent.entropy_from_logits)(z)
+  assert got.dtype == jnp.float32
+  ref = st.entropy(np.exp(_np_logsoftmax(np.asarray(z.astype(jnp.float32)))), axis=-1)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  p = jnp.asarray(P, dtype)
+  np.testing.assert_allclose(jxent.entropy(p), sp.entr(np.asarray(p, np.float64)).sum(-1),
+                             rtol=1e-5, atol=1e-6)
+  g = jax.grad(lambda z: jxent.entropy_from_logits(z).sum())(z)
+  assert g.dtype == dtype
+
+
+# ----------------------------------------------------------------------- bad input
+
+
+def test_shape_mismatch_raises_with_shapes():
+  with pytest.raises(ValueError, match=r"p.shape=\(8, 7\).*q.shape=\(8, 6\)"):
+    jxent.kl_divergence(P, Q[:, :6])
+  with pytest.raises(ValueError, match="p_logits"):
+    jax.jit(jxent.cross_entropy_from_logits)(Z, Z[:, :3])
+
+
+def test_axis_out_of_range_raises():
+  with pytest.raises(ValueError, match="axis=2 is out of range"):
+    jxent.entropy(P, axis=2)
+  with pytest.raises(ValueError, match="axis=-3"):
+    jax.jit(lambda z: jxent.entropy_from_logits(z, axis=-3))(Z)
+
+
+def test_non_floating_raises():
+  with pytest.raises(TypeError, match="p must be a floating-point array, got dtype int32"):
+    jxent.entropy(jnp.array([1, 0], jnp.int32))
+  with pytest.raises(TypeError, match="logits"):
+    jax.jit(jxent.entropy_from_logits)(jnp.array([1, 2], jnp.int32))
+
+
+def test_bad_base_raises():
+  with pytest.raises(ValueError, match="base"):
+    jxent.entropy(P, base=1)
+  with pytest.raises(ValueError, match="base"):
+    jxent.entropy(P, base=-2)
+
+
+def test_checkify_reports_invalid_probabilities():
+  f = checkify.checkify(jxent.kl_divergence, errors=checkify.user_checks)
+  err, _ = jax.jit(f)(jnp.array([0.5, 0.7]), jnp.array([0.5, 0.5]))
+  with pytest.raises(checkify.JaxRuntimeError, match="does not sum to one"):
+    err.throw()
+  err, _ = f(jnp.array([-0.5, 1.5]), jnp.array([0.5, 0.5]))
+  with pytest.raises(checkify.JaxRuntimeError, match="negative"):
+    err.throw()
+  err, _ = f(jnp.array([0.5, 0.5]), jnp.array([0.5, 0.5]))
+  err.throw()  # valid input: no error
+  # Without checkify the check costs nothing and raises nothing.
+  assert np.isfinite(jxent.entropy(jnp.array([0.5, 0.7])))

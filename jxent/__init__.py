@@ -1,5 +1,6 @@
 """jxent: information-theoretic quantities and cross-entropy losses for JAX."""
 
+from jxent import grads
 from jxent._classification import (
     binary_cross_entropy,
     categorical_cross_entropy,
@@ -9,7 +10,6 @@ from jxent._classification import (
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
-from jxent import grads
 from jxent._information import (
     binary_entropy,
     cross_entropy,

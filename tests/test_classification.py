@@ -1,0 +1,461 @@
+"""Losses against float64 NumPy references of PyTorch's formulas, against Optax, and their
+gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.experimental import checkify
+from jax.test_util import check_grads
+from scipy.special import logsumexp
+
+import jxent
+
+N, C = 12, 7
+RNG = np.random.default_rng(0)
+Z = (RNG.normal(size=(N, C)) * 3).astype(np.float32)
+Y = RNG.integers(0, C, size=N).astype(np.int32)
+Y_SOFT = RNG.dirichlet(np.ones(C) * 0.5, size=N).astype(np.float32)
+W = RNG.uniform(0.2, 2.0, size=C).astype(np.float32)
+Y_BIN = (RNG.uniform(size=(N, C)) < 0.4).astype(np.float32)
+
+
+def log_softmax64(z):
+  z = np.asarray(z, np.float64)
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def torch_ce_ref(z, y, *, weight=None, ignore_index=None, eps=0.0, z_loss=0.0,
+                 reduction="none"):
+  """PyTorch F.cross_entropy (class-index targets), written out in float64 NumPy."""
+  lp = log_softmax64(z)
+  n, c = lp.shape
+  w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
+  valid = np.ones(n, bool) if ignore_index is None else y != ignore_index
+  yc = np.where(valid, y, 0)
+  nll = -w[yc] * lp[np.arange(n), yc] * valid
+  smooth = -(lp * w).sum(-1) * valid
+  lse = logsumexp(np.asarray(z, np.float64), axis=-1)
+  per = (1 - eps) * nll + eps / c * smooth + z_loss * lse**2 * valid
+  if reduction == "none":
+    return per
+  if reduction == "sum":
+    return per.sum()
+  denom = (w[yc] * valid).sum()
+  return per.sum() / denom if denom else 0.0
+
+
+def torch_soft_ce_ref(z, t, *, weight=None, eps=0.0, reduction="none"):
+  """PyTorch F.cross_entropy with probability targets, in float64 NumPy."""
+  lp = log_softmax64(z)
+  c = lp.shape[-1]
+  w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
+  t = (1 - eps) * np.asarray(t, np.float64) + eps / c
+  per = -(w * t * lp).sum(-1)
+  return {"none": per, "sum": per.sum(), "mean": per.mean()}[reduction]
+
+
+def bce_ref(z, y, pos_weight=None):
+  z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
+  pw = 1.0 if pos_weight is None else np.asarray(pos_weight, np.float64)
+  log_sig = -np.logaddexp(0, -z)
+  log_one_minus = -np.logaddexp(0, z)
+  return -(pw * y * log_sig + (1 - y) * log_one_minus)
+
+
+# ------------------------------------------------------------------ integer labels
+
+
+def test_integer_matches_optax():
+  got = jax.jit(jxent.softmax_cross_entropy_with_integer_labels)(Z, Y)
+  np.testing.assert_allclose(got, optax.softmax_cross_entropy_with_integer_labels(Z, Y),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, torch_ce_ref(Z, Y), rtol=1e-5)
+
+
+OPTIONS = [
+    dict(),
+    dict(weight=W),
+    dict(ignore_index=3),
+    dict(eps=0.1),
+    dict(z_loss=1e-2),
+    dict(weight=W, ignore_index=3, eps=0.2),
+    dict(weight=W, ignore_index=3, eps=0.2, z_loss=1e-3),
+]
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(o) or "plain")
+def test_integer_options_match_pytorch_formula(opts, reduction):
+  kw = dict(class_weights=opts.get("weight"), ignore_index=opts.get("ignore_index"),
+            label_smoothing=opts.get("eps", 0.0), z_loss=opts.get("z_loss", 0.0),
+            reduction=reduction)
+  f = jax.jit(lambda z, y: jxent.softmax_cross_entropy_with_integer_labels(z, y, **kw))
+  y = Y.copy()
+  y[[0, 5]] = 3  # make sure some labels are ignored when ignore_index=3
+  np.testing.assert_allclose(f(Z, y), torch_ce_ref(Z, y, reduction=reduction, **opts),
+                             rtol=2e-5, atol=1e-6)
+
+
+def test_integer_against_torch_when_installed():
+  torch = pytest.importorskip("torch")
+  import torch.nn.functional as F
+
+  y = Y.copy()
+  y[2] = -100
+  zt, yt = torch.tensor(Z), torch.tensor(y, dtype=torch.long)
+  wt = torch.tensor(W)
+  for red in ("none", "sum", "mean"):
+    ref = F.cross_entropy(zt, yt, weight=wt, label_smoothing=0.15, reduction=red)
+    got = jxent.softmax_cross_entropy_with_integer_labels(
+        Z, y, class_weights=W, label_smoothing=0.15, ignore_index=-100, reduction=red)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=2e-5, atol=1e-6)
+  zt.requires_grad_(True)
+  F.cross_entropy(zt, yt, weight=wt, label_smoothing=0.15).backward()
+  g = jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(
+      z, y, class_weights=W, label_smoothing=0.15, ignore_index=-100, reduction="mean"))(Z)
+  np.testing.assert_allclose(g, zt.grad.numpy(), rtol=1e-4, atol=1e-6)
+  soft_ref = F.cross_entropy(torch.tensor(Z), torch.tensor(Y_SOFT), weight=wt,
+                             label_smoothing=0.1)
+  np.testing.assert_allclose(
+      jxent.softmax_cross_entropy(Z, Y_SOFT, class_weights=W, label_smoothing=0.1,
+                                  reduction="mean"), soft_ref.numpy(), rtol=2e-5)
+
+
+def test_axis_one_like_pytorch():
+  z = RNG.normal(size=(3, C, 5)).astype(np.float32)  # [N, C, T]
+  y = RNG.integers(0, C, size=(3, 5))
+  got = jxent.softmax_cross_entropy_with_integer_labels(z, y, axis=1)
+  assert got.shape == (3, 5)
+  ref = torch_ce_ref(np.moveaxis(z, 1, -1).reshape(-1, C), y.reshape(-1)).reshape(3, 5)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  g = jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y, axis=1).sum())(z)
+  ref_g = jax.nn.softmax(z, axis=1) - np.moveaxis(np.eye(C)[y], -1, 1)
+  np.testing.assert_allclose(g, ref_g, atol=1e-6)
+
+
+def test_where_per_example_equals_ignore_index():
+  mask = Y != 2
+  a = jxent.softmax_cross_entropy_with_integer_labels(Z, Y, where=mask, reduction="mean")
+  b = jxent.softmax_cross_entropy_with_integer_labels(Z, Y, ignore_index=2, reduction="mean")
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  np.testing.assert_allclose(a, torch_ce_ref(Z, Y, ignore_index=2, reduction="mean"), rtol=1e-5)
+
+
+def test_where_class_mask_matches_optax():
+  cmask = RNG.uniform(size=(N, C)) < 0.7
+  cmask[np.arange(N), Y] = True
+  onehot = np.eye(C, dtype=np.float32)[Y]
+  got_int = jxent.softmax_cross_entropy_with_integer_labels(Z, Y, where=cmask)
+  got_soft = jxent.softmax_cross_entropy(Z, onehot, where=cmask)
+  ref = optax.softmax_cross_entropy(Z, onehot, where=cmask)
+  np.testing.assert_allclose(got_int, ref, rtol=1e-5)
+  np.testing.assert_allclose(got_soft, ref, rtol=1e-5)
+  # Smoothing spreads over the kept classes only.
+  eps = 0.1
+  kept = cmask.sum(-1, keepdims=True)
+  t = np.where(cmask, (1 - eps) * onehot + eps / kept, 0)
+  lp = log_softmax64(np.where(cmask, Z, -np.inf))
+  ref_s = -np.where(cmask, t * np.where(cmask, lp, 0), 0).sum(-1)
+  np.testing.assert_allclose(
+      jxent.softmax_cross_entropy_with_integer_labels(Z, Y, where=cmask, label_smoothing=eps),
+      ref_s, rtol=1e-5)
+  g = jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(
+      z, Y, where=cmask).sum())(Z)
+  assert np.all(np.asarray(g)[~cmask] == 0)
+
+
+def test_all_ignored_mean_is_zero_with_zero_gradient():
+  y = np.full(N, -100)
+  f = lambda z: jxent.softmax_cross_entropy_with_integer_labels(
+      z, y, ignore_index=-100, reduction="mean", class_weights=W)
+  assert f(Z) == 0.0
+  g = jax.grad(f)(Z)
+  assert np.all(g == 0)
+
+
+# ------------------------------------------------------------------------ soft labels
+
+
+def test_soft_matches_optax_and_its_label_gradient():
+  got = jax.jit(jxent.softmax_cross_entropy)(Z, Y_SOFT)
+  np.testing.assert_allclose(got, optax.softmax_cross_entropy(Z, Y_SOFT), rtol=1e-6)
+  gy = jax.grad(lambda y: jxent.softmax_cross_entropy(Z, y).sum())(Y_SOFT)
+  gy_ref = jax.grad(lambda y: optax.softmax_cross_entropy(Z, y).sum())(Y_SOFT)
+  np.testing.assert_allclose(gy, gy_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("opts", [dict(), dict(weight=W), dict(eps=0.3), dict(weight=W, eps=0.1)],
+                         ids=lambda o: "-".join(o) or "plain")
+def test_soft_options_match_pytorch_formula(opts, reduction):
+  got = jxent.softmax_cross_entropy(Z, Y_SOFT, class_weights=opts.get("weight"),
+                                    label_smoothing=opts.get("eps", 0.0), reduction=reduction)
+  np.testing.assert_allclose(got, torch_soft_ce_ref(Z, Y_SOFT, reduction=reduction, **opts),
+                             rtol=2e-5)
+
+
+def test_soft_where_examples_and_z_loss():
+  mask = np.arange(N) % 3 != 0
+  got = jxent.softmax_cross_entropy(Z, Y_SOFT, where=mask, z_loss=1e-2, reduction="mean")
+  lse = logsumexp(Z.astype(np.float64), axis=-1)
+  per = torch_soft_ce_ref(Z, Y_SOFT) + 1e-2 * lse**2
+  np.testing.assert_allclose(got, per[mask].mean(), rtol=1e-5)
+
+
+# -------------------------------------------------------------------- exact gradients
+
+
+def test_gradient_is_softmax_minus_y():
+  gi = jax.jit(jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, Y).sum()))(Z)
+  assert np.max(np.abs(gi - (jax.nn.softmax(Z) - np.eye(C)[Y]))) < 1e-6
+  gs = jax.grad(lambda z: jxent.softmax_cross_entropy(z, Y_SOFT).sum())(Z)
+  assert np.max(np.abs(gs - (jax.nn.softmax(Z) - Y_SOFT))) < 1e-6
+
+
+def test_weighted_gradient_formula():
+  eps = 0.1
+  t = ((1 - eps) * np.eye(C)[Y] * W[Y][:, None] + eps / C * W[None, :])
+  g = jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(
+      z, Y, class_weights=W, label_smoothing=eps).sum())(Z)
+  ref = t.sum(-1, keepdims=True) * jax.nn.softmax(Z) - t
+  np.testing.assert_allclose(g, ref, atol=2e-6)
+
+
+def test_gradients_agree_with_autodiff_of_the_formula():
+  def naive(z, y):
+    lp = jax.nn.log_softmax(z)
+    nll = -W[y] * jnp.take_along_axis(lp, y[:, None], -1)[:, 0]
+    smooth = -(lp * W).sum(-1)
+    lse = jax.nn.logsumexp(z, -1)
+    return ((0.8 * nll + 0.2 / C * smooth + 1e-3 * lse**2) * (y != 3)).sum()
+
+  g = jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(
+      z, Y, class_weights=W, label_smoothing=0.2, z_loss=1e-3, ignore_index=3,
+      reduction="sum"))(Z)
+  np.testing.assert_allclose(g, jax.grad(naive)(Z, Y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["integer", "soft", "sigmoid"])
+def test_check_grads(kind):
+  with jax.enable_x64(True):
+    z = jnp.asarray(Z[:4], jnp.float64)
+    if kind == "integer":
+      f = lambda z: jxent.softmax_cross_entropy_with_integer_labels(
+          z, Y[:4], class_weights=W, label_smoothing=0.1, z_loss=1e-2, reduction="mean")
+    elif kind == "soft":
+      f = lambda z: jxent.softmax_cross_entropy(
+          z, jnp.asarray(Y_SOFT[:4], jnp.float64), label_smoothing=0.1, z_loss=1e-2).sum()
+    else:
+      f = lambda z: jxent.sigmoid_binary_cross_entropy(
+          z, jnp.asarray(Y_BIN[:4], jnp.float64), pos_weight=jnp.asarray(W, jnp.float64)).sum()
+    check_grads(f, (z,), order=1, modes=["rev"])
+    # Second order through the custom backward pass (Hessian-vector products).
+    check_grads(jax.grad(f), (z,), order=1, modes=["rev", "fwd"])
+
+
+def _large_residuals(f, *args):
+  from jax._src.ad_checkpoint import saved_residuals
+
+  return [(r[0].shape, r[1]) for r in saved_residuals(f, *args) if np.prod(r[0].shape) >= N * C]
+
+
+def test_residuals_are_only_inputs_and_logsumexp():
+  for f in (
+      lambda z: jxent.softmax_cross_entropy_with_integer_labels(
+          z, Y, label_smoothing=0.1, class_weights=W, z_loss=1e-3, ignore_index=1).sum(),
+      lambda z: jxent.softmax_cross_entropy(z, Y_SOFT, label_smoothing=0.1).sum(),
+  ):
+    big = _large_residuals(f, Z)
+    assert len(big) <= 2, big
+    assert any("argument" in why for _, why in big)
+    # The only [N, C] residual computed by jxent is none: the rest are inputs/constants.
+    assert not any("output of" in why for _, why in big), big
+  # The naive autodiff version keeps a second [N, C] array (softmax or log-softmax).
+  naive = _large_residuals(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, Y).sum(),
+                           Z)
+  assert any("output of" in why for _, why in naive)
+
+
+# ------------------------------------------------------------------ extremes, dtypes
+
+
+def test_masked_logits_finite_loss_zero_grad():
+  z = Z.copy()
+  z[:, 0] = -np.inf
+  y = np.where(Y == 0, 1, Y)
+  loss = jxent.softmax_cross_entropy_with_integer_labels(z, y)
+  assert np.all(np.isfinite(loss))
+  np.testing.assert_allclose(loss, torch_ce_ref(np.where(np.isinf(z), -1e30, z), y), rtol=1e-5)
+  g = jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y).sum())(z)
+  assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[:, 0] == 0)
+  onehot = np.eye(C, dtype=np.float32)[y]
+  gs = jax.grad(lambda z: jxent.softmax_cross_entropy(z, onehot).sum())(z)
+  assert np.all(np.isfinite(gs)) and np.all(np.asarray(gs)[:, 0] == 0)
+  assert np.all(np.isfinite(jxent.softmax_cross_entropy(z, onehot)))
+  # Optax returns NaN here (0 * -inf); jxent does not.
+  assert np.isnan(optax.softmax_cross_entropy(z, onehot)).any()
+  # Mass on a masked class: +inf, as the math (and PyTorch) say.
+  assert np.all(jxent.softmax_cross_entropy_with_integer_labels(z, y, label_smoothing=0.1)
+                == np.inf)
+  assert np.all(jxent.softmax_cross_entropy_with_integer_labels(z, np.zeros(N, int)) == np.inf)
+
+
+def test_huge_logits_stay_finite():
+  z = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, 1e4]], np.float32)
+  y = np.array([1, 2])
+  loss = jxent.softmax_cross_entropy_with_integer_labels(z, y, label_smoothing=0.1, z_loss=1e-4)
+  ref = torch_ce_ref(z, y, eps=0.1, z_loss=1e-4)
+  np.testing.assert_allclose(loss, ref, rtol=1e-6)
+  g = jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y).sum())(z)
+  np.testing.assert_allclose(g, [[1, -1, 0], [0, 0, 0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_accumulates_in_float32(dtype):
+  big = RNG.normal(size=(4, 3000)).astype(np.float32) * 4
+  y = RNG.integers(0, 3000, size=4)
+  z = jnp.asarray(big, dtype)
+  loss = jax.jit(jxent.softmax_cross_entropy_with_integer_labels)(z, y)
+  assert loss.dtype == jnp.float32
+  ref = torch_ce_ref(np.asarray(z.astype(jnp.float32)), y)
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  g = jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y).sum())(z)
+  assert g.dtype == dtype
+  # Optax accumulates in the input dtype and is measurably further off.
+  opt = np.asarray(optax.softmax_cross_entropy_with_integer_labels(z, y), np.float64)
+  assert np.max(np.abs(loss - ref)) < np.max(np.abs(opt - ref))
+
+
+def test_vmap_and_jit_compose():
+  f = lambda z, y: jxent.softmax_cross_entropy_with_integer_labels(z, y, label_smoothing=0.1)
+  np.testing.assert_allclose(jax.vmap(f)(Z[:, None], Y[:, None])[:, 0], f(Z, Y), rtol=1e-6)
+  gv = jax.vmap(jax.grad(lambda z, y: f(z[None], y[None])[0]))(Z, Y)
+  np.testing.assert_allclose(gv, jax.grad(lambda z: f(z, Y).sum())(Z), atol=1e-6)
+  b = jax.vmap(lambda z: jxent.sigmoid_binary_cross_entropy(z, Y_BIN[0]))(Z)
+  np.testing.assert_allclose(b, bce_ref(Z, np.broadcast_to(Y_BIN[0], Z.shape)), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- sigmoid losses
+
+
+@pytest.mark.parametrize("pos_weight", [None, 3.0, W], ids=["none", "scalar", "vector"])
+def test_sigmoid_bce_matches_reference(pos_weight):
+  got = jax.jit(lambda z, y: jxent.sigmoid_binary_cross_entropy(z, y, pos_weight=pos_weight))(
+      Z, Y_BIN)
+  np.testing.assert_allclose(got, bce_ref(Z, Y_BIN, pos_weight), rtol=1e-5, atol=1e-6)
+  if pos_weight is None:
+    np.testing.assert_allclose(got, optax.sigmoid_binary_cross_entropy(Z, Y_BIN), rtol=1e-5,
+                               atol=1e-6)
+  g = jax.grad(lambda z: jxent.sigmoid_binary_cross_entropy(
+      z, Y_BIN, pos_weight=pos_weight).sum())(Z)
+  pw = 1.0 if pos_weight is None else pos_weight
+  s = jax.nn.sigmoid(Z)
+  np.testing.assert_allclose(g, s * (pw * Y_BIN + 1 - Y_BIN) - pw * Y_BIN, atol=1e-6)
+  if pos_weight is None:
+    assert np.max(np.abs(g - (s - Y_BIN))) < 1e-6
+
+
+def test_sigmoid_bce_reductions_and_where():
+  mask = RNG.uniform(size=(N, C)) < 0.5
+  ref = bce_ref(Z, Y_BIN)
+  np.testing.assert_allclose(
+      jxent.sigmoid_binary_cross_entropy(Z, Y_BIN, where=mask, reduction="mean"),
+      ref[mask].mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+      jxent.sigmoid_binary_cross_entropy(Z, Y_BIN, reduction="sum"), ref.sum(), rtol=1e-5)
+
+
+def test_sigmoid_bce_extremes():
+  z = jnp.array([-jnp.inf, jnp.inf, 1e4, -1e4, -jnp.inf, 1e4])
+  y = jnp.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+  loss = jxent.sigmoid_binary_cross_entropy(z, y)
+  np.testing.assert_allclose(loss, [0, 0, 0, 0, np.inf, 1e4])
+  g = jax.grad(lambda z: jxent.sigmoid_binary_cross_entropy(z[:4], y[:4]).sum())(z)
+  np.testing.assert_allclose(g[:4], 0.0)
+
+
+def test_sigmoid_focal_matches_optax():
+  for alpha, gamma in [(None, 2.0), (0.25, 2.0), (0.5, 0.5), (None, 0.0)]:
+    got = jxent.sigmoid_focal_loss(Z, Y_BIN, alpha=alpha, gamma=gamma)
+    ref = optax.sigmoid_focal_loss(Z, Y_BIN, alpha=alpha, gamma=gamma)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+  g = jax.grad(lambda z: jxent.sigmoid_focal_loss(z, Y_BIN).sum())(Z)
+  g_ref = jax.grad(lambda z: optax.sigmoid_focal_loss(z, Y_BIN).sum())(Z)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------- on probabilities
+
+
+def test_probability_losses_seed_numbers():
+  single = jxent.categorical_cross_entropy(jnp.array([0.3, 0.6, 0.1]), jnp.array([0., 1., 0.]))
+  np.testing.assert_allclose(single, -np.log(0.6), rtol=1e-6)
+  multi = jxent.binary_cross_entropy(jnp.array([0.1, 0.7, 0.8]), jnp.array([0., 1., 1.]),
+                                     reduction="sum")
+  np.testing.assert_allclose(multi, -np.log(0.9) - np.log(0.7) - np.log(0.8), rtol=1e-6)
+  np.testing.assert_allclose(multi, 0.6852, atol=1e-4)
+
+
+def test_probability_losses_match_logit_losses():
+  p = jax.nn.softmax(Z)
+  np.testing.assert_allclose(jxent.categorical_cross_entropy(p, Y_SOFT, reduction="mean"),
+                             torch_soft_ce_ref(Z, Y_SOFT, reduction="mean"), rtol=1e-5)
+  s = jax.nn.sigmoid(Z / 3)
+  np.testing.assert_allclose(jxent.binary_cross_entropy(s, Y_BIN), bce_ref(Z / 3, Y_BIN),
+                             rtol=1e-4, atol=1e-6)
+  assert jxent.binary_cross_entropy(jnp.array([0.0]), jnp.array([1.0]))[0] == np.inf
+  assert jxent.binary_cross_entropy(jnp.array([0.0]), jnp.array([0.0]))[0] == 0
+
+
+def test_mean_squared_error():
+  a, b = RNG.normal(size=(5, 3)), RNG.normal(size=(5, 3))
+  np.testing.assert_allclose(jxent.mean_squared_error(a, b), ((a - b) ** 2).mean(), rtol=1e-6)
+  np.testing.assert_allclose(jxent.mean_squared_error(a, b, reduction="none"), (a - b) ** 2,
+                             rtol=1e-6)
+  g = jax.grad(lambda a: 0.5 * jxent.mean_squared_error(a, b, reduction="sum"))(a)
+  np.testing.assert_allclose(g, a - b, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(optax.squared_error)(a, b).mean(),
+                             jxent.mean_squared_error(a, b), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_errors():
+  f = jxent.softmax_cross_entropy_with_integer_labels
+  with pytest.raises(ValueError, match=r"labels.shape=\(5,\) for logits.shape=\(12, 7\)"):
+    f(Z, Y[:5])
+  with pytest.raises(ValueError, match="labels.shape"):
+    jax.jit(f)(Z, Y[:5])
+  with pytest.raises(TypeError, match="labels must be an integer array"):
+    f(Z, Y.astype(np.float32))
+  with pytest.raises(TypeError, match="logits must be floating point, got dtype int32"):
+    f(Y[:, None].astype(np.int32), Y)
+  with pytest.raises(ValueError, match="reduction must be one of"):
+    f(Z, Y, reduction="average")
+  with pytest.raises(ValueError, match="label_smoothing must lie in"):
+    f(Z, Y, label_smoothing=1.5)
+  with pytest.raises(ValueError, match=r"class_weights must have shape \(7,\).*\(6,\)"):
+    f(Z, Y, class_weights=W[:6])
+  with pytest.raises(ValueError, match="labels must have the same shape as logits"):
+    jxent.softmax_cross_entropy(Z, Y_SOFT[:, :3])
+  with pytest.raises(TypeError, match="softmax_cross_entropy_with_integer_labels"):
+    jxent.softmax_cross_entropy(Z, Y)
+  with pytest.raises(ValueError, match=r"pos_weight must be a scalar or have shape \(7,\)"):
+    jxent.sigmoid_binary_cross_entropy(Z, Y_BIN, pos_weight=W[:3])
+  with pytest.raises(ValueError, match="where"):
+    f(Z, Y, where=np.ones((3,), bool))
+
+
+def test_checkify_reports_out_of_range_labels():
+  f = checkify.checkify(
+      lambda z, y: jxent.softmax_cross_entropy_with_integer_labels(z, y, ignore_index=-100),
+      errors=checkify.user_checks)
+  err, _ = jax.jit(f)(Z, np.where(np.arange(N) == 0, C, Y))
+  with pytest.raises(checkify.JaxRuntimeError, match="out of range"):
+    err.throw()
+  err, _ = jax.jit(f)(Z, np.where(np.arange(N) == 0, -100, Y))
+  err.throw()  # ignored labels may be out of range

@@ -1,0 +1,1 @@
+"""jxent benchmarks: `python -m benchmarks [losses|fused|sharded|all]`."""

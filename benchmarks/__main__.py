@@ -1,0 +1,16 @@
+"""`python -m benchmarks [losses|fused|sharded] [options]` (default: losses)."""
+
+import importlib
+import sys
+
+NAMES = ("losses", "fused", "sharded")
+
+
+def main():
+  args = sys.argv[1:]
+  name = args.pop(0) if args and args[0] in NAMES else "losses"
+  importlib.import_module(f"benchmarks.{name}").main(args)
+
+
+if __name__ == "__main__":
+  main()

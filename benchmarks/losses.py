@@ -20,7 +20,7 @@ import jxent
 from benchmarks import _harness as H
 
 SIZES = [(4096, 32768), (8192, 50304)]
-QUICK_SIZES = [(1024, 8192)]
+QUICK_SIZES = [(2048, 16384)]
 
 
 def _losses():

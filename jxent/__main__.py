@@ -26,6 +26,25 @@ def _grads(args) -> int:
   return 0
 
 
+def _compare(args) -> int:
+  from jxent import _compare
+
+  datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+  t0 = time.perf_counter()
+  result = _compare.run(datasets, optimizers=args.optimizers.split(","), steps=args.steps,
+                        seeds=args.seeds, progress=not args.no_progress)
+  print(_compare.table(result["runs"]))
+  print(f"({args.seeds} seeds per row, {args.steps} full-batch steps, learning rates "
+        f"{_compare.OPTIMIZERS}, {time.perf_counter() - t0:.1f} s)")
+  if args.plot:
+    _compare.plot(result, args.plot)
+    print(f"plot written to {args.plot}")
+  if args.json:
+    _compare.to_json(result, args.json)
+    print(f"json written to {args.json}")
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jxent", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +55,16 @@ def main(argv=None) -> int:
   p.add_argument("--classes", type=int, default=10)
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(func=_grads)
+  p = sub.add_parser("compare", help="train with cross-entropy vs MSE and compare")
+  p.add_argument("--datasets", default="blobs,breast_cancer",
+                 help="comma-separated: blobs, breast_cancer, digits")
+  p.add_argument("--optimizers", default="sgd,adam")
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--seeds", type=int, default=8)
+  p.add_argument("--plot", metavar="PATH", help="write a PNG of the curves")
+  p.add_argument("--json", metavar="PATH", help="write the runs as JSON")
+  p.add_argument("--no-progress", action="store_true")
+  p.set_defaults(func=_compare)
   args = parser.parse_args(argv)
   return args.func(args)
 

@@ -375,6 +375,15 @@ def test_sigmoid_bce_extremes():
   np.testing.assert_allclose(loss, [0, 0, 0, 0, np.inf, 1e4])
   g = jax.grad(lambda z: jxent.sigmoid_binary_cross_entropy(z[:4], y[:4]).sum())(z)
   np.testing.assert_allclose(g[:4], 0.0)
+  # The reduced kernels take a select-free fast path and fall back to the exact limits.
+  for red in ("sum", "mean"):
+    assert jxent.sigmoid_binary_cross_entropy(z[:4], y[:4], reduction=red) == 0
+    assert jxent.sigmoid_binary_cross_entropy(z, y, reduction=red) == np.inf
+  g = jax.grad(lambda z: jxent.sigmoid_binary_cross_entropy(z[:4], y[:4], reduction="mean"))(z)
+  np.testing.assert_allclose(g[:4], 0.0)
+  masked = jxent.sigmoid_binary_cross_entropy(
+      z, y, where=np.array([True] * 4 + [False] * 2), reduction="mean")
+  assert masked == 0
 
 
 def test_sigmoid_focal_matches_optax():

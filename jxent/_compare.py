@@ -190,7 +190,7 @@ def train(apply, params0, data: Data, *, loss: str, optimizer: str, steps: int):
   def one_seed(p0):
     def measure(p):
       value, grads = jax.value_and_grad(objective)(p)
-      return value, grads, accuracy(apply(p, xte), yte), optax.global_norm(grads)
+      return value, grads, accuracy(apply(p, xte), yte), optax.tree.norm(grads)
 
     def step(carry, _):
       p, s = carry

@@ -1,0 +1,95 @@
+"""The CE-vs-MSE comparison and the examples: short runs with asserted outcomes."""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jxent import _compare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def blobs_result():
+  return _compare.run(("blobs",), optimizers=("sgd",), steps=60, seeds=3, progress=False)
+
+
+def _run(result, init, loss):
+  (r,) = [r for r in result["runs"] if r["init"] == init and r["loss"] == loss]
+  return r
+
+
+def test_saturated_start_mse_gradient_vanishes_and_ce_recovers(blobs_result):
+  ce, mse = _run(blobs_result, "saturated", "cross_entropy"), _run(blobs_result, "saturated", "mse")
+  # Confidently wrong start: MSE's gradient carries sigmoid'(z) ~ e^-8 and is ~100x smaller.
+  assert mse["grad_norm_0"] < ce["grad_norm_0"] / 50
+  assert ce["steps_to_target"] is not None and ce["final_accuracy"] >= 0.95
+  assert mse["steps_to_target"] is None and mse["final_accuracy"] < 0.5
+
+
+def test_normal_start_both_losses_learn(blobs_result):
+  for loss in ("cross_entropy", "mse"):
+    r = _run(blobs_result, "normal", loss)
+    assert r["final_accuracy"] >= 0.95, r
+  curves = blobs_result["curves"][("blobs", "linear", "normal", "sgd", "cross_entropy")]
+  assert curves["loss"].shape == (3, 61)
+  assert curves["loss"][:, -1].mean() < curves["loss"][:, 0].mean() / 5
+
+
+def test_saturate_makes_predictions_confidently_wrong():
+  data = _compare.load("blobs")
+  init, apply = _compare.linear_model(data)
+  import jax
+
+  p = _compare.saturate(init(jax.random.PRNGKey(0)), apply, data, "linear")
+  z = np.asarray(apply(p, data.x_train))
+  assert abs(np.mean(np.abs(z)) - _compare.SATURATION_LOGIT) < 1.0
+  assert np.mean((z > 0) == data.y_train) < 0.1
+
+
+def test_cli_json_and_plot(tmp_path):
+  js, png = tmp_path / "runs.json", tmp_path / "curves.png"
+  out = subprocess.run(
+      [sys.executable, "-m", "jxent", "compare", "--datasets", "blobs", "--optimizers", "sgd",
+       "--steps", "30", "--seeds", "2", "--json", str(js), "--plot", str(png), "--no-progress"],
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  runs = json.loads(js.read_text())["runs"]
+  assert len(runs) == 4
+  keys = {"dataset", "init", "loss", "optimizer", "steps_to_target", "final_accuracy",
+          "final_loss", "grad_norm_0"}
+  assert all(keys <= set(r) for r in runs)
+  assert {r["loss"] for r in runs} == {"cross_entropy", "mse"}
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+  assert "| blobs | linear | saturated | sgd | mse |" in out.stdout
+
+
+def _example(name):
+  sys.path.insert(0, str(ROOT / "examples"))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.pop(0)
+
+
+def test_example_gradients():
+  r = _example("gradients").main(verbose=False)
+  assert r["softmax_max_diff"] < 1e-6 and r["bce_max_diff"] < 1e-6 and r["mse_max_diff"] < 1e-6
+  np.testing.assert_allclose(r["softmax_grad"], [0.3, -0.4, 0.1], atol=1e-6)
+  assert abs(r["mse_wrong"]) < abs(r["ce_wrong"]) / 100
+
+
+def test_example_multilabel():
+  r = _example("multilabel").main(steps=150, verbose=False)
+  assert all(acc > 0.9 for acc in r["per_label_accuracy"].values()), r
+  assert r["exact_match"] > 0.85
+
+
+def test_example_flax_digits():
+  r = _example("flax_mnist_like").main(epochs=8, verbose=False)
+  assert r["test_accuracy"] > 0.93, r

@@ -154,16 +154,69 @@ def to_markdown(rows: list[dict], reps: int) -> str:
   return "\n".join(lines)
 
 
+def page_fault_probe(n: int, c: int, reps: int) -> dict:
+  """fwd+bwd of integer-label CE in this process (run in a fresh process per environment)."""
+  z = jax.random.normal(jax.random.PRNGKey(0), (n, c))
+  y = jax.random.randint(jax.random.PRNGKey(1), (n,), 0, c)
+  _, jx, opt, _, _ = _losses()[0]
+  fj, fo = jax.jit(jax.value_and_grad(jx)), jax.jit(jax.value_and_grad(opt))
+  copy = jax.jit(lambda z: z + 1)
+  res = H.time_side_by_side({"jxent": H.blocking(fj, z, y), "optax": H.blocking(fo, z, y),
+                             "fresh [N, C] write": H.blocking(copy, z)}, reference="optax",
+                            reps=reps)
+  return {k: v["median_s"] * 1e3 for k, v in res.items()} | {"ratio": res["jxent"]["ratio"]}
+
+
+def page_fault_section(sizes, reps: int) -> str:
+  """Runs the probe in fresh processes with and without transparent huge pages for malloc."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  lines = [
+      "### Where the fwd+bwd time goes: page faults on the fresh gradient buffer",
+      "",
+      "Each fwd+bwd writes a fresh [N, C] gradient; XLA:CPU gets it from malloc, which maps "
+      "new pages that the kernel faults in 4 KiB at a time. Same process per row, fresh "
+      "process per environment (float32, integer labels):",
+      "",
+      "| [N, C] | environment | jxent ms | optax ms | jxent/optax | fresh `z + 1` ms |",
+      "|---|---|---:|---:|---:|---:|",
+  ]
+  for n, c in sizes:
+    for label, extra in (("default", {}),
+                         ("`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`",
+                          {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})):
+      env = dict(os.environ, **extra)
+      out = subprocess.run(
+          [sys.executable, "-m", "benchmarks", "losses", "--probe", f"{n},{c}",
+           "--reps", str(reps)], capture_output=True, text=True, env=env, check=True)
+      r = json.loads(out.stdout.strip().splitlines()[-1])
+      lines.append(f"| [{n}, {c}] | {label} | {r['jxent']:,.1f} | {r['optax']:,.1f} | "
+                   f"{r['ratio']:.2f} | {r['fresh [N, C] write']:,.1f} |")
+      print(lines[-1], flush=True)
+  return "\n".join(lines)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--quick", action="store_true", help="small sizes, no RESULTS.md update")
   p.add_argument("--reps", type=int, default=7)
+  p.add_argument("--probe", help="N,C: print one page-fault probe as JSON (internal)")
   args = p.parse_args(argv)
+  if args.probe:
+    import json
+
+    n, c = map(int, args.probe.split(","))
+    print(json.dumps(page_fault_probe(n, c, args.reps)))
+    return
   rows = run(QUICK_SIZES if args.quick else SIZES, reps=args.reps)
   ratios = [r["jxent/optax"] for r in rows]
   print(f"median jxent/optax over all rows: {statistics.median(ratios):.2f}")
   if not args.quick:
-    H.write_section("losses", to_markdown(rows, args.reps))
+    text = to_markdown(rows, args.reps) + "\n\n" + page_fault_section(SIZES, args.reps)
+    H.write_section("losses", text)
 
 
 if __name__ == "__main__":

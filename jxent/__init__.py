@@ -10,6 +10,7 @@ from jxent._classification import (
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
+from jxent._fused import linear_cross_entropy
 from jxent._information import (
     binary_entropy,
     cross_entropy,
@@ -41,5 +42,6 @@ __all__ = [
     "js_divergence",
     "kl_divergence",
     "kl_divergence_from_logits",
+    "linear_cross_entropy",
     "self_information",
 ]

@@ -1,0 +1,163 @@
+"""linear_cross_entropy against the unfused loss on h @ W: values and gradients, every option."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+
+import jxent
+from jxent import _fused
+
+N, D, V = 37, 16, 50  # N is not a multiple of the chunk size
+K = jax.random.split(jax.random.PRNGKey(0), 5)
+H = jax.random.normal(K[0], (N, D))
+W = jax.random.normal(K[1], (D, V)) * 0.4
+B = jax.random.normal(K[2], (V,)) * 0.1
+Y = jax.random.randint(K[3], (N,), 0, V).at[jnp.array([3, 11])].set(-100)
+MASK = jax.random.uniform(K[4], (N,)) > 0.2
+
+
+def naive(h, w, b, *, layout="dv", softcap=None, **kw):
+  z = (h @ w if layout == "dv" else h @ w.T) + (0 if b is None else b)
+  if softcap is not None:
+    z = softcap * jnp.tanh(z / softcap)
+  return jxent.softmax_cross_entropy_with_integer_labels(z, Y, **kw)
+
+
+def rel(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+
+
+CASES = {
+    "plain": dict(),
+    "ignore": dict(ignore_index=-100),
+    "smooth": dict(ignore_index=-100, label_smoothing=0.2),
+    "zloss": dict(ignore_index=-100, z_loss=1e-2),
+    "softcap": dict(ignore_index=-100, softcap=3.0),
+    "all": dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, where=MASK),
+}
+
+
+@pytest.mark.parametrize("method", ["forward", "recompute"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_scalar_loss_and_grads_match_unfused(case, reduction, method):
+  opts = dict(CASES[case])
+  softcap = opts.pop("softcap", None)
+  y = jnp.clip(Y, 0, V - 1) if "ignore_index" not in opts else Y
+
+  def fused(h, w, b):
+    return jxent.linear_cross_entropy(h, w, y, bias=b, logit_softcap=softcap, chunk_size=8,
+                                      reduction=reduction, method=method, **opts)
+
+  def ref(h, w, b):
+    z = h @ w + b
+    if softcap is not None:
+      z = softcap * jnp.tanh(z / softcap)
+    return jxent.softmax_cross_entropy_with_integer_labels(z, y, reduction=reduction, **opts)
+
+  got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(H, W, B)
+  want = jax.value_and_grad(ref, argnums=(0, 1, 2))(H, W, B)
+  assert abs(float(got[0]) - float(want[0])) <= 1e-5 * abs(float(want[0]))
+  for g, r in zip(got[1], want[1]):
+    assert rel(g, r) < 1e-5
+
+
+def test_none_reduction_and_vd_layout_with_weighted_cotangent():
+  wt = W.T  # [V, D], a tied embedding table
+  f = lambda h, w: jxent.linear_cross_entropy(h, w, Y, weight_layout="vd", ignore_index=-100,
+                                              label_smoothing=0.1, reduction="none", chunk_size=8)
+  r = lambda h, w: naive(h, w, None, layout="vd", ignore_index=-100, label_smoothing=0.1)
+  np.testing.assert_allclose(f(H, wt), r(H, wt), rtol=1e-5, atol=1e-6)
+  c = jnp.linspace(0.1, 2.0, N)
+  g = jax.grad(lambda h, w: (f(h, w) * c).sum(), argnums=(0, 1))(H, wt)
+  gr = jax.grad(lambda h, w: (r(h, w) * c).sum(), argnums=(0, 1))(H, wt)
+  assert rel(g[0], gr[0]) < 1e-5 and rel(g[1], gr[1]) < 1e-5
+
+
+def test_return_lse_is_differentiable():
+  def f(h, w):
+    loss, lse = jxent.linear_cross_entropy(h, w, Y, ignore_index=-100, return_lse=True,
+                                           chunk_size=8)
+    return loss + 0.3 * jnp.sum(lse**2)
+
+  def r(h, w):
+    z = h @ w
+    return (jxent.softmax_cross_entropy_with_integer_labels(z, Y, ignore_index=-100,
+                                                            reduction="mean")
+            + 0.3 * jnp.sum(jax.nn.logsumexp(z, -1) ** 2))
+
+  np.testing.assert_allclose(f(H, W), r(H, W), rtol=1e-5)
+  g, gr = jax.grad(f, argnums=(0, 1))(H, W), jax.grad(r, argnums=(0, 1))(H, W)
+  assert rel(g[0], gr[0]) < 1e-5 and rel(g[1], gr[1]) < 1e-5
+
+
+def test_batched_hidden_shape_and_default_chunk():
+  h = H[:36].reshape(4, 9, D)
+  y = jnp.clip(Y[:36], 0, V - 1).reshape(4, 9)
+  got = jxent.linear_cross_entropy(h, W, y, reduction="none")
+  want = jxent.softmax_cross_entropy_with_integer_labels(h @ W, y)
+  assert got.shape == (4, 9)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_accumulates_in_float32():
+  h, w = H.astype(jnp.bfloat16), W.astype(jnp.bfloat16)
+  y = jnp.clip(Y, 0, V - 1)
+  got = jxent.linear_cross_entropy(h, w, y, chunk_size=8)
+  want = jxent.softmax_cross_entropy_with_integer_labels(
+      h.astype(jnp.float32) @ w.astype(jnp.float32), y, reduction="mean")
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  dh, dw = jax.grad(lambda h, w: jxent.linear_cross_entropy(h, w, y, chunk_size=8),
+                    argnums=(0, 1))(h, w)
+  assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+
+
+def test_all_ignored_mean_is_zero():
+  y = jnp.full((N,), -100)
+  f = lambda h: jxent.linear_cross_entropy(h, W, y, ignore_index=-100, chunk_size=8)
+  assert f(H) == 0
+  assert np.all(jax.grad(f)(H) == 0)
+
+
+def test_scratch_memory_stays_below_one_block():
+  n, d, v = 512, 64, 4096
+  h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+  y = jnp.zeros(n, jnp.int32)
+
+  def temp(f):
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(h, w).compile() \
+        .memory_analysis().temp_size_in_bytes
+
+  unfused = temp(lambda h, w: jxent.softmax_cross_entropy_with_integer_labels(
+      h @ w, y, reduction="mean"))
+  fused = temp(lambda h, w: jxent.linear_cross_entropy(h, w, y, chunk_size=32))
+  assert unfused >= n * v * 4  # at least one [N, V] logits-sized buffer
+  assert fused <= 3 * 32 * v * 4 + 4 * (n * d) and fused < unfused / 5
+
+
+def test_default_chunk_size():
+  assert _fused.default_chunk_size(4096, 32768) == 256
+  assert _fused.default_chunk_size(8192, 65536) == 128
+  assert _fused.default_chunk_size(10, 50) == 16
+
+
+def test_bad_input():
+  y = jnp.clip(Y, 0, V - 1)
+  with pytest.raises(ValueError, match=r"hidden's last dimension \(16\)"):
+    jxent.linear_cross_entropy(H, W.T, y)
+  with pytest.raises(ValueError, match="labels must have hidden's shape"):
+    jxent.linear_cross_entropy(H, W, y[:5])
+  with pytest.raises(TypeError, match="labels must be an integer"):
+    jxent.linear_cross_entropy(H, W, y.astype(jnp.float32))
+  with pytest.raises(ValueError, match="method='forward' needs a scalar loss"):
+    jxent.linear_cross_entropy(H, W, y, reduction="none", method="forward")
+  with pytest.raises(ValueError, match=r"bias must have shape \(50,\)"):
+    jxent.linear_cross_entropy(H, W, y, bias=B[:3])
+  err, _ = checkify.checkify(lambda h: jxent.linear_cross_entropy(h, W, y.at[0].set(V)),
+                             errors=checkify.user_checks)(H)
+  with pytest.raises(checkify.JaxRuntimeError, match="out of range"):
+    err.throw()

@@ -1,6 +1,6 @@
 """jxent: information-theoretic quantities and cross-entropy losses for JAX."""
 
-from jxent import grads
+from jxent import grads, sharded
 from jxent._classification import (
     binary_cross_entropy,
     categorical_cross_entropy,
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "grads",
+    "sharded",
     "binary_cross_entropy",
     "categorical_cross_entropy",
     "mean_squared_error",

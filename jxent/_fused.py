@@ -155,10 +155,40 @@ def _forward_losses(h3, w, b, y2, v2, cfg):
   return loss, lse
 
 
+def _varying(a) -> set:
+  """The mesh axes a value varies over inside ``shard_map`` (empty outside)."""
+  t = jax.typeof(a)
+  mat = getattr(t, "manual_axis_type", None)  # jax >= 0.10
+  if mat is not None:
+    return set(mat.varying)
+  return set(getattr(t, "vma", ()))
+
+
+def _sum_like(ct, primal):
+  """Sums a cotangent over the mesh axes its primal is invariant over (inside ``shard_map``:
+  e.g. dL/dh over the vocabulary axis for hidden states replicated across it)."""
+  if ct is None:
+    return None
+  extra = tuple(sorted(_varying(ct) - _varying(primal)))
+  return jax.lax.psum(ct, extra) if extra else ct
+
+
+def _varying_like(x, *refs):
+  """Inside ``shard_map``, marks a fresh scan carry as varying over every mesh axis that the
+  inputs vary over, so that its type matches the carry the body returns (a no-op outside)."""
+  vma = set()
+  for r in refs:
+    if r is not None:
+      vma |= _varying(r)
+  missing = tuple(sorted(vma - _varying(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _grads(h3, w, b, y2, v2, g_loss, g_lse, cfg, lse=None):
   """Scan over token chunks computing losses (if ``lse`` is None) and dh, dW, db."""
-  dw0 = jnp.zeros(w.shape, jnp.float32)
-  db0 = None if b is None else jnp.zeros(b.shape, jnp.float32)
+  refs = (h3, w, b, y2, v2, g_loss, g_lse, lse)
+  dw0 = _varying_like(jnp.zeros(w.shape, jnp.float32), *refs)
+  db0 = None if b is None else _varying_like(jnp.zeros(b.shape, jnp.float32), *refs)
 
   def body(carry, xs):
     dw, db = carry
@@ -190,6 +220,7 @@ def _fused_sum(h3, w, b, y2, v2, scale, cfg):
 
 def _fused_sum_fwd(h3, w, b, y2, v2, scale, cfg):
   loss, dh, dw, db = _grads(h3, w, b, y2, v2, scale, None, cfg)
+  dh, dw, db = _sum_like(dh, h3), _sum_like(dw, w), _sum_like(db, b)
   return jnp.sum(loss * scale), (dh, dw, db, y2, v2, scale, cfg)
 
 
@@ -223,7 +254,7 @@ def _fused_tokens_bwd(res, g):
   g_loss, g_lse = g
   _, dh, dw, db = _grads(h3, w, b, y2, v2, g_loss, g_lse, cfg, lse=lse)
   zeros = jax.tree.map(jnp.zeros_like, cfg)
-  return dh, dw, db, None, None, zeros
+  return _sum_like(dh, h3), _sum_like(dw, w), _sum_like(db, b), None, None, zeros
 
 
 _fused_tokens.defvjp(_fused_tokens_fwd, _fused_tokens_bwd)

@@ -1,0 +1,79 @@
+"""jxent.sharded on an 8-device CPU mesh and across two jax.distributed processes.
+
+The device count has to be fixed before JAX starts, so the checks run in subprocesses
+(tests/_sharded_worker.py, tests/_multihost_worker.py) and are asserted here.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def worker():
+  out = subprocess.run([sys.executable, str(HERE / "_sharded_worker.py")], capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", ["1x8", "2x4", "8x1"])
+def test_loss_and_gradients_equal_unsharded(worker, mesh):
+  r = worker["meshes"][mesh]
+  for key, err in r.items():
+    assert err < 1e-5, (mesh, key, err)
+
+
+@pytest.mark.parametrize("kind", ["logits", "linear"])
+def test_only_small_collectives(worker, kind):
+  n_local, d, model = 8, 8, 4  # 16 examples over data=2, hidden size 8, vocab over model=4
+  sizes = {}
+  for v, logits_elems in worker["logits_elements"].items():
+    ops = worker["comm"][v][kind]
+    assert ops, "expected all-reduces of [N] statistics"
+    assert all(op == "all-reduce" for op, _, _ in ops)
+    if kind == "linear":
+      # dW of the local weight shard [D, V / model] is summed over the *data* axis: that is
+      # data parallelism's gradient reduction (once per step, independent of N).
+      w_shard = d * int(v) // model
+      assert sum(n == w_shard for _, n, _ in ops) == 1
+      ops = [o for o in ops if o[1] != w_shard]
+    # Everything else is per-example statistics or dL/dh: at most [N_local, D], nothing
+    # logits-sized.
+    assert max(n for _, n, _ in ops) <= n_local * d < logits_elems // 8
+    sizes[v] = sum(b for _, _, b in ops)
+  # Bytes communicated for the loss do not grow with the vocabulary (O(N), not O(N V)).
+  assert sizes["256"] == sizes["1024"]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed():
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, str(HERE / "_multihost_worker.py"), str(i), port],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("jax.distributed processes did not finish")
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, out[-3000:]
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT")][-1]
+    fields = dict(kv.split("=") for kv in line.split()[1:])
+    assert fields["process"] == str(i) and fields["devices"] == "4" and fields["local"] == "2"
+    assert float(fields["loss_err"]) < 1e-5 and float(fields["grad_err"]) < 1e-5

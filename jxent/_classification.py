@@ -79,6 +79,20 @@ def _masked_mul(a: Array, b: Array) -> Array:
   return jnp.where(a != 0, a * b, 0)
 
 
+def _add_z_loss(loss, zl, valid, lse):
+  """loss + z_loss * lse^2 on kept examples (the PaLM / T5X auxiliary loss)."""
+  if zl is None:
+    return loss
+  zl_i = zl if valid is None else zl * valid
+  return loss + _masked_mul(zl_i, lse * lse)
+
+
+def _z_loss_slope(zl, valid, lse):
+  """d(z_loss * lse^2)/d lse on kept examples; multiplies softmax(z) in the gradient."""
+  zl_i = zl if valid is None else zl * valid
+  return 2 * zl_i * jnp.where(jnp.isfinite(lse), lse, 0)
+
+
 def _apply_class_mask(z: Array, cmask: Array | None) -> Array:
   return z if cmask is None else jnp.where(cmask, z, -jnp.inf)
 
@@ -230,10 +244,7 @@ def _int_ce_fwd(z, y, valid, w, eps, cmask, zl):
           lambda: vz,
       )
     loss = loss + _masked_mul(s, v_sum * lse - vz)
-  if zl is not None:
-    zl_i = zl if valid is None else zl * valid
-    loss = loss + _masked_mul(zl_i, lse * lse)
-  return loss, (z, y, valid, w, eps, cmask, zl, lse)
+  return _add_z_loss(loss, zl, valid, lse), (z, y, valid, w, eps, cmask, zl, lse)
 
 
 def _int_ce_bwd(res, g):
@@ -252,8 +263,7 @@ def _int_ce_bwd(res, g):
       coef = coef + s * jnp.sum(v2, axis=-1)
       smooth = s[:, None] * v2
   if zl is not None:
-    zl_i = zl if valid is None else zl * valid
-    coef = coef + 2 * zl_i * jnp.where(jnp.isfinite(lse), lse, 0)
+    coef = coef + _z_loss_slope(zl, valid, lse)
   onehot = jnp.arange(num_classes)[None, :] == y[:, None]
   grad = coef[:, None] * p - jnp.where(onehot, a[:, None], 0) - smooth
   grad = (g[:, None] * grad).astype(z.dtype)
@@ -307,10 +317,7 @@ def _soft_ce_fwd(z, y, valid, w, eps, cmask, zl):
                       axis=-1),
       lambda: loss,
   )
-  if zl is not None:
-    zl_i = zl if valid is None else zl * valid
-    loss = loss + _masked_mul(zl_i, lse * lse)
-  return loss, (z, y, valid, w, eps, cmask, zl, lse)
+  return _add_z_loss(loss, zl, valid, lse), (z, y, valid, w, eps, cmask, zl, lse)
 
 
 def _soft_ce_bwd(res, g):
@@ -321,8 +328,7 @@ def _soft_ce_bwd(res, g):
   t = _soft_target(y, valid, w, eps, cmask)
   coef = jnp.sum(t, axis=-1)
   if zl is not None:
-    zl_i = zl if valid is None else zl * valid
-    coef = coef + 2 * zl_i * jnp.where(jnp.isfinite(lse), lse, 0)
+    coef = coef + _z_loss_slope(zl, valid, lse)
   grad_z = (g[:, None] * (coef[:, None] * p - t)).astype(z.dtype)
   # d loss / d y_c = (1 - eps) w_c (lse - z_c) on kept entries: labels are differentiable,
   # as in optax (e.g. for learned soft targets); XLA drops this under jit when unused.

@@ -105,6 +105,25 @@ def _fmt(r):
           f"(inputs loaded: {r['rss_before_mib']:,.0f}) | {r['err']:.1e} |")
 
 
+def chunk_sweep(n, d, v, chunks=(128, 256, 512), reps=3):
+  """Time and scratch of the default ("forward") method at several chunk sizes."""
+  h, w, y = _inputs(n, d, v)
+  fs = {"naive": variants(y)["naive"]}
+  for c in chunks:
+    fs[c] = jax.jit(jax.value_and_grad(
+        lambda h, w, c=c: jxent.linear_cross_entropy(h, w, y, chunk_size=c), argnums=(0, 1)))
+  res = H.time_side_by_side({k: H.blocking(f, h, w) for k, f in fs.items()},
+                            reference="naive", reps=reps)
+  lines = [f"Chunk size at N={n}, D={d}, V={v} (default: "
+           f"{jxent._fused.default_chunk_size(n, v)}):", "",
+           "| chunk | time / unfused | XLA scratch MiB |", "|---:|---:|---:|"]
+  for c in chunks:
+    lines.append(f"| {c} | {res[c]['ratio']:.2f} | "
+                 f"{H.xla_memory(fs[c], h, w)['temp'] / 2**20:,.1f} |")
+  print("\n".join(lines), flush=True)
+  return "\n".join(lines)
+
+
 def to_markdown(rows, reps):
   return "\n".join([
       "## Fused linear + cross-entropy (CPU, float32, forward+backward)",
@@ -135,7 +154,8 @@ def main(argv=None):
     return
   rows = run(QUICK_SIZES if args.quick else SIZES, args.reps)
   if not args.quick:
-    H.write_section("fused", to_markdown(rows, args.reps))
+    text = to_markdown(rows, args.reps) + "\n\n" + chunk_sweep(*SIZES[0], reps=args.reps)
+    H.write_section("fused", text)
 
 
 if __name__ == "__main__":

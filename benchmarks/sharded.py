@@ -27,7 +27,7 @@ import jxent  # noqa: E402
 from benchmarks import _harness as H  # noqa: E402
 
 
-def run(n=4096, v=65536, mesh_shape=(1, 8), reps=5):
+def run(n=4096, v=65536, mesh_shape=(2, 4), reps=5):
   mesh = jax.make_mesh(mesh_shape, ("data", "model"))
   z = jax.random.normal(jax.random.PRNGKey(0), (n, v)) * 2
   y = jax.random.randint(jax.random.PRNGKey(1), (n,), 0, v)

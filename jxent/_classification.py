@@ -326,17 +326,24 @@ def _soft_ce_fwd(z, y, valid, w, eps, cmask, zl):
   # logsumexp into one vectorised kernel (a select there costs 4-7x). It is NaN only where
   # t_c = 0 meets z_c = -inf (0 * inf) or a row has no finite logit; then, and only then,
   # the masked form is computed instead. The fallback closes over the raw inputs only (a
-  # converted array passed into a cond branch would be materialised).
+  # converted array passed into a cond branch would be materialised; recomputing lse there
+  # keeps lse from becoming a second output of the fused kernel, which costs a pass).
   t = _soft_target(y, valid, w, eps, cmask)
   loss = _cross_term(t, zm, lse)
   loss = jax.lax.cond(
       jnp.any(jnp.isnan(loss)),
-      lambda: jnp.sum(_masked_mul(_soft_target(y, valid, w, eps, cmask),
-                                  lse[:, None] - _apply_class_mask(z, cmask).astype(lse.dtype)),
-                      axis=-1),
+      lambda: _masked_cross_term(z, y, valid, w, eps, cmask),
       lambda: loss,
   )
   return _add_z_loss(loss, zl, valid, lse), (z, y, valid, w, eps, cmask, zl, lse)
+
+
+def _masked_cross_term(z, y, valid, w, eps, cmask):
+  """The exact form of ``_cross_term``: terms with t_c = 0 contribute 0 whatever z_c is."""
+  zm = _apply_class_mask(z, cmask)
+  lse = _logsumexp(zm)
+  t = _soft_target(y, valid, w, eps, cmask)
+  return jnp.sum(_masked_mul(t, lse[:, None] - zm.astype(lse.dtype)), axis=-1)
 
 
 def _soft_ce_bwd(res, g):

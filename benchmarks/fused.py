@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -39,11 +38,6 @@ def _inputs(n, d, v, dtype=jnp.float32):
   return h, w, y
 
 
-def _current_rss_mib() -> float:
-  with open("/proc/self/statm") as f:
-    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def variants(y):
   return {
       "naive": jax.jit(jax.value_and_grad(
@@ -56,16 +50,28 @@ def variants(y):
   }
 
 
+def _rss_mib(field: str) -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) / 1024
+  raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def rss_probe(name, n, d, v):
-  """Runs one variant once in this (fresh) process; prints peak RSS in MiB as JSON."""
+  """Peak RSS (MiB) of one run of a variant in this fresh process, as JSON.
+
+  The variant is compiled and run once first; then the kernel's high-water mark is reset
+  (``/proc/self/clear_refs``) and the second run's peak is read from ``VmHWM``.
+  """
   h, w, y = _inputs(n, d, v)
-  jax.block_until_ready((h, w, y))
   f = variants(y)[name]
-  f.lower(h, w).compile()  # compile first: its memory is not the loss's
-  base = _current_rss_mib()
   jax.block_until_ready(f(h, w))
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  print(json.dumps({"peak_mib": peak, "before_mib": base}))
+  base = _rss_mib("VmRSS")
+  with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+  jax.block_until_ready(f(h, w))
+  print(json.dumps({"peak_mib": _rss_mib("VmHWM"), "before_mib": base}))
 
 
 def _rss(name, n, d, v):
@@ -141,9 +147,10 @@ def to_markdown(rows, reps):
       f"{reps} repetitions after warm-up, variants alternating, ratio = median of "
       "per-repetition time ratios to the unfused reference (`optax...with_integer_labels"
       "(h @ W, y).mean()`). Scratch is XLA's `temp_size_in_bytes` of the compiled function; "
-      "peak RSS is `ru_maxrss` of a fresh process that builds the inputs, compiles, and runs "
-      "the variant once; 'RSS added' is that peak minus the resident size just before the "
-      "run. Error: largest relative difference of loss, dh and dW to the reference.",
+      "peak RSS is the kernel's high-water mark (`VmHWM`, reset after a warm-up run) of a "
+      "fresh process during one run of the variant; 'RSS added' is that peak minus the "
+      "resident size just before the run. Error: largest relative difference of loss, dh "
+      "and dW to the reference.",
       "",
       "| size | variant | ms | time / unfused | XLA scratch MiB | scratch / unfused "
       "| peak RSS MiB | RSS added by the run MiB | max rel. error |",

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from jxent import _checks
+from jxent._information import _xlogy
 
 Array = jax.Array
 
@@ -65,7 +66,7 @@ def _cross_term(t: Array, z: Array, lse: Array) -> Array:
   return jnp.sum(part.reshape(n, k), axis=-1)
 
 
-def _logsumexp(z: Array, *, split: bool = True) -> Array:
+def _logsumexp(z: Array) -> Array:
   """Row logsumexp of a ``[N, C]`` array, accumulated in float32 (float64 for float64).
 
   Written so that XLA:CPU fuses it, and the passes that follow it, into one vectorised
@@ -75,7 +76,7 @@ def _logsumexp(z: Array, *, split: bool = True) -> Array:
   """
   n, c = z.shape
   acc = _acc_dtype(z.dtype)
-  k = _row_split(c, z) if split else 1
+  k = _row_split(c, z)
   if k == 1:
     m = jax.lax.stop_gradient(jnp.max(z, axis=-1)).astype(acc)
     return m + jnp.log(jnp.sum(jnp.exp(z.astype(acc) - m[:, None]), axis=-1))
@@ -739,11 +740,6 @@ def sigmoid_focal_loss(
 
 
 # ------------------------------------------------------------------- on probabilities
-
-
-def _xlogy(x: Array, y: Array) -> Array:
-  nonzero = x != 0
-  return jnp.where(nonzero, x * jnp.log(jnp.where(nonzero, y, 1)), 0)
 
 
 def categorical_cross_entropy(

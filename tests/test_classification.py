@@ -468,3 +468,21 @@ def test_checkify_reports_out_of_range_labels():
     err.throw()
   err, _ = jax.jit(f)(Z, np.where(np.arange(N) == 0, -100, Y))
   err.throw()  # ignored labels may be out of range
+
+
+def test_soft_reduced_kernel_matches_per_example_and_falls_back():
+  kw = dict(label_smoothing=0.1, z_loss=1e-3, class_weights=W)
+  mean = jax.jit(lambda z: jxent.softmax_cross_entropy(z, Y_SOFT, reduction="mean", **kw))
+  per = lambda z: jxent.softmax_cross_entropy(z, Y_SOFT, **kw)
+  np.testing.assert_allclose(mean(Z), per(Z).mean(), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(mean)(Z), jax.grad(lambda z: per(z).mean())(Z),
+                             rtol=1e-5, atol=1e-7)
+  # 0 * -inf in the fast form: the exact fallback gives the finite value ...
+  z = Z.copy()
+  z[:, 0] = -np.inf
+  onehot = np.eye(C, dtype=np.float32)[np.where(Y == 0, 1, Y)]
+  got = jxent.softmax_cross_entropy(z, onehot, reduction="sum")
+  assert np.isfinite(got)
+  np.testing.assert_allclose(got, jxent.softmax_cross_entropy(z, onehot).sum(), rtol=1e-6)
+  # ... and +inf where the target has mass on the masked class.
+  assert jxent.softmax_cross_entropy(z, Y_SOFT, reduction="mean") == np.inf

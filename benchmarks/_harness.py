@@ -78,14 +78,6 @@ def machine() -> str:
           f"jax {jax.__version__}")
 
 
-def mib(n: float) -> str:
-  return f"{n / 2**20:,.1f} MiB"
-
-
-def ms(s: float) -> str:
-  return f"{s * 1e3:,.1f}"
-
-
 def write_section(name: str, markdown: str) -> None:
   """Replaces (or appends) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
   start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

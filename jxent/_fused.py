@@ -395,12 +395,9 @@ def linear_cross_entropy(
 
   loss, lse = _fused_tokens(h3, weight, bias, y2, v2, cfg)
   loss = loss.reshape(-1)[:n]
+  out = _checks.reduce(loss, reduction, count)
   if reduction == "none":
-    out = loss.reshape(batch_shape)
-  elif reduction == "sum":
-    out = jnp.sum(loss)
-  else:
-    out = jnp.sum(loss) / jnp.maximum(count, 1)
+    out = out.reshape(batch_shape)
   if return_lse:
     return out, lse.reshape(-1)[:n].reshape(batch_shape)
   return out

@@ -65,16 +65,7 @@ def _combine(lse_local, z_y_local, sum_z_local, valid, *, axis_name, vocab_size,
     loss = loss + a * label_smoothing * (lse - sum_z / vocab_size)
   if z_loss:
     loss = loss + a * z_loss * lse * lse
-  return jnp.where(valid, loss, 0), lse
-
-
-def _reduce(loss, valid, reduction):
-  if reduction == "none":
-    return loss
-  total = jnp.sum(loss)
-  if reduction == "sum":
-    return total
-  return total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
+  return jnp.where(valid, loss, 0)
 
 
 def vocab_parallel_cross_entropy(logits, labels, *, axis_name, ignore_index=None,
@@ -113,9 +104,9 @@ def vocab_parallel_cross_entropy(logits, labels, *, axis_name, ignore_index=None
   picked = jnp.take_along_axis(z, jnp.clip(local, 0, v_local - 1)[..., None], axis=-1)[..., 0]
   z_y_local = jnp.where(here, picked, 0)
   sum_z_local = jnp.sum(z, axis=-1) if label_smoothing else None
-  loss, _ = _combine(lse_local, z_y_local, sum_z_local, valid, axis_name=axis_name,
-                     vocab_size=vocab, label_smoothing=label_smoothing, z_loss=z_loss)
-  return _reduce(loss, valid, reduction)
+  loss = _combine(lse_local, z_y_local, sum_z_local, valid, axis_name=axis_name,
+                  vocab_size=vocab, label_smoothing=label_smoothing, z_loss=z_loss)
+  return _checks.reduce(loss, reduction, jnp.sum(valid))
 
 
 def vocab_parallel_linear_cross_entropy(hidden, weight, labels, *, axis_name,
@@ -153,9 +144,9 @@ def vocab_parallel_linear_cross_entropy(hidden, weight, labels, *, axis_name,
   sum_z_local = None
   if label_smoothing:
     sum_z_local = jnp.dot(hidden, jnp.sum(weight, axis=1), preferred_element_type=jnp.float32)
-  loss, _ = _combine(lse_local, z_y_local, sum_z_local, valid, axis_name=axis_name,
-                     vocab_size=vocab, label_smoothing=label_smoothing, z_loss=z_loss)
-  return _reduce(loss, valid, reduction)
+  loss = _combine(lse_local, z_y_local, sum_z_local, valid, axis_name=axis_name,
+                  vocab_size=vocab, label_smoothing=label_smoothing, z_loss=z_loss)
+  return _checks.reduce(loss, reduction, jnp.sum(valid))
 
 
 def make_vocab_parallel_loss(mesh, *, data_axis="data", model_axis="model", linear=False,

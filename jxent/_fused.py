@@ -34,18 +34,19 @@ from jxent import _checks
 
 Array = jax.Array
 
-# One [chunk, V] float32 block of logits is held at a time (two during the gradient). The
-# default makes it about 32 MiB. Measured on XLA:CPU (benchmarks/RESULTS.md, N=4096, D=512,
-# V=32768): 128-token chunks ran 1.10x the unfused time, 256 0.90x, 512 0.84x; the dW update
-# h^T dz has the chunk as its inner dimension and re-reads dW once per chunk, so small chunks
-# lose. Scratch grows linearly with the chunk (36, 64, 129 MiB there; 1 GiB unfused), and 32
-# MiB blocks stay under 8% of the unfused scratch at V=32768 and 2% at N=8192, V=65536.
-_TARGET_BLOCK_BYTES = 32 * 2**20
-_VOCAB_SLICE = 8192
+# One [chunk, V] float32 block of logits is held at a time; its gradient is written over it in
+# place. The default makes the block about 64 MiB. The dW update h^T dz has the chunk as its
+# inner dimension and re-reads all of dW once per chunk, so small chunks lose: measured on
+# XLA:CPU (benchmarks/RESULTS.md), at N=4096, D=512, V=32768 128-token chunks ran about 1.0x
+# the unfused time, 256 0.9x, 512 0.85x; at N=8192, D=1024, V=65536 128 ran 1.01x, 256 0.99x.
+# Scratch is the block plus one [D, slice] dW update: 74 MiB (7%) and 76 MiB (1.9%) of the
+# unfused 1 and 4 GiB there; 2048-column slices were as fast as 8192 and 24 MiB smaller.
+_TARGET_BLOCK_BYTES = 64 * 2**20
+_VOCAB_SLICE = 2048
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
-  """Tokens per chunk: a power of two with a [chunk, V] float32 block of about 32 MiB."""
+  """Tokens per chunk: a power of two with a [chunk, V] float32 block of about 64 MiB."""
   t = _TARGET_BLOCK_BYTES // (4 * vocab_size)
   t = 1 << max(int(np.log2(max(t, 1))), 4)
   return int(min(t, 1024, 1 << int(np.ceil(np.log2(max(num_tokens, 1))))))
@@ -73,12 +74,29 @@ def _logits(h, w, b, cfg):
   return z, tanh
 
 
-def _chunk_loss(z, y, valid, cfg):
-  """Per-token loss and logsumexp of one [T, V] block (same formula as the integer kernel)."""
+def _label_logits(h, w, b, y, cfg):
+  """The logit of each token's label, [T], from h and the label's weight column alone."""
+  w_y = jnp.take(w, y, axis=1 if cfg.layout == "dv" else 0)
+  w_y = w_y.T if cfg.layout == "dv" else w_y
+  z_y = jnp.sum(h.astype(jnp.float32) * w_y.astype(jnp.float32), axis=-1)
+  if b is not None:
+    z_y = z_y + b[y].astype(jnp.float32)
+  if cfg.softcap is not None:
+    z_y = cfg.softcap * jnp.tanh(z_y / cfg.softcap)
+  return z_y
+
+
+def _chunk_loss(z, y, valid, cfg, z_y=None):
+  """Per-token loss and logsumexp of one [T, V] block (same formula as the integer kernel).
+
+  ``z_y`` (the label logits) may be given, so that the block's last reader is the gradient
+  and XLA can write the gradient over the logits in place.
+  """
   v = z.shape[-1]
   m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
   lse = m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
-  z_y = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+  if z_y is None:
+    z_y = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
   a = valid.astype(jnp.float32)
   if cfg.eps is not None:
     a = a * (1 - cfg.eps)
@@ -115,25 +133,27 @@ def _chunk_dlogits(z, tanh, lse, y, valid, g_loss, g_lse, cfg):
 
 
 def _accumulate_dw(dw, h, dz, cfg):
-  """dw += h^T dz ([D, V]) or dz^T h ([V, D]), one vocabulary slice at a time."""
+  """dw += h^T dz ([D, V]) or dz^T h ([V, D]), one vocabulary slice at a time (the last
+  slice may be shorter), so that no [D, V] temporary exists besides dw itself."""
   v = dz.shape[-1]
   step = min(cfg.vocab_slice, v)
-  if v % step:
-    step = v  # ragged vocab: one slice
   hf = h.astype(jnp.float32)
 
-  def body(j, dw):
-    start = j * step
-    dz_j = jax.lax.dynamic_slice_in_dim(dz, start, step, axis=1)
+  def update(dw, start, size):
+    dz_j = jax.lax.dynamic_slice_in_dim(dz, start, size, axis=1)
     if cfg.layout == "dv":
       upd = jnp.dot(hf.T, dz_j, preferred_element_type=jnp.float32)
-      cur = jax.lax.dynamic_slice_in_dim(dw, start, step, axis=1)
+      cur = jax.lax.dynamic_slice_in_dim(dw, start, size, axis=1)
       return jax.lax.dynamic_update_slice_in_dim(dw, cur + upd, start, axis=1)
     upd = jnp.dot(dz_j.T, hf, preferred_element_type=jnp.float32)
-    cur = jax.lax.dynamic_slice_in_dim(dw, start, step, axis=0)
+    cur = jax.lax.dynamic_slice_in_dim(dw, start, size, axis=0)
     return jax.lax.dynamic_update_slice_in_dim(dw, cur + upd, start, axis=0)
 
-  return jax.lax.fori_loop(0, v // step, body, dw)
+  full = v // step
+  dw = jax.lax.fori_loop(0, full, lambda j, dw: update(dw, j * step, step), dw)
+  if v % step:
+    dw = update(dw, full * step, v % step)
+  return dw
 
 
 def _dh(dz, w, cfg):
@@ -195,7 +215,7 @@ def _grads(h3, w, b, y2, v2, g_loss, g_lse, cfg, lse=None):
     h, y, valid, gl, gs, lse_c = xs
     z, tanh = _logits(h, w, b, cfg)
     if lse_c is None:
-      loss, lse_c = _chunk_loss(z, y, valid, cfg)
+      loss, lse_c = _chunk_loss(z, y, valid, cfg, _label_logits(h, w, b, y, cfg))
     else:
       loss = None
     dz = _chunk_dlogits(z, tanh, lse_c, y, valid, gl, gs, cfg)
@@ -301,7 +321,7 @@ def linear_cross_entropy(
     z_loss: coefficient of :math:`\mathrm{logsumexp}^2` per token.
     logit_softcap: ``c > 0`` or None.
     reduction: ``"mean"`` (over kept tokens; 0 if none), ``"sum"`` or ``"none"``.
-    chunk_size: tokens per chunk; default: a ``[chunk, V]`` float32 block of ~32 MiB.
+    chunk_size: tokens per chunk; default: a ``[chunk, V]`` float32 block of ~64 MiB.
     return_lse: also return the per-token logsumexp ``[...]`` (differentiable).
     method: ``"auto"``, ``"forward"`` (gradients computed in the forward pass; scalar
       reductions only) or ``"recompute"``.

@@ -122,7 +122,7 @@ def test_all_ignored_mean_is_zero():
   assert np.all(jax.grad(f)(H) == 0)
 
 
-def test_scratch_memory_stays_below_one_block():
+def test_scratch_memory_is_one_block_plus_one_dw_slice():
   n, d, v = 512, 64, 4096
   h = jax.ShapeDtypeStruct((n, d), jnp.float32)
   w = jax.ShapeDtypeStruct((d, v), jnp.float32)
@@ -134,14 +134,35 @@ def test_scratch_memory_stays_below_one_block():
 
   unfused = temp(lambda h, w: jxent.softmax_cross_entropy_with_integer_labels(
       h @ w, y, reduction="mean"))
-  fused = temp(lambda h, w: jxent.linear_cross_entropy(h, w, y, chunk_size=32))
+  t, vs = 32, _fused._VOCAB_SLICE
+  fused = temp(lambda h, w: jxent.linear_cross_entropy(h, w, y, chunk_size=t))
   assert unfused >= n * v * 4  # at least one [N, V] logits-sized buffer
-  assert fused <= 3 * 32 * v * 4 + 4 * (n * d) and fused < unfused / 5
+  # One [t, V] block (the gradient is written over the logits in place), one [D, slice] dW
+  # update and the [t, slice] column slice it reads; a second block would not fit.
+  block, dw_slice = t * v * 4, (d + t) * vs * 4
+  assert fused <= block + dw_slice + 64 * 1024 < 2 * block + dw_slice
+  assert fused < unfused / 5
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_ragged_vocabulary_slices(monkeypatch, layout):
+  # V = 50 in slices of 16: three full slices and a remainder of 2 columns.
+  monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)
+  y = jnp.clip(Y, 0, V - 1)
+  w = W if layout == "dv" else W.T
+  f = lambda h, w, b: jxent.linear_cross_entropy(h, w, y, bias=b, weight_layout=layout,
+                                                 chunk_size=8)
+  g = lambda h, w, b: jxent.softmax_cross_entropy_with_integer_labels(
+      (h @ w if layout == "dv" else h @ w.T) + b, y, reduction="mean")
+  got = jax.grad(f, argnums=(0, 1, 2))(H, w, B)
+  want = jax.grad(g, argnums=(0, 1, 2))(H, w, B)
+  for a, b in zip(got, want):
+    assert rel(a, b) < 1e-5
 
 
 def test_default_chunk_size():
-  assert _fused.default_chunk_size(4096, 32768) == 256
-  assert _fused.default_chunk_size(8192, 65536) == 128
+  assert _fused.default_chunk_size(4096, 32768) == 512
+  assert _fused.default_chunk_size(8192, 65536) == 256
   assert _fused.default_chunk_size(10, 50) == 16
 
 

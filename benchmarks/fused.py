@@ -114,7 +114,7 @@ def run(sizes, reps):
 
 
 def _fmt(r):
-  return (f"| {r['size']} | {r['variant']} | {r['ms']:,.0f} | **{r['ratio']:.2f}** | "
+  return (f"| {r['size']} | {r['variant']} | {r['ms']:,.0f} | **{r['ratio']:.3f}** | "
           f"{r['temp_mib']:,.1f} | {100 * r['temp_frac']:.1f}% | {r['rss_mib']:,.0f} | "
           f"{r['rss_mib'] - r['rss_before_mib']:,.0f} | {r['err']:.1e} |")
 
@@ -132,7 +132,7 @@ def chunk_sweep(n, d, v, chunks=(128, 256, 512), reps=3):
            f"{jxent._fused.default_chunk_size(n, v)}):", "",
            "| chunk | time / unfused | XLA scratch MiB |", "|---:|---:|---:|"]
   for c in chunks:
-    lines.append(f"| {c} | {res[c]['ratio']:.2f} | "
+    lines.append(f"| {c} | {res[c]['ratio']:.3f} | "
                  f"{H.xla_memory(fs[c], h, w)['temp'] / 2**20:,.1f} |")
   print("\n".join(lines), flush=True)
   return "\n".join(lines)
@@ -170,7 +170,9 @@ def main(argv=None):
     return
   rows = run(QUICK_SIZES if args.quick else SIZES, args.reps)
   if not args.quick:
-    text = to_markdown(rows, args.reps) + "\n\n" + chunk_sweep(*SIZES[0], reps=args.reps)
+    sweeps = [chunk_sweep(*SIZES[0], chunks=(128, 256, 512, 1024), reps=args.reps),
+              chunk_sweep(*SIZES[1], chunks=(128, 256, 512), reps=args.reps)]
+    text = to_markdown(rows, args.reps) + "\n\n" + "\n\n".join(sweeps)
     H.write_section("fused", text)
 
 

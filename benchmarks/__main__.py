@@ -1,9 +1,9 @@
-"""`python -m benchmarks [losses|fused|sharded] [options]` (default: losses)."""
+"""`python -m benchmarks [losses|fused|sharded|floors] [options]` (default: losses)."""
 
 import importlib
 import sys
 
-NAMES = ("losses", "fused", "sharded")
+NAMES = ("losses", "fused", "sharded", "floors")
 
 
 def main():

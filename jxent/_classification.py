@@ -78,6 +78,27 @@ def _cross_term(t: Array, z: Array, lse: Array) -> Array:
   return jnp.sum(part.reshape(n, k), axis=-1)
 
 
+def _soft_cross_term(z, y, valid, w, eps, cmask, lse) -> Array:
+  """sum_c t_c (lse - z_c) per row with t the soft target (see ``_soft_target``).
+
+  Long 16-bit rows on CPU are cut into pieces before either array is converted, behind an
+  optimization barrier: XLA otherwise folds the cut into the float32 conversion, and the
+  pass over the pieces ran 10x slower (bfloat16 [8192, 50304]: 1,161 -> 115 ms). Class
+  weights or a class mask take the general path."""
+  n, c = z.shape
+  k = _row_split(c, z)
+  if k == 1 or z.dtype.itemsize != 2 or w is not None or cmask is not None:
+    return _cross_term(_soft_target(y, valid, w, eps, cmask), z, lse)
+  zp, yp = jax.lax.optimization_barrier((z.reshape(n * k, c // k), y.reshape(n * k, c // k)))
+  tp = yp.astype(lse.dtype)
+  if eps is not None:
+    tp = (1 - eps) * tp + eps / c
+  if valid is not None:
+    tp = tp * jnp.repeat(valid, k)[:, None]
+  part = jnp.sum(tp * (jnp.repeat(lse, k)[:, None] - zp.astype(lse.dtype)), axis=-1)
+  return jnp.sum(part.reshape(n, k), axis=-1)
+
+
 def _logsumexp(z: Array, *, split: bool = True) -> Array:
   """Row logsumexp of a ``[N, C]`` array, accumulated in float32 (float64 for float64).
 
@@ -352,8 +373,7 @@ def _soft_ce_fwd(z, y, valid, w, eps, cmask, zl):
   # the masked form is computed instead. The fallback closes over the raw inputs only (a
   # converted array passed into a cond branch would be materialised; recomputing lse there
   # keeps lse from becoming a second output of the fused kernel, which costs a pass).
-  t = _soft_target(y, valid, w, eps, cmask)
-  loss = _cross_term(t, zm, lse)
+  loss = _soft_cross_term(zm, y, valid, w, eps, cmask, lse)
   loss = jax.lax.cond(
       jnp.any(jnp.isnan(loss)),
       lambda: _masked_cross_term(z, y, valid, w, eps, cmask),

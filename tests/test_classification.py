@@ -347,6 +347,11 @@ def test_long_rows_split_on_cpu_match_reference(monkeypatch, dtype):
   np.testing.assert_allclose(f_int(z), torch_ce_ref(z64, y, eps=0.1).sum(), **tol)
   f_soft = jax.jit(lambda z: jxent.softmax_cross_entropy(z, t, reduction="sum"))
   np.testing.assert_allclose(f_soft(z), -(t * log_softmax64(z64)).sum(), **tol)
+  keep = np.array([True, False, True, True, False, True])
+  t16 = jnp.asarray(t, dtype)  # 16-bit labels take the pieces-before-conversion path
+  per = jax.jit(lambda z: jxent.softmax_cross_entropy(z, t16, label_smoothing=0.1, where=keep))
+  ts = 0.9 * np.asarray(t16.astype(jnp.float32), np.float64) + 0.1 / 192
+  np.testing.assert_allclose(per(z), -(ts * log_softmax64(z64)).sum(-1) * keep, **tol)
   p = np.exp(log_softmax64(z64))
   gi = jax.jit(jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y).sum()))
   want = p - np.eye(192)[y]

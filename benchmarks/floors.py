@@ -7,8 +7,8 @@ a bare read of the logits (``jnp.sum`` accumulated in float32), a bare exp-sum (
 ``exp`` per entry in float32, the least arithmetic a logsumexp needs), a bare softplus-sum
 (``log1p(exp(-|z|))``, the least a sigmoid BCE needs), and jxent's integer-label CE and
 sigmoid BCE forwards. The compute floors sum over the whole array: XLA:CPU's per-row exp-sums
-were several times slower at C = 50304 (573 against 138 ms in float32), so a per-row form
-would not be a floor. Writes the "floors" section of
+were several times slower than a whole-array sum at C = 50304, so a per-row form would not
+be a floor. Writes the "floors" section of
 benchmarks/RESULTS.md.
 """
 

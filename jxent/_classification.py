@@ -73,9 +73,13 @@ def _cross_term(t: Array, z: Array, lse: Array) -> Array:
   z = _unshared(z)  # its own float32 conversion, not the logsumexp's (see _unshared)
   if k == 1:
     return jnp.sum(t * (lse[:, None] - z.astype(lse.dtype)), axis=-1)
-  tp, zp = t.reshape(n * k, c // k), _split_rows(z, k).astype(lse.dtype)
+  return _cross_pieces(t.reshape(n * k, c // k), _split_rows(z, k).astype(lse.dtype), lse, k)
+
+
+def _cross_pieces(tp: Array, zp: Array, lse: Array, k: int) -> Array:
+  """sum_c t_c (lse - z_c) per row, from ``[N * k, C / k]`` pieces of t and (float) z."""
   part = jnp.sum(tp * (jnp.repeat(lse, k)[:, None] - zp), axis=-1)
-  return jnp.sum(part.reshape(n, k), axis=-1)
+  return jnp.sum(part.reshape(-1, k), axis=-1)
 
 
 def _soft_cross_term(z, y, valid, w, eps, cmask, lse) -> Array:
@@ -95,8 +99,7 @@ def _soft_cross_term(z, y, valid, w, eps, cmask, lse) -> Array:
     tp = (1 - eps) * tp + eps / c
   if valid is not None:
     tp = tp * jnp.repeat(valid, k)[:, None]
-  part = jnp.sum(tp * (jnp.repeat(lse, k)[:, None] - zp.astype(lse.dtype)), axis=-1)
-  return jnp.sum(part.reshape(n, k), axis=-1)
+  return _cross_pieces(tp, zp.astype(lse.dtype), lse, k)
 
 
 def _logsumexp(z: Array, *, split: bool = True) -> Array:

@@ -362,6 +362,71 @@ def test_long_rows_split_on_cpu_match_reference(monkeypatch, dtype):
                              atol=1e-6 if dtype == jnp.float32 else 4e-3)
 
 
+def _primitives_outside_cond(jaxpr):
+  """(primitive, first operand's aval) of a jaxpr's equations and its sub-jaxprs', leaving
+  out what runs inside a cond."""
+  found = []
+  for eqn in jaxpr.eqns:
+    found.append((eqn.primitive.name, getattr(eqn.invars[0], "aval", None) if eqn.invars else None))
+    if eqn.primitive.name == "cond":
+      continue
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          found += _primitives_outside_cond(sub)
+  return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the one-pass logsumexp is CPU-only")
+@pytest.mark.parametrize("split", [False, True], ids=["row", "pieces"])
+def test_one_pass_logsumexp_reads_the_logits_once(monkeypatch, split):
+  """On CPU the forward's logsumexp is log(sum(exp(z))) with no max pass; the max-shifted
+  form exists only in the fallback branch."""
+  from jxent import _classification as C_
+  if split:
+    monkeypatch.setattr(C_, "_CPU_FAST_ROW", 64)
+  z = jnp.zeros((6, 192), jnp.float32)
+  y = jnp.zeros((6,), jnp.int32)
+  f = lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean")
+  found = _primitives_outside_cond(jax.make_jaxpr(f)(z).jaxpr)
+  names = [name for name, _ in found]
+  assert "cond" in names and "exp" in names
+  float_maxes = [aval for name, aval in found
+                 if name in ("reduce_max", "max") and jnp.issubdtype(aval.dtype, jnp.floating)]
+  assert not float_maxes
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["row", "pieces"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_pass_logsumexp_edges_and_fallback(monkeypatch, dtype, split):
+  """Rows at the edges of the one-pass range (logits near 80 and near -40) are computed in
+  one pass and stay exact; a batch with a row beyond it (near 150: exp overflows; near -60
+  or -200: the sum underflows) is computed max-shifted. Loss and gradient against float64."""
+  from jxent import _classification as C_
+  if split:
+    monkeypatch.setattr(C_, "_CPU_FAST_ROW", 64)
+  rng = np.random.default_rng(11)
+  base = rng.normal(size=(5, 192)) * 2
+  tol = dict(rtol=2e-6, atol=1e-5) if dtype == jnp.float32 else dict(rtol=1e-5, atol=1e-3)
+  gtol = 1e-6 if dtype == jnp.float32 else 4e-3
+  y = rng.integers(0, 192, size=5).astype(np.int32)
+  t = rng.dirichlet(np.ones(192), size=5).astype(np.float32)
+  f_int = jax.jit(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y))
+  g_int = jax.jit(jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y).sum()))
+  f_soft = jax.jit(lambda z: jxent.softmax_cross_entropy(z, t))
+  g_soft = jax.jit(jax.grad(lambda z: jxent.softmax_cross_entropy(z, t).sum()))
+  for shifts in ([0.0, 78.0, -40.0, 5.0, -30.0], [0.0, 150.0, -60.0, -200.0, 5.0]):
+    z = jnp.asarray(base + np.asarray(shifts)[:, None], dtype)
+    z64 = np.asarray(z.astype(jnp.float32), np.float64)
+    lp = log_softmax64(z64)
+    np.testing.assert_allclose(f_int(z), -lp[np.arange(5), y], **tol)
+    np.testing.assert_allclose(f_soft(z), -(t * lp).sum(-1), **tol)
+    p = np.exp(lp)
+    np.testing.assert_allclose(np.asarray(g_int(z), np.float64), p - np.eye(192)[y], atol=gtol)
+    np.testing.assert_allclose(np.asarray(g_soft(z), np.float64), p - t, atol=gtol)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU fusion structure")
 @pytest.mark.parametrize("loss", ["int", "soft", "bce"])
 def test_bfloat16_value_and_grad_makes_no_float32_copy_of_the_logits(loss):

@@ -28,7 +28,7 @@ def variants(y, t):
   f32 = lambda z: z.astype(jnp.float32)
   return {
       "read": jax.jit(lambda z: jnp.sum(z, axis=-1, dtype=jnp.float32)),
-      "exp-sum": jax.jit(lambda z: jnp.sum(jnp.exp(f32(z) - 3.0))),
+      "exp-sum": jax.jit(lambda z: jnp.sum(jnp.exp(f32(z)))),
       "softplus-sum": jax.jit(lambda z: jnp.sum(jnp.log1p(jnp.exp(-jnp.abs(f32(z)))))),
       "jxent CE fwd": jax.jit(lambda z: jxent.softmax_cross_entropy_with_integer_labels(
           z, y, reduction="mean")),
@@ -44,8 +44,8 @@ def run(reps):
       f"Machine: {H.machine()}. `python -m benchmarks floors`; median of {reps} repetitions "
       "after warm-up, alternating; 'x read' is the median per-repetition ratio to the bare "
       "read (one `jnp.sum` pass over the logits, per row, in float32). exp-sum: "
-      "`sum(exp(float32(z) - 3))` over the whole array, one exp per entry, the least a "
-      "logsumexp computes; softplus-sum: `sum(log1p(exp(-|z|)))`, the least a sigmoid BCE "
+      "`sum(exp(float32(z)))` over the whole array, one exp per entry and no shift, the least "
+      "a logsumexp computes (z = 2 N(0, 1) cannot overflow); softplus-sum: `sum(log1p(exp(-|z|)))`, the least a sigmoid BCE "
       "computes (BCE also reads its [N, C] labels). Both are summed over the whole array: "
       "XLA:CPU's per-row exp-sums ran several times slower at C = 50304, so they would not "
       "be floors.",

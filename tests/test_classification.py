@@ -388,21 +388,27 @@ def test_one_pass_logsumexp_reads_the_logits_once(monkeypatch, split):
     monkeypatch.setattr(C_, "_CPU_FAST_ROW", 64)
   z = jnp.zeros((6, 192), jnp.float32)
   y = jnp.zeros((6,), jnp.int32)
-  f = lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean")
-  found = _primitives_outside_cond(jax.make_jaxpr(f)(z).jaxpr)
-  names = [name for name, _ in found]
-  assert "cond" in names and "exp" in names
-  float_maxes = [aval for name, aval in found
-                 if name in ("reduce_max", "max") and jnp.issubdtype(aval.dtype, jnp.floating)]
-  assert not float_maxes
+  fns = [lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean"),
+         lambda z: jxent.softmax_cross_entropy(z, z, reduction="mean"),
+         jax.grad(lambda z: jxent.softmax_cross_entropy(z, z, reduction="sum"))]
+  for f in fns:
+    found = _primitives_outside_cond(jax.make_jaxpr(f)(z).jaxpr)
+    names = [name for name, _ in found]
+    assert "cond" in names and "exp" in names
+    float_maxes = [aval for name, aval in found
+                   if name in ("reduce_max", "max") and jnp.issubdtype(aval.dtype, jnp.floating)]
+    assert not float_maxes
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["row", "pieces"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_one_pass_logsumexp_edges_and_fallback(monkeypatch, dtype, split):
   """Rows at the edges of the one-pass range (logits near 80 and near -40) are computed in
-  one pass and stay exact; a batch with a row beyond it (near 150: exp overflows; near -60
-  or -200: the sum underflows) is computed max-shifted. Loss and gradient against float64."""
+  one pass and stay exact; a batch with a row beyond it (near 150: exp overflows; near -95 or
+  -200: the sum underflows; -80s and -88s: a tiny sum missing its subnormal terms) is
+  computed max-shifted. Per-example
+  and summed losses (the summed soft-label kernel has its own one-pass form) and gradients
+  against float64."""
   from jxent import _classification as C_
   if split:
     monkeypatch.setattr(C_, "_CPU_FAST_ROW", 64)
@@ -415,13 +421,23 @@ def test_one_pass_logsumexp_edges_and_fallback(monkeypatch, dtype, split):
   f_int = jax.jit(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y))
   g_int = jax.jit(jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y).sum()))
   f_soft = jax.jit(lambda z: jxent.softmax_cross_entropy(z, t))
+  f_soft_sum = jax.jit(lambda z: jxent.softmax_cross_entropy(z, t, reduction="sum"))
   g_soft = jax.jit(jax.grad(lambda z: jxent.softmax_cross_entropy(z, t).sum()))
-  for shifts in ([0.0, 78.0, -40.0, 5.0, -30.0], [0.0, 150.0, -60.0, -200.0, 5.0]):
-    z = jnp.asarray(base + np.asarray(shifts)[:, None], dtype)
+  # A row of -80s and -88s: its sum is a normal float, but the e^-88 terms (3e-4 of it) are
+  # subnormal, which XLA:CPU flushes to zero; only the range check sends it max-shifted.
+  flushed = np.where(np.arange(192) % 2 == 0, -80.0, -88.0)
+  for shifts, row in (([0.0, 78.0, -40.0, 5.0, -30.0], None),
+                      ([0.0, 150.0, -95.0, -200.0, 5.0], None),
+                      ([0.0, 0.0, 1.0, 2.0, 3.0], flushed)):
+    z = base + np.asarray(shifts)[:, None]
+    if row is not None:
+      z[1] = row
+    z = jnp.asarray(z, dtype)
     z64 = np.asarray(z.astype(jnp.float32), np.float64)
     lp = log_softmax64(z64)
     np.testing.assert_allclose(f_int(z), -lp[np.arange(5), y], **tol)
     np.testing.assert_allclose(f_soft(z), -(t * lp).sum(-1), **tol)
+    np.testing.assert_allclose(f_soft_sum(z), -(t * lp).sum(), **tol)
     p = np.exp(lp)
     np.testing.assert_allclose(np.asarray(g_int(z), np.float64), p - np.eye(192)[y], atol=gtol)
     np.testing.assert_allclose(np.asarray(g_soft(z), np.float64), p - t, atol=gtol)

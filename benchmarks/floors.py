@@ -46,9 +46,9 @@ def run(reps):
       "read (one `jnp.sum` pass over the logits, per row, in float32). exp-sum: "
       "`sum(exp(float32(z)))` over the whole array, one exp per entry and no shift, the least "
       "a logsumexp computes (z = 2 N(0, 1) cannot overflow); softplus-sum: "
-      "`sum(log1p(exp(-|z|)))`, the least a sigmoid BCE computes (BCE also reads its [N, C] labels). Both are summed over the whole array: "
-      "XLA:CPU's per-row exp-sums ran several times slower at C = 50304, so they would not "
-      "be floors.",
+      "`sum(log1p(exp(-|z|)))`, the least a sigmoid BCE computes (BCE also reads its [N, C] "
+      "labels). Both are summed over the whole array: XLA:CPU's per-row exp-sums ran several "
+      "times slower at C = 50304, so they would not be floors.",
       "",
       "| [N, C] | dtype | read ms | exp-sum ms | softplus-sum ms | jxent CE fwd ms "
       "| jxent BCE fwd ms | exp-sum x read | softplus-sum x read | CE fwd / exp-sum "

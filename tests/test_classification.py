@@ -390,6 +390,7 @@ def test_one_pass_logsumexp_reads_the_logits_once(monkeypatch, split):
   y = jnp.zeros((6,), jnp.int32)
   fns = [lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean"),
          lambda z: jxent.softmax_cross_entropy(z, z, reduction="mean"),
+         lambda z: jxent.softmax_cross_entropy(z, z),
          jax.grad(lambda z: jxent.softmax_cross_entropy(z, z, reduction="sum"))]
   for f in fns:
     found = _primitives_outside_cond(jax.make_jaxpr(f)(z).jaxpr)

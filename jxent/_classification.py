@@ -399,15 +399,16 @@ def _soft_ce(z, y, valid, w, eps, cmask, zl):
   """Per-example soft-label losses. Evaluated on its own (no gradient) with rows of at most
   ``_CPU_FAST_ROW`` classes, one fused kernel (``_soft_ce_in_one_kernel``): the forward
   below hands lse to the backward, and split by a ``cond`` after the logsumexp it measured
-  10-20% slower at [4096, 32768]. NaN or -inf losses (0 * -inf at masked logits, rows
-  outside the one-pass range) are recomputed by the forward; +inf is a true value."""
+  10-20% slower at [4096, 32768]. Non-finite losses (0 * -inf at masked logits, rows
+  outside the one-pass range, including +inf from an overflowing exp-sum) are recomputed by
+  the forward, which also gives a true +inf (target mass on a -inf logit)."""
   if _row_split(z.shape[-1], z) > 1:
     return _soft_ce_fwd(z, y, valid, w, eps, cmask, zl)[0]
   per = _soft_ce_in_one_kernel(z, y, valid, w, eps, cmask, zl)
   return jax.lax.cond(
-      jnp.any(jnp.isnan(per) | (per == -jnp.inf)),
-      lambda: _soft_ce_fwd(z, y, valid, w, eps, cmask, zl)[0],
+      jnp.all(jnp.isfinite(per)),
       lambda: per,
+      lambda: _soft_ce_fwd(z, y, valid, w, eps, cmask, zl)[0],
   )
 
 
@@ -493,8 +494,8 @@ def _soft_ce_in_one_kernel(z, y, valid, w, eps, cmask, zl):
   """Per-example losses as one select-free expression over whole rows, which XLA:CPU fuses
   into a single kernel (logsumexp, cross term and z-loss, row tile by row tile). On CPU,
   float32 and float64 logits take the logsumexp in one pass (see ``_logsumexp``) with rows
-  outside its range poisoned to -inf (their losses come out -inf or NaN); 16-bit logits keep
-  the max pass, which reads half the bytes and measured no slower. Callers recompute
+  outside its range poisoned to -inf (their losses come out non-finite); 16-bit logits keep
+  the max pass, which reads half the bytes (dropping it measured no faster). Callers recompute
   non-finite results exactly."""
   zm = _apply_class_mask(z, cmask)
   acc = _acc_dtype(z.dtype)

@@ -428,7 +428,8 @@ def test_one_pass_logsumexp_edges_and_fallback(monkeypatch, dtype, split):
   # subnormal, which XLA:CPU flushes to zero; only the range check sends it max-shifted.
   flushed = np.where(np.arange(192) % 2 == 0, -80.0, -88.0)
   for shifts, row in (([0.0, 78.0, -40.0, 5.0, -30.0], None),
-                      ([0.0, 150.0, -95.0, -200.0, 5.0], None),
+                      ([0.0, 150.0, 1.0, 2.0, 3.0], None),
+                      ([0.0, -95.0, -200.0, 2.0, 3.0], None),
                       ([0.0, 0.0, 1.0, 2.0, 3.0], flushed)):
     z = base + np.asarray(shifts)[:, None]
     if row is not None:
@@ -472,6 +473,16 @@ def test_vmap_and_jit_compose():
   np.testing.assert_allclose(jax.vmap(f)(Z[:, None], Y[:, None])[:, 0], f(Z, Y), rtol=1e-6)
   gv = jax.vmap(jax.grad(lambda z, y: f(z[None], y[None])[0]))(Z, Y)
   np.testing.assert_allclose(gv, jax.grad(lambda z: f(z, Y).sum())(Z), atol=1e-6)
+  # Soft labels under vmap, one instance taking the fast path and two the fallback (an
+  # overflowing row, an underflowing row): the conds become selects, values must not change.
+  zb = np.stack([Z, Z, Z]).copy()
+  zb[1, 3] += 150.0
+  zb[2, 5] -= 200.0
+  want = -(Y_SOFT * log_softmax64(zb)).sum(-1)
+  per = jax.jit(jax.vmap(lambda z: jxent.softmax_cross_entropy(z, Y_SOFT)))(zb)
+  np.testing.assert_allclose(per, want, rtol=1e-5)
+  tot = jax.jit(jax.vmap(lambda z: jxent.softmax_cross_entropy(z, Y_SOFT, reduction="sum")))(zb)
+  np.testing.assert_allclose(tot, want.sum(-1), rtol=1e-5)
   b = jax.vmap(lambda z: jxent.sigmoid_binary_cross_entropy(z, Y_BIN[0]))(Z)
   np.testing.assert_allclose(b, bce_ref(Z, np.broadcast_to(Y_BIN[0], Z.shape)), rtol=1e-5)
 

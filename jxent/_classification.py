@@ -83,17 +83,18 @@ def _cross_pieces(tp: Array, zp: Array, lse: Array, k: int) -> Array:
   return jnp.sum(part.reshape(-1, k), axis=-1)
 
 
-def _soft_cross_term(z, y, valid, w, eps, cmask, lse) -> Array:
-  """sum_c t_c (lse - z_c) per row with t the soft target (see ``_soft_target``).
+def _soft_cross_term(z, y, valid, w, eps, lse) -> Array:
+  """sum_c t_c (lse - z_c) per row with t the soft target (see ``_soft_target``; no class
+  mask).
 
   Long 16-bit rows on CPU are cut into pieces before either array is converted, behind an
   optimization barrier: XLA otherwise folds the cut into the float32 conversion, and the
   pass over the pieces ran 10x slower (bfloat16 [8192, 50304]: 1,161 -> 115 ms). Class
-  weights or a class mask take the general path."""
+  weights take the general path."""
   n, c = z.shape
   k = _row_split(c, z)
-  if k == 1 or z.dtype.itemsize != 2 or w is not None or cmask is not None:
-    return _cross_term(_soft_target(y, valid, w, eps, cmask), z, lse)
+  if k == 1 or z.dtype.itemsize != 2 or w is not None:
+    return _cross_term(_soft_target(y, valid, w, eps, None), z, lse)
   zp, yp = jax.lax.optimization_barrier((z.reshape(n * k, c // k), y.reshape(n * k, c // k)))
   tp = yp.astype(lse.dtype)
   if eps is not None:
@@ -409,12 +410,13 @@ def _soft_ce(z, y, valid, w, eps, cmask, zl):
   """Per-example soft-label losses. Evaluated on its own (no gradient) with rows of at most
   ``_CPU_FAST_ROW`` classes, one fused kernel (``_soft_ce_in_one_kernel``): the forward
   below hands lse to the backward, and split by a ``cond`` after the logsumexp it measured
-  10-20% slower at [4096, 32768]. Non-finite losses (0 * -inf at masked logits, rows
-  outside the one-pass range, including +inf from an overflowing exp-sum) are recomputed by
-  the forward, which also gives a true +inf (target mass on a -inf logit)."""
-  if _row_split(z.shape[-1], z) > 1:
+  10-20% slower at [4096, 32768]. A class mask goes to the forward directly. Non-finite
+  losses (0 * -inf at -inf logits, rows outside the one-pass range, including +inf from an
+  overflowing exp-sum) are recomputed by the forward, which also gives a true +inf (target
+  mass on a -inf logit)."""
+  if _row_split(z.shape[-1], z) > 1 or cmask is not None:
     return _soft_ce_fwd(z, y, valid, w, eps, cmask, zl)[0]
-  per = _soft_ce_in_one_kernel(z, y, valid, w, eps, cmask, zl)
+  per = _soft_ce_in_one_kernel(z, y, valid, w, eps, zl)
   return jax.lax.cond(
       jnp.all(jnp.isfinite(per)),
       lambda: per,
@@ -431,21 +433,26 @@ def _soft_ce_fwd(z, y, valid, w, eps, cmask, zl):
   # the masked form is computed instead. The fallback closes over the raw inputs only (a
   # converted array passed into a cond branch would be materialised; recomputing lse there
   # keeps lse from becoming a second output of the fused kernel, which costs a pass).
-  loss = _soft_cross_term(zm, y, valid, w, eps, cmask, lse)
-  loss = jax.lax.cond(
-      jnp.any(jnp.isnan(loss)),
-      lambda: _masked_cross_term(z, y, valid, w, eps, cmask),
-      lambda: loss,
-  )
+  # A class mask puts t_c = 0 on z_c = -inf by construction, so it takes the masked form
+  # directly rather than a NaN pass first.
+  if cmask is not None:
+    t = _soft_target(y, valid, w, eps, cmask)
+    loss = jnp.sum(_masked_mul(t, lse[:, None] - zm.astype(lse.dtype)), axis=-1)
+  else:
+    loss = _soft_cross_term(z, y, valid, w, eps, lse)
+    loss = jax.lax.cond(
+        jnp.any(jnp.isnan(loss)),
+        lambda: _masked_cross_term(z, y, valid, w, eps),
+        lambda: loss,
+    )
   return _add_z_loss(loss, zl, valid, lse), (z, y, valid, w, eps, cmask, zl, lse)
 
 
-def _masked_cross_term(z, y, valid, w, eps, cmask):
+def _masked_cross_term(z, y, valid, w, eps):
   """The exact form of ``_cross_term``: terms with t_c = 0 contribute 0 whatever z_c is."""
-  zm = _apply_class_mask(z, cmask)
-  lse = _logsumexp(z, cmask)
-  t = _soft_target(y, valid, w, eps, cmask)
-  return jnp.sum(_masked_mul(t, lse[:, None] - zm.astype(lse.dtype)), axis=-1)
+  lse = _logsumexp(z)
+  t = _soft_target(y, valid, w, eps, None)
+  return jnp.sum(_masked_mul(t, lse[:, None] - z.astype(lse.dtype)), axis=-1)
 
 
 def _soft_ce_bwd(res, g):
@@ -485,12 +492,14 @@ def _soft_ce_total(z, y, valid, w, eps, cmask, zl):
   examples form one select-free expression over whole rows, which XLA:CPU compiles into a
   single vectorised kernel ending in the scalar (what Optax's mean-reduced loss gets; 1.2x
   faster than the per-example forward at V=50304, whose rows are cut into pieces). A
-  non-finite total (a row outside the one-pass range, 0 * -inf at masked logits, or a true
-  +inf) is recomputed exactly.
+  non-finite total (a row outside the one-pass range, 0 * -inf at -inf logits, or a true
+  +inf) is recomputed exactly; a class mask, which always meets 0 * -inf, goes there directly.
   Under differentiation the per-example kernel runs instead: it must hand lse to the
   backward pass, and a kernel with two outputs loses that fusion.
   """
-  total = jnp.sum(_soft_ce_in_one_kernel(z, y, valid, w, eps, cmask, zl))
+  if cmask is not None:
+    return jnp.sum(_soft_ce_fwd(z, y, valid, w, eps, cmask, zl)[0])
+  total = jnp.sum(_soft_ce_in_one_kernel(z, y, valid, w, eps, zl))
   return jax.lax.cond(
       jnp.isfinite(total),
       lambda: total,
@@ -498,22 +507,22 @@ def _soft_ce_total(z, y, valid, w, eps, cmask, zl):
   )
 
 
-def _soft_ce_in_one_kernel(z, y, valid, w, eps, cmask, zl):
-  """Per-example losses as one select-free expression over whole rows, which XLA:CPU fuses
-  into a single kernel (logsumexp, cross term and z-loss, row tile by row tile). On CPU,
+def _soft_ce_in_one_kernel(z, y, valid, w, eps, zl):
+  """Per-example losses (no class mask) as one select-free expression over whole rows, which
+  XLA:CPU fuses into a single kernel (logsumexp, cross term and z-loss, row tile by row
+  tile). On CPU,
   float32 and float64 logits take the logsumexp in one pass (see ``_logsumexp``; 11% faster
   than with the max pass in an A/B at both benchmark sizes) with rows outside its range
   poisoned to -inf (their losses come out non-finite); 16-bit logits keep the max pass,
   which reads half the bytes (dropping it measured no faster). Callers recompute
   non-finite results exactly."""
-  zm = _apply_class_mask(z, cmask)
   acc = _acc_dtype(z.dtype)
   if z.dtype.itemsize > 2 and _one_pass_here(z):
-    lse = _poison_below_range(jnp.log(jnp.sum(jnp.exp(zm.astype(acc)), axis=-1)))
+    lse = _poison_below_range(jnp.log(jnp.sum(jnp.exp(z.astype(acc)), axis=-1)))
   else:
-    lse = _shifted_logsumexp(zm, 1, acc)
-  t = _soft_target(y, valid, w, eps, cmask)
-  per = jnp.sum(t * (lse[:, None] - zm.astype(acc)), axis=-1)
+    lse = _shifted_logsumexp(z, 1, acc)
+  t = _soft_target(y, valid, w, eps, None)
+  per = jnp.sum(t * (lse[:, None] - z.astype(acc)), axis=-1)
   return _add_z_loss(per, zl, valid, lse)
 
 

@@ -145,14 +145,16 @@ def test_where_per_example_equals_ignore_index():
 
 
 def test_where_class_mask_matches_optax():
-  cmask = RNG.uniform(size=(N, C)) < 0.7
+  # Its own generator: drawn from the shared RNG, the mask depended on which tests ran first.
+  cmask = np.random.default_rng(3).uniform(size=(N, C)) < 0.7
   cmask[np.arange(N), Y] = True
   onehot = np.eye(C, dtype=np.float32)[Y]
   got_int = jxent.softmax_cross_entropy_with_integer_labels(Z, Y, where=cmask)
   got_soft = jxent.softmax_cross_entropy(Z, onehot, where=cmask)
   ref = optax.softmax_cross_entropy(Z, onehot, where=cmask)
-  np.testing.assert_allclose(got_int, ref, rtol=1e-5)
-  np.testing.assert_allclose(got_soft, ref, rtol=1e-5)
+  tol = dict(rtol=1e-5, atol=1e-6)  # float32 lse - z_y: small losses lose digits
+  np.testing.assert_allclose(got_int, ref, **tol)
+  np.testing.assert_allclose(got_soft, ref, **tol)
   # Smoothing spreads over the kept classes only.
   eps = 0.1
   kept = cmask.sum(-1, keepdims=True)
@@ -161,7 +163,7 @@ def test_where_class_mask_matches_optax():
   ref_s = -np.where(cmask, t * np.where(cmask, lp, 0), 0).sum(-1)
   np.testing.assert_allclose(
       jxent.softmax_cross_entropy_with_integer_labels(Z, Y, where=cmask, label_smoothing=eps),
-      ref_s, rtol=1e-5)
+      ref_s, **tol)
   g = jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(
       z, Y, where=cmask).sum())(Z)
   assert np.all(np.asarray(g)[~cmask] == 0)
@@ -622,19 +624,38 @@ def test_checkify_reports_out_of_range_labels():
   err.throw()  # ignored labels may be out of range
 
 
-def test_soft_reduced_kernel_matches_per_example_and_falls_back():
-  kw = dict(label_smoothing=0.1, z_loss=1e-3, class_weights=W)
+def test_soft_reduced_kernel_and_fallbacks_against_float64():
+  """The no-gradient kernels (per-example and reduced), the class-mask path and the exact
+  fallback for 0 * -inf, each against float64 NumPy."""
+  eps, zl = 0.1, 1e-3
+  kw = dict(label_smoothing=eps, z_loss=zl, class_weights=W)
+  lse = logsumexp(np.asarray(Z, np.float64), axis=-1)
+  want = torch_soft_ce_ref(Z, Y_SOFT, weight=W, eps=eps) + zl * lse**2
   mean = jax.jit(lambda z: jxent.softmax_cross_entropy(z, Y_SOFT, reduction="mean", **kw))
-  per = lambda z: jxent.softmax_cross_entropy(z, Y_SOFT, **kw)
-  np.testing.assert_allclose(mean(Z), per(Z).mean(), rtol=1e-6)
-  np.testing.assert_allclose(jax.grad(mean)(Z), jax.grad(lambda z: per(z).mean())(Z),
-                             rtol=1e-5, atol=1e-7)
+  per = jax.jit(lambda z: jxent.softmax_cross_entropy(z, Y_SOFT, **kw))
+  np.testing.assert_allclose(per(Z), want, rtol=1e-6)
+  np.testing.assert_allclose(mean(Z), want.mean(), rtol=1e-6)
+  t = W * ((1 - eps) * np.asarray(Y_SOFT, np.float64) + eps / C)
+  p = np.exp(log_softmax64(Z))
+  grad = ((t.sum(-1) + 2 * zl * lse)[:, None] * p - t) / N
+  np.testing.assert_allclose(jax.grad(mean)(Z), grad, atol=1e-7)
+  # A class mask (where with the logits' shape): masked classes leave softmax and target.
+  cmask = np.random.default_rng(5).uniform(size=(N, C)) < 0.7
+  lpm = log_softmax64(np.where(cmask, Z, -np.inf))
+  want_m = -np.where(cmask, Y_SOFT * np.where(cmask, lpm, 0), 0).sum(-1)
+  tol = dict(rtol=1e-5, atol=1e-6)  # float32 lse - z_y: the small losses lose digits
+  np.testing.assert_allclose(jxent.softmax_cross_entropy(Z, Y_SOFT, where=cmask), want_m, **tol)
+  np.testing.assert_allclose(
+      jxent.softmax_cross_entropy(Z, Y_SOFT, where=cmask, reduction="sum"), want_m.sum(), **tol)
   # 0 * -inf in the fast form: the exact fallback gives the finite value ...
   z = Z.copy()
   z[:, 0] = -np.inf
   onehot = np.eye(C, dtype=np.float32)[np.where(Y == 0, 1, Y)]
-  got = jxent.softmax_cross_entropy(z, onehot, reduction="sum")
-  assert np.isfinite(got)
-  np.testing.assert_allclose(got, jxent.softmax_cross_entropy(z, onehot).sum(), rtol=1e-6)
+  lp = log_softmax64(z)
+  want_inf = -(onehot * np.where(onehot > 0, lp, 0)).sum(-1)
+  np.testing.assert_allclose(jxent.softmax_cross_entropy(z, onehot), want_inf, **tol)
+  np.testing.assert_allclose(jxent.softmax_cross_entropy(z, onehot, reduction="sum"),
+                             want_inf.sum(), **tol)
   # ... and +inf where the target has mass on the masked class.
+  assert np.all(jxent.softmax_cross_entropy(z, Y_SOFT) == np.inf)
   assert jxent.softmax_cross_entropy(z, Y_SOFT, reduction="mean") == np.inf

@@ -1,15 +1,7 @@
 """jxent: information-theoretic quantities and cross-entropy losses for JAX."""
 
 from jxent import grads, sharded
-from jxent._classification import (
-    binary_cross_entropy,
-    categorical_cross_entropy,
-    mean_squared_error,
-    sigmoid_binary_cross_entropy,
-    sigmoid_focal_loss,
-    softmax_cross_entropy,
-    softmax_cross_entropy_with_integer_labels,
-)
+from jxent._checks import checked, value_checks
 from jxent._fused import linear_cross_entropy
 from jxent._information import (
     binary_entropy,
@@ -22,6 +14,16 @@ from jxent._information import (
     kl_divergence_from_logits,
     self_information,
 )
+from jxent._probability import (
+    binary_cross_entropy,
+    categorical_cross_entropy,
+    mean_squared_error,
+)
+from jxent._sigmoid import sigmoid_binary_cross_entropy, sigmoid_focal_loss
+from jxent._softmax import (
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,7 @@ __all__ = [
     "sharded",
     "binary_cross_entropy",
     "categorical_cross_entropy",
+    "checked",
     "mean_squared_error",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
@@ -45,4 +48,5 @@ __all__ = [
     "kl_divergence_from_logits",
     "linear_cross_entropy",
     "self_information",
+    "value_checks",
 ]

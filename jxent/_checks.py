@@ -2,14 +2,19 @@
 
 Everything here runs on shapes and dtypes only, so it raises at trace time, also
 under ``jax.jit``. Value checks that need the data (probabilities summing to
-one, labels in range) go through :func:`jax.experimental.checkify.debug_check`:
-they cost nothing unless the caller wraps the function in
-``checkify.checkify(f, errors=checkify.user_checks)``.
+one, labels in range) are ``checkify.check`` calls that jxent emits only while
+tracing under :func:`value_checks` (or :func:`checked`): a function traced
+without them carries no checkify effect, so it exports and serializes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,13 +25,24 @@ from jax.experimental import checkify
 REDUCTIONS = ("none", "sum", "mean")
 
 
+def as_array(x: Any, name: str) -> jax.Array:
+  """``x`` as a JAX array (lists, tuples and NumPy arrays accepted), or a TypeError naming it."""
+  if isinstance(x, jax.Array):
+    return x
+  try:
+    return jnp.asarray(x)
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{name} must be an array (or a list or NumPy array of numbers), got "
+                    f"{type(x).__name__}: {e}") from e
+
+
 def floating(x: Any, name: str) -> jax.Array:
   """Returns ``x`` as an array, raising TypeError unless it is floating point.
 
   bfloat16 and float16 inputs are promoted to float32, so every sum and log
   accumulates in at least float32.
   """
-  x = jnp.asarray(x)
+  x = as_array(x, name)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
         f"{name} must be a floating-point array, got dtype {x.dtype} with shape {x.shape}."
@@ -42,7 +58,7 @@ def upcast(x: jax.Array) -> jax.Array:
 
 
 def integer(x: Any, name: str) -> jax.Array:
-  x = jnp.asarray(x)
+  x = as_array(x, name)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(
         f"{name} must be an integer array of class ids, got dtype {x.dtype} with shape "
@@ -101,20 +117,119 @@ def concrete_scalar(value: Any, name: str, lo: float, hi: float) -> None:
     raise ValueError(f"{name} must lie in [{lo}, {hi}], got {value!r}.")
 
 
+_VALUE_CHECKS = contextvars.ContextVar("jxent_value_checks", default=False)
+
+
+@contextlib.contextmanager
+def _checks_on():
+  token = _VALUE_CHECKS.set(True)
+  try:
+    yield
+  finally:
+    _VALUE_CHECKS.reset(token)
+
+
+def value_checks(fn: Callable) -> Callable:
+  """``fn`` with jxent's value checks switched on while it is traced.
+
+  The checks are ``checkify.check`` calls (labels in range, probabilities in
+  [0, 1] or summing to one), so the result must be functionalised by
+  ``checkify.checkify(..., errors=checkify.user_checks)``; :func:`checked` does
+  both. Without this wrapper jxent emits no check at all (no cost, no effect).
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with _checks_on():
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def checked(fn: Callable) -> Callable:
+  """``checkify.checkify(value_checks(fn), errors=checkify.user_checks)``.
+
+  Returns a function giving ``(error, result)``; ``error.throw()`` raises the
+  first failed check, whose message names the argument.
+
+  >>> import jxent
+  >>> from jax.experimental import checkify
+  >>> f = jxent.checked(jxent.softmax_cross_entropy_with_integer_labels)
+  >>> err, _ = jax.jit(f)(jnp.zeros((2, 3)), jnp.array([0, 5]))
+  >>> print(err.get())  # doctest: +ELLIPSIS
+  labels out of range [0, 3) for some kept example...
+  """
+  return checkify.checkify(value_checks(fn), errors=checkify.user_checks)
+
+
+def value_check(pred: jax.Array, message: str) -> None:
+  """A checkify check of ``pred``, emitted only under :func:`value_checks`."""
+  if _VALUE_CHECKS.get():
+    checkify.check(pred, message)
+
+
 def check_probabilities(p: jax.Array, axis: int | None, name: str) -> None:
-  """checkify.debug_check that ``p`` is non-negative and sums to one along ``axis``."""
-  checkify.debug_check(jnp.all(p >= 0), f"{name} has negative entries.")
+  """Checks that ``p`` is non-negative and sums to one along ``axis``."""
+  if not _VALUE_CHECKS.get():
+    return
+  value_check(jnp.all(p >= 0), f"{name} has negative entries.")
   if axis is not None:
     tol = 1e-3 if p.dtype == jnp.float32 else 1e-6
     total = jnp.sum(p, axis=axis)
-    checkify.debug_check(
+    value_check(
         jnp.all(jnp.abs(total - 1) <= tol * p.shape[axis]),
         f"{name} does not sum to one along axis {axis}.",
     )
 
 
 def check_unit_interval(p: jax.Array, name: str) -> None:
-  checkify.debug_check(jnp.all((p >= 0) & (p <= 1)), f"{name} has entries outside [0, 1].")
+  if _VALUE_CHECKS.get():
+    value_check(jnp.all((p >= 0) & (p <= 1)), f"{name} has entries outside [0, 1].")
+
+
+def static_number(value: Any, name: str) -> float:
+  """A Python float from a static number, or a TypeError naming the argument."""
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError) as e:
+    raise TypeError(
+        f"{name} must be a static Python number (it fixes the computation's structure), got "
+        f"a traced value {value!r}; pass it outside jit or mark it static."
+    ) from e
+
+
+def _coefficient(value: Any, name: str, hi: float, dtype) -> jax.Array | None:
+  """None for a static 0; otherwise a scalar array in ``dtype`` (traced values accepted)."""
+  if value is None:
+    return None
+  concrete_scalar(value, name, 0.0, hi)
+  if isinstance(value, (int, float, np.integer, np.floating)) and value == 0:
+    return None
+  arr = jnp.asarray(value)
+  if arr.ndim != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {arr.shape}.")
+  if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+    raise TypeError(f"{name} must be a real number, got dtype {arr.dtype}.")
+  return arr.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class CEOptions:
+  """The softmax cross-entropy options that enter the math, normalised once and shared by
+  the dense, fused and sharded losses: ``label_smoothing`` and ``z_loss`` as scalars in the
+  accumulation dtype (None when statically 0; traced values are kept and differentiable)."""
+
+  label_smoothing: jax.Array | None
+  z_loss: jax.Array | None
+
+  @classmethod
+  def make(cls, label_smoothing: Any, z_loss: Any, dtype) -> CEOptions:
+    return cls(_coefficient(label_smoothing, "label_smoothing", 1.0, dtype),
+               _coefficient(z_loss, "z_loss", float("inf"), dtype))
+
+
+jax.tree_util.register_dataclass(CEOptions, data_fields=["label_smoothing", "z_loss"],
+                                 meta_fields=[])
 
 
 def reduce(

@@ -28,9 +28,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
+from jax.custom_derivatives import SymbolicZero
+from jax.sharding import PartitionSpec as P
 
 from jxent import _checks
+from jxent._platform import explicitly_sharded
 
 Array = jax.Array
 
@@ -54,20 +56,20 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["eps", "zl"],
-                   meta_fields=["softcap", "layout", "vocab_slice"])
+                   meta_fields=["softcap", "layout", "vocab_slice", "acc"])
 class _Config:
-  def __init__(self, eps, zl, softcap, layout, vocab_slice):
+  def __init__(self, eps, zl, softcap, layout, vocab_slice, acc):
     self.eps, self.zl, self.softcap = eps, zl, softcap
-    self.layout, self.vocab_slice = layout, vocab_slice
+    self.layout, self.vocab_slice, self.acc = layout, vocab_slice, acc
 
 
 def _logits(h, w, b, cfg):
   if cfg.layout == "dv":
-    z = jnp.dot(h, w, preferred_element_type=jnp.float32)
+    z = jnp.dot(h, w, preferred_element_type=cfg.acc)
   else:
-    z = jnp.dot(h, w.T, preferred_element_type=jnp.float32)
+    z = jnp.dot(h, w.T, preferred_element_type=cfg.acc)
   if b is not None:
-    z = z + b.astype(jnp.float32)
+    z = z + b.astype(cfg.acc)
   tanh = None
   if cfg.softcap is not None:
     tanh = jnp.tanh(z / cfg.softcap)
@@ -79,47 +81,53 @@ def _label_logits(h, w, b, y, cfg):
   """The logit of each token's label, [T], from h and the label's weight column alone."""
   w_y = jnp.take(w, y, axis=1 if cfg.layout == "dv" else 0)
   w_y = w_y.T if cfg.layout == "dv" else w_y
-  z_y = jnp.sum(h.astype(jnp.float32) * w_y.astype(jnp.float32), axis=-1)
+  z_y = jnp.sum(h.astype(cfg.acc) * w_y.astype(cfg.acc), axis=-1)
   if b is not None:
-    z_y = z_y + b[y].astype(jnp.float32)
+    z_y = z_y + b[y].astype(cfg.acc)
   if cfg.softcap is not None:
     z_y = cfg.softcap * jnp.tanh(z_y / cfg.softcap)
   return z_y
 
 
 def _chunk_loss(z, y, valid, cfg, z_y=None):
-  """Per-token loss and logsumexp of one [T, V] block (same formula as the integer kernel).
+  """Per-token loss, logsumexp and the loss's slopes in label_smoothing and z_loss, of one
+  [T, V] block (the integer-label formula, max-shifted as in ``_reference``).
 
   ``z_y`` (the label logits) may be given, so that the block's last reader is the gradient
   and XLA can write the gradient over the logits in place.
   """
   v = z.shape[-1]
   m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
-  lse = m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
+  m = jnp.where(jnp.isfinite(m), m, 0)
+  r = jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
+  lse = m + r
   if z_y is None:
     z_y = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
-  a = valid.astype(jnp.float32)
-  if cfg.eps is not None:
-    a = a * (1 - cfg.eps)
-  loss = jnp.where(a != 0, a * (lse - z_y), 0)
-  if cfg.eps is not None:
-    s = valid * (cfg.eps / v)
-    loss = loss + jnp.where(s != 0, s * (v * lse - jnp.sum(z, axis=-1)), 0)
+  nll = r + (m - z_y)
+  a = valid.astype(cfg.acc)
+  d_eps = d_zl = None
+  if cfg.eps is None:
+    loss = jnp.where(valid, nll, 0)
+  else:
+    smooth = r + (m - jnp.sum(z, axis=-1) / v)
+    loss = jnp.where(valid, (1 - cfg.eps) * nll + cfg.eps * smooth, 0)
+    d_eps = a * (smooth - nll)
   if cfg.zl is not None:
     loss = loss + jnp.where(valid, cfg.zl * lse * lse, 0)
-  return loss, lse
+    d_zl = jnp.where(valid, lse * lse, 0)
+  return loss, lse, d_eps, d_zl
 
 
 def _chunk_dlogits(z, tanh, lse, y, valid, g_loss, g_lse, cfg):
   """d(sum_i g_i loss_i + g_lse_i lse_i) / d(pre-softcap logits) for one block."""
   v = z.shape[-1]
-  p = jnp.exp(z - lse[:, None])
-  a = valid.astype(jnp.float32) * g_loss
+  p = jnp.exp(z - jnp.where(jnp.isfinite(lse), lse, 0)[:, None])
+  a = jnp.where(valid, g_loss, 0)
   coef = a
   shift = 0.0
   if cfg.eps is not None:
+    s = a * (cfg.eps / v)
     a = a * (1 - cfg.eps)
-    s = valid * g_loss * (cfg.eps / v)
     coef = a + s * v
     shift = s[:, None]
   if cfg.zl is not None:
@@ -127,7 +135,9 @@ def _chunk_dlogits(z, tanh, lse, y, valid, g_loss, g_lse, cfg):
   if g_lse is not None:
     coef = coef + g_lse
   onehot = jnp.arange(v)[None, :] == y[:, None]
-  dz = coef[:, None] * p - jnp.where(onehot, a[:, None], 0) - shift
+  # onehot * a rather than a select against 0: XLA hoists the broadcast 0 out of the scan
+  # and keeps it as a [T, V] buffer.
+  dz = coef[:, None] * p - onehot.astype(p.dtype) * a[:, None] - shift
   if tanh is not None:
     dz = dz * (1 - tanh * tanh)
   return dz
@@ -138,15 +148,15 @@ def _accumulate_dw(dw, h, dz, cfg):
   slice may be shorter), so that no [D, V] temporary exists besides dw itself."""
   v = dz.shape[-1]
   step = min(cfg.vocab_slice, v)
-  hf = h.astype(jnp.float32)
+  hf = h.astype(cfg.acc)
 
   def update(dw, start, size):
     dz_j = jax.lax.dynamic_slice_in_dim(dz, start, size, axis=1)
     if cfg.layout == "dv":
-      upd = jnp.dot(hf.T, dz_j, preferred_element_type=jnp.float32)
+      upd = jnp.dot(hf.T, dz_j, preferred_element_type=cfg.acc)
       cur = jax.lax.dynamic_slice_in_dim(dw, start, size, axis=1)
       return jax.lax.dynamic_update_slice_in_dim(dw, cur + upd, start, axis=1)
-    upd = jnp.dot(dz_j.T, hf, preferred_element_type=jnp.float32)
+    upd = jnp.dot(dz_j.T, hf, preferred_element_type=cfg.acc)
     cur = jax.lax.dynamic_slice_in_dim(dw, start, size, axis=0)
     return jax.lax.dynamic_update_slice_in_dim(dw, cur + upd, start, axis=0)
 
@@ -158,22 +168,23 @@ def _accumulate_dw(dw, h, dz, cfg):
 
 
 def _dh(dz, w, cfg):
-  wf = w.astype(jnp.float32)
+  """dz W^T ([T, D]), contracting over V without a transposed copy of W."""
+  wf = w.astype(cfg.acc)
   if cfg.layout == "dv":
-    return jnp.dot(dz, wf.T, preferred_element_type=jnp.float32)
-  return jnp.dot(dz, wf, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(dz, wf, (((1,), (1,)), ((), ())), preferred_element_type=cfg.acc)
+  return jnp.dot(dz, wf, preferred_element_type=cfg.acc)
 
 
 def _forward_losses(h3, w, b, y2, v2, cfg):
-  """Scan over token chunks: per-token losses and logsumexps, [n_chunks, T] each."""
+  """Scan over token chunks: per-token losses, logsumexps and option slopes, [n_chunks, T]."""
 
   def body(_, xs):
     h, y, valid = xs
     z, _ = _logits(h, w, b, cfg)
     return None, _chunk_loss(z, y, valid, cfg)
 
-  _, (loss, lse) = jax.lax.scan(body, None, (h3, y2, v2))
-  return loss, lse
+  _, out = jax.lax.scan(body, None, (h3, y2, v2))
+  return out
 
 
 def _varying(a) -> set:
@@ -183,15 +194,6 @@ def _varying(a) -> set:
   if mat is not None:
     return set(mat.varying)
   return set(getattr(t, "vma", ()))
-
-
-def _sum_like(ct, primal):
-  """Sums a cotangent over the mesh axes its primal is invariant over (inside ``shard_map``:
-  e.g. dL/dh over the vocabulary axis for hidden states replicated across it)."""
-  if ct is None:
-    return None
-  extra = tuple(sorted(_varying(ct) - _varying(primal)))
-  return jax.lax.psum(ct, extra) if extra else ct
 
 
 def _varying_like(x, *refs):
@@ -205,80 +207,135 @@ def _varying_like(x, *refs):
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _grads(h3, w, b, y2, v2, g_loss, g_lse, cfg, lse=None):
-  """Scan over token chunks computing losses (if ``lse`` is None) and dh, dW, db."""
-  refs = (h3, w, b, y2, v2, g_loss, g_lse, lse)
-  dw0 = _varying_like(jnp.zeros(w.shape, jnp.float32), *refs)
-  db0 = None if b is None else _varying_like(jnp.zeros(b.shape, jnp.float32), *refs)
+def _grads(h3, w, b, y2, v2, g_loss, cfg):
+  """Scan over token chunks computing losses, option slopes and the gradients dh, dW, db of
+  ``sum_i g_i loss_i``."""
+  refs = (h3, w, b, y2, v2, g_loss)
+  dw0 = _varying_like(jnp.zeros(w.shape, cfg.acc), *refs)
+  db0 = None if b is None else _varying_like(jnp.zeros(b.shape, cfg.acc), *refs)
 
   def body(carry, xs):
     dw, db = carry
-    h, y, valid, gl, gs, lse_c = xs
+    h, y, valid, gl = xs
     z, tanh = _logits(h, w, b, cfg)
-    if lse_c is None:
-      loss, lse_c = _chunk_loss(z, y, valid, cfg, _label_logits(h, w, b, y, cfg))
-    else:
-      loss = None
-    dz = _chunk_dlogits(z, tanh, lse_c, y, valid, gl, gs, cfg)
+    loss, lse, d_eps, d_zl = _chunk_loss(z, y, valid, cfg, _label_logits(h, w, b, y, cfg))
+    dz = _chunk_dlogits(z, tanh, lse, y, valid, gl, None, cfg)
     dh = _dh(dz, w, cfg).astype(h.dtype)
     dw = _accumulate_dw(dw, h, dz, cfg)
     if db is not None:
       db = db + jnp.sum(dz, axis=0)
-    return (dw, db), (loss, dh)
+    return (dw, db), (loss, d_eps, d_zl, dh)
 
-  (dw, db), (loss, dh) = jax.lax.scan(body, (dw0, db0), (h3, y2, v2, g_loss, g_lse, lse))
-  return loss, dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype)
+  (dw, db), (loss, d_eps, d_zl, dh) = jax.lax.scan(body, (dw0, db0), (h3, y2, v2, g_loss))
+  return loss, d_eps, d_zl, dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype)
+
+
+def _nonzero(t) -> bool:
+  return t is not None and not isinstance(t, SymbolicZero)
+
+
+def _dot(a, b) -> jax.Array:
+  return jnp.sum(a.astype(jnp.result_type(a, b)) * b.astype(jnp.result_type(a, b)))
+
+
+def _option_tangent(cfg, dcfg, d_eps, d_zl):
+  """Per-token tangent from label_smoothing and z_loss (their slopes times their tangents)."""
+  out = 0.0
+  if cfg.eps is not None and _nonzero(dcfg.eps):
+    out = out + d_eps * dcfg.eps
+  if cfg.zl is not None and _nonzero(dcfg.zl):
+    out = out + d_zl * dcfg.zl
+  return out
 
 
 # ---------------------------------------------------------------- "forward" (scalar loss)
+#
+# With a scalar loss the cotangent is known up to one number, so the forward of the tangent
+# rule computes the full gradients chunk by chunk (Liger's way) and the tangent is their inner
+# product with the input tangents: linear, and transposed by JAX into a scaling of the saved
+# gradients. Evaluated without differentiation, the loss pays for no gradient.
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _fused_sum(h3, w, b, y2, v2, scale, cfg):
-  loss, _ = _forward_losses(h3, w, b, y2, v2, cfg)
+  loss = _forward_losses(h3, w, b, y2, v2, cfg)[0]
   return jnp.sum(loss * scale)
 
 
-def _fused_sum_fwd(h3, w, b, y2, v2, scale, cfg):
-  loss, dh, dw, db = _grads(h3, w, b, y2, v2, scale, None, cfg)
-  dh, dw, db = _sum_like(dh, h3), _sum_like(dw, w), _sum_like(db, b)
-  return jnp.sum(loss * scale), (dh, dw, db, y2, v2, scale, cfg)
+@_fused_sum.defjvp
+def _fused_sum_jvp(primals, tangents):
+  h3, w, b, y2, v2, scale, cfg = primals
+  dh3, dw_t, db_t, _, _, _, dcfg = tangents
+  loss, d_eps, d_zl, dh, dw, db = _grads(h3, w, b, y2, v2, scale, cfg)
+  out = jnp.sum(loss * scale)
+  tangent = jnp.zeros((), out.dtype)
+  if _nonzero(dh3):
+    tangent = tangent + _dot(dh, dh3)
+  if _nonzero(dw_t):
+    tangent = tangent + _dot(dw, dw_t)
+  if b is not None and _nonzero(db_t):
+    tangent = tangent + _dot(db, db_t)
+  tangent = tangent + jnp.sum(scale * _option_tangent(cfg, dcfg, d_eps, d_zl))
+  return out, tangent.astype(out.dtype)
 
 
-def _fused_sum_bwd(res, g):
-  dh, dw, db, y2, v2, scale, cfg = res
-  zeros = jax.tree.map(jnp.zeros_like, cfg)
-  dh = (g * dh.astype(jnp.float32)).astype(dh.dtype)
-  dw = (g * dw.astype(jnp.float32)).astype(dw.dtype)
-  db = None if db is None else (g * db.astype(jnp.float32)).astype(db.dtype)
-  return dh, dw, db, None, None, jnp.zeros_like(scale), zeros
-
-
-_fused_sum.defvjp(_fused_sum_fwd, _fused_sum_bwd)
+_fused_sum.defjvp(_fused_sum_jvp, symbolic_zeros=True)
 
 
 # ------------------------------------------------------------- "recompute" (any cotangent)
+#
+# Cut Cross-Entropy's way: the forward keeps the per-token logsumexp; the tangent recomputes
+# each chunk's logits inside a checkpointed scan body, so that reverse mode (its transpose)
+# keeps only the inputs and lse and recomputes the block again.
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _fused_tokens(h3, w, b, y2, v2, cfg):
-  return _forward_losses(h3, w, b, y2, v2, cfg)
+  loss, lse, _, _ = _forward_losses(h3, w, b, y2, v2, cfg)
+  return loss, lse
 
 
-def _fused_tokens_fwd(h3, w, b, y2, v2, cfg):
-  loss, lse = _forward_losses(h3, w, b, y2, v2, cfg)
-  return (loss, lse), (h3, w, b, y2, v2, cfg, lse)
+def _block_tangent(h, y, valid, lse, dh, w, b, dw, db, cfg):
+  """(d loss, d lse) of one chunk for tangents dh, dW, db of the inputs."""
+  z, tanh = _logits(h, w, b, cfg)
+  dzb = jnp.zeros(z.shape, cfg.acc)
+  if dh is not None:
+    dzb = dzb + _logits(dh, w, None, _Config(None, None, None, cfg.layout, 0, cfg.acc))[0]
+  if dw is not None:
+    dzb = dzb + _logits(h, dw, None, _Config(None, None, None, cfg.layout, 0, cfg.acc))[0]
+  if db is not None:
+    dzb = dzb + db.astype(cfg.acc)
+  if tanh is not None:
+    dzb = dzb * (1 - tanh * tanh)
+  ones = jnp.ones(lse.shape, cfg.acc)
+  g = _chunk_dlogits(z, None, lse, y, valid, ones, None, cfg)
+  p = jnp.exp(z - jnp.where(jnp.isfinite(lse), lse, 0)[:, None])
+  return jnp.sum(g * dzb, axis=-1), jnp.sum(p * dzb, axis=-1)
 
 
-def _fused_tokens_bwd(res, g):
-  h3, w, b, y2, v2, cfg, lse = res
-  g_loss, g_lse = g
-  _, dh, dw, db = _grads(h3, w, b, y2, v2, g_loss, g_lse, cfg, lse=lse)
-  zeros = jax.tree.map(jnp.zeros_like, cfg)
-  return _sum_like(dh, h3), _sum_like(dw, w), _sum_like(db, b), None, None, zeros
+def _fused_tokens_jvp(primals, tangents):
+  h3, w, b, y2, v2, cfg = primals
+  dh3, dw_t, db_t, _, _, dcfg = tangents
+  loss, lse, d_eps, d_zl = _forward_losses(h3, w, b, y2, v2, cfg)
+  dloss = jnp.zeros_like(loss) + _option_tangent(cfg, dcfg, d_eps, d_zl)
+  dlse = jnp.zeros_like(lse)
+  dh3 = dh3 if _nonzero(dh3) else None
+  dw_t = dw_t if _nonzero(dw_t) else None
+  db_t = db_t if (b is not None and _nonzero(db_t)) else None
+  if dh3 is not None or dw_t is not None or db_t is not None:
+    body = jax.checkpoint(_block_tangent, static_argnums=(9,))
+
+    def step(_, xs):
+      h, y, valid, lse_c, dh = xs
+      return None, body(h, y, valid, lse_c, dh, w, b, dw_t, db_t, cfg)
+
+    xs = (h3, y2, v2, lse, dh3)
+    _, (dl, ds) = jax.lax.scan(step, None, xs)
+    dloss, dlse = dloss + dl, dlse + ds
+  return (loss, lse), (dloss, dlse)
 
 
-_fused_tokens.defvjp(_fused_tokens_fwd, _fused_tokens_bwd)
+_fused_tokens.defjvp(_fused_tokens_jvp, symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------------------ public
@@ -340,8 +397,8 @@ def linear_cross_entropy(
     raise ValueError(f"weight_layout must be 'dv' or 'vd', got {weight_layout!r}.")
   if method not in ("auto", "forward", "recompute"):
     raise ValueError(f"method must be 'auto', 'forward' or 'recompute', got {method!r}.")
-  hidden = jnp.asarray(hidden)
-  weight = jnp.asarray(weight)
+  hidden = _checks.as_array(hidden, "hidden")
+  weight = _checks.as_array(weight, "weight")
   for name, x in (("hidden", hidden), ("weight", weight)):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"{name} must be floating point, got dtype {x.dtype}.")
@@ -363,10 +420,20 @@ def linear_cross_entropy(
     bias = jnp.asarray(bias)
     if bias.shape != (v,):
       raise ValueError(f"bias must have shape ({v},), got bias.shape={bias.shape}.")
-  if logit_softcap is not None and not float(logit_softcap) > 0:
-    raise ValueError(f"logit_softcap must be positive, got {logit_softcap!r}.")
-  _checks.concrete_scalar(label_smoothing, "label_smoothing", 0.0, 1.0)
-  _checks.concrete_scalar(z_loss, "z_loss", 0.0, float("inf"))
+  softcap = None
+  if logit_softcap is not None:
+    softcap = _checks.static_number(logit_softcap, "logit_softcap")
+    if not softcap > 0:
+      raise ValueError(f"logit_softcap must be positive, got {logit_softcap!r}.")
+  acc = jnp.float64 if jnp.float64 in (hidden.dtype, weight.dtype) else jnp.float32
+  opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
+
+  if explicitly_sharded(hidden) or explicitly_sharded(labels):
+    return _data_parallel(
+        hidden, weight, labels, bias=bias, weight_layout=weight_layout,
+        ignore_index=ignore_index, where=where, label_smoothing=label_smoothing, z_loss=z_loss,
+        logit_softcap=logit_softcap, reduction=reduction, chunk_size=chunk_size,
+        return_lse=return_lse, method=method)
 
   n = int(np.prod(batch_shape, dtype=np.int64))
   h2 = hidden.reshape(n, d)
@@ -380,11 +447,13 @@ def linear_cross_entropy(
       raise ValueError(f"where must be a boolean mask of shape {batch_shape}, got "
                        f"{where.dtype} {where.shape}.")
     valid = valid & where.reshape(n)
-  checkify.debug_check(jnp.all(~valid | ((y >= 0) & (y < v))),
+  _checks.value_check(jnp.all(~valid | ((y >= 0) & (y < v))),
                        f"labels out of range [0, {v}) for some kept token.")
   y = jnp.clip(y, 0, v - 1).astype(jnp.int32)
 
   t = default_chunk_size(n, v) if chunk_size is None else int(chunk_size)
+  if v == 0:
+    raise ValueError(f"weight has an empty vocabulary (V = 0): weight.shape={weight.shape}.")
   if t <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size!r}.")
   n_chunks = -(-n // t)
@@ -396,20 +465,15 @@ def linear_cross_entropy(
   h3 = h2.reshape(n_chunks, t, d)
   y2, v2 = y.reshape(n_chunks, t), valid.reshape(n_chunks, t)
 
-  eps = None if (isinstance(label_smoothing, (int, float)) and label_smoothing == 0) else (
-      jnp.asarray(label_smoothing, jnp.float32))
-  zl = None if (isinstance(z_loss, (int, float)) and z_loss == 0) else (
-      jnp.asarray(z_loss, jnp.float32))
-  cfg = _Config(eps, zl, None if logit_softcap is None else float(logit_softcap),
-                weight_layout, _VOCAB_SLICE)
-  count = jnp.sum(valid).astype(jnp.float32)
+  cfg = _Config(opts.label_smoothing, opts.z_loss, softcap, weight_layout, _VOCAB_SLICE, acc)
+  count = jnp.sum(valid).astype(acc)
 
   scalar = reduction in ("mean", "sum") and not return_lse
   if method == "forward" and not scalar:
     raise ValueError("method='forward' needs a scalar loss: reduction 'mean' or 'sum' and "
                      "return_lse=False.")
   if scalar and method != "recompute":
-    scale = jnp.ones((n_chunks, t), jnp.float32)
+    scale = jnp.ones((n_chunks, t), acc)
     if reduction == "mean":
       scale = scale / jnp.maximum(count, 1)
     return _fused_sum(h3, weight, bias, y2, v2, scale, cfg)
@@ -422,3 +486,47 @@ def linear_cross_entropy(
   if return_lse:
     return out, lse.reshape(-1)[:n].reshape(batch_shape)
   return out
+
+
+def _data_parallel(hidden, weight, labels, *, where, reduction, return_lse, **options):
+  """``linear_cross_entropy`` of tokens laid out over explicit mesh axes: each device runs the
+  chunked loss on its own tokens inside ``shard_map`` and only the scalar sum and count (for
+  "mean"/"sum") cross devices. The weight and bias must be replicated."""
+  mesh = jax.typeof(hidden).sharding.mesh if explicitly_sharded(hidden) else \
+      jax.typeof(labels).sharding.mesh
+  h_spec = jax.typeof(hidden).sharding.spec
+  batch = tuple(h_spec)[:hidden.ndim - 1] + (None,) * (hidden.ndim - 1 - len(tuple(h_spec)))
+  if tuple(h_spec)[hidden.ndim - 1:hidden.ndim] not in ((), (None,)):
+    raise ValueError(f"hidden may be sharded over its token axes only, got spec {h_spec}.")
+  for name, x in (("weight", weight), ("bias", options.get("bias"))):
+    if x is not None and explicitly_sharded(x):
+      raise ValueError(f"linear_cross_entropy needs {name} replicated, got spec "
+                       f"{jax.typeof(x).sharding.spec}; for a vocabulary split over devices use "
+                       "jxent.sharded.vocab_parallel_linear_cross_entropy.")
+  axes = tuple(a for p in batch if p is not None for a in (p if isinstance(p, tuple) else (p,)))
+  tok = P(*batch)
+  bias = options.pop("bias")
+  mask = None if where is None else jnp.asarray(where)
+
+  def local(h, w, y, b, m):
+    per = linear_cross_entropy(h, w, y, bias=b, where=m, reduction="none",
+                               return_lse=return_lse, **options)
+    if reduction == "none":
+      return per
+    per = per[0] if return_lse else per
+    keep = jnp.ones(y.shape, bool) if m is None else m
+    if options.get("ignore_index") is not None:
+      keep = keep & (y != options["ignore_index"])
+    total = jax.lax.psum(jnp.sum(per), axes)
+    count = jax.lax.psum(jnp.sum(keep).astype(total.dtype), axes)
+    return total if reduction == "sum" else total / jnp.maximum(count, 1)
+
+  out_specs = tok if reduction == "none" else P()
+  if return_lse:
+    out_specs = (tok, tok) if reduction == "none" else P()
+    if reduction != "none":
+      raise ValueError("return_lse with tokens sharded over a mesh needs reduction='none'.")
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(*batch, None), P(), tok, P(),
+                                                  None if mask is None else tok),
+                     out_specs=out_specs)
+  return fn(hidden, weight, labels, bias, mask)

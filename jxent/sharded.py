@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jxent import _checks
@@ -51,20 +51,20 @@ def _valid_mask(labels, ignore_index):
   return labels != ignore_index
 
 
-def _combine(lse_local, z_y_local, sum_z_local, valid, *, axis_name, vocab_size,
-             label_smoothing, z_loss):
+def _combine(lse_local, z_y_local, sum_z_local, valid, opts, *, axis_name, vocab_size):
   """Per-example loss from per-shard statistics: the three [N] all-reduces."""
   m = jax.lax.pmax(jax.lax.stop_gradient(lse_local), axis_name)
   m = jnp.where(jnp.isfinite(m), m, 0)
-  lse = m + jnp.log(jax.lax.psum(jnp.exp(lse_local - m), axis_name))
+  r = jnp.log(jax.lax.psum(jnp.exp(lse_local - m), axis_name))
+  lse = m + r
   z_y = jax.lax.psum(z_y_local, axis_name)
-  a = valid.astype(lse.dtype)
-  loss = a * (1 - label_smoothing) * (lse - z_y)
-  if sum_z_local is not None:
+  loss = r + (m - z_y)
+  eps, zl = opts.label_smoothing, opts.z_loss
+  if eps is not None:
     sum_z = jax.lax.psum(sum_z_local, axis_name)
-    loss = loss + a * label_smoothing * (lse - sum_z / vocab_size)
-  if z_loss:
-    loss = loss + a * z_loss * lse * lse
+    loss = (1 - eps) * loss + eps * (r + (m - sum_z / vocab_size))
+  if zl is not None:
+    loss = loss + zl * lse * lse
   return jnp.where(valid, loss, 0)
 
 
@@ -87,8 +87,8 @@ def vocab_parallel_cross_entropy(logits, labels, *, axis_name, ignore_index=None
       ``"mean"`` over this device's kept examples.
   """
   _checks.reduction(reduction)
-  _checks.concrete_scalar(label_smoothing, "label_smoothing", 0.0, 1.0)
   z = _checks.floating(logits, "logits")
+  opts = _checks.CEOptions.make(label_smoothing, z_loss, z.dtype)
   labels = _checks.integer(labels, "labels")
   if labels.shape != z.shape[:-1]:
     raise ValueError(f"labels must have logits' shape without the vocabulary axis, "
@@ -103,9 +103,9 @@ def vocab_parallel_cross_entropy(logits, labels, *, axis_name, ignore_index=None
   lse_local = m + jnp.log(jnp.sum(jnp.exp(z - m[..., None]), axis=-1))
   picked = jnp.take_along_axis(z, jnp.clip(local, 0, v_local - 1)[..., None], axis=-1)[..., 0]
   z_y_local = jnp.where(here, picked, 0)
-  sum_z_local = jnp.sum(z, axis=-1) if label_smoothing else None
-  loss = _combine(lse_local, z_y_local, sum_z_local, valid, axis_name=axis_name,
-                  vocab_size=vocab, label_smoothing=label_smoothing, z_loss=z_loss)
+  sum_z_local = jnp.sum(z, axis=-1) if opts.label_smoothing is not None else None
+  loss = _combine(lse_local, z_y_local, sum_z_local, valid, opts, axis_name=axis_name,
+                  vocab_size=vocab)
   return _checks.reduce(loss, reduction, jnp.sum(valid))
 
 
@@ -129,8 +129,11 @@ def vocab_parallel_linear_cross_entropy(hidden, weight, labels, *, axis_name,
     chunk_size: tokens per chunk of the fused kernel.
   """
   _checks.reduction(reduction)
-  _checks.concrete_scalar(label_smoothing, "label_smoothing", 0.0, 1.0)
   labels = _checks.integer(labels, "labels")
+  hidden = _checks.as_array(hidden, "hidden")
+  weight = _checks.as_array(weight, "weight")
+  acc = jnp.float64 if jnp.float64 in (hidden.dtype, weight.dtype) else jnp.float32
+  opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
   v_local = weight.shape[1]
   vocab = v_local * jax.lax.axis_size(axis_name)
   valid = _valid_mask(labels, ignore_index)
@@ -142,10 +145,10 @@ def vocab_parallel_linear_cross_entropy(hidden, weight, labels, *, axis_name,
       return_lse=True, chunk_size=chunk_size, method="recompute")
   z_y_local = jnp.where(here, lse_local - local_loss, 0)
   sum_z_local = None
-  if label_smoothing:
-    sum_z_local = jnp.dot(hidden, jnp.sum(weight, axis=1), preferred_element_type=jnp.float32)
-  loss = _combine(lse_local, z_y_local, sum_z_local, valid, axis_name=axis_name,
-                  vocab_size=vocab, label_smoothing=label_smoothing, z_loss=z_loss)
+  if opts.label_smoothing is not None:
+    sum_z_local = jnp.dot(hidden, jnp.sum(weight, axis=1), preferred_element_type=acc)
+  loss = _combine(lse_local, z_y_local, sum_z_local, valid, opts, axis_name=axis_name,
+                  vocab_size=vocab)
   return _checks.reduce(loss, reduction, jnp.sum(valid))
 
 
@@ -177,11 +180,14 @@ def make_vocab_parallel_loss(mesh, *, data_axis="data", model_axis="model", line
 
   inner = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(data_axis))
 
+  explicit = all(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
   @jax.jit
   def loss_fn(*args):
-    # Lay the arguments out as the specs say (a no-op when they already are).
-    args = [jax.reshard(a, NamedSharding(mesh, s))
-            for a, s in zip(args, specs)]
+    # Lay the arguments out as the specs say (a no-op when they already are): resharded on an
+    # Explicit mesh, constrained on an Auto (or classic) one.
+    lay = jax.reshard if explicit else jax.lax.with_sharding_constraint
+    args = [lay(a, NamedSharding(mesh, s)) for a, s in zip(args, specs)]
     return inner(*args)
 
   return loss_fn

@@ -84,7 +84,56 @@ def main():
     comm[v] = {"logits": collectives(txt), "linear": collectives(txt_l)}
   result["comm"] = {str(k): v for k, v in comm.items()}
   result["logits_elements"] = {str(v): N * v for v in (256, 1024)}
+  result["axis_types"] = {k: axis_type_checks(k) for k in ("explicit", "auto", "classic")}
   print(json.dumps(result))
+
+
+def axis_type_checks(kind):
+  """Errors against the unsharded loss on a 2x4 mesh of each kind: the vocab-parallel loss,
+  data-parallel shard_map around the fused loss with grad, and jit with batch-sharded inputs."""
+  from functools import partial
+
+  import numpy as np
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  if kind == "classic":
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  else:
+    t = AxisType.Explicit if kind == "explicit" else AxisType.Auto
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(t, t))
+  v = 64
+  z, y, h, w = data(v, seed=2)
+  y = jnp.clip(y, 0, v - 1)
+  out = {}
+  ref = jxent.softmax_cross_entropy_with_integer_labels(z, y, label_smoothing=0.1)
+  f = jxent.sharded.make_vocab_parallel_loss(mesh, label_smoothing=0.1)
+  out["vocab_parallel"] = rel(f(z, y), ref)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  hs, ys, zs = put(h, P("data")), put(y, P("data")), put(z, P("data"))
+
+  @partial(jax.shard_map, mesh=mesh, in_specs=(P("data"), P(), P("data")), out_specs=P())
+  def dp(h, w, y):
+    return jax.lax.pmean(jxent.linear_cross_entropy(h, w, y, chunk_size=4), "data")
+
+  ref_dp = lambda h, w: jxent.softmax_cross_entropy_with_integer_labels(h @ w, y,
+                                                                        reduction="mean")
+  g = jax.jit(jax.grad(dp, argnums=(0, 1)))(hs, put(w, P()), ys)
+  g0 = jax.grad(ref_dp, argnums=(0, 1))(h, w)
+  out["shard_map_fused_grad_h"] = rel(g[0], g0[0])
+  out["shard_map_fused_grad_w"] = rel(g[1], g0[1])
+  if kind != "classic":
+    with jax.set_mesh(mesh):
+      cw = jnp.linspace(0.5, 2.0, v)
+      lw = jax.jit(lambda z, y: jxent.softmax_cross_entropy_with_integer_labels(
+          z, y, class_weights=cw, reduction="mean"))(zs, ys)
+      out["class_weights"] = rel(lw, jxent.softmax_cross_entropy_with_integer_labels(
+          z, y, class_weights=cw, reduction="mean"))
+      gl = jax.jit(jax.grad(lambda h, w, y: jxent.linear_cross_entropy(h, w, y),
+                            argnums=(0, 1)))(hs, w, ys)
+      out["fused_grad_h"] = rel(gl[0], g0[0])
+      out["fused_grad_w"] = rel(gl[1], g0[1])
+  return out
 
 
 if __name__ == "__main__":

@@ -257,7 +257,7 @@ def test_bad_base_raises():
 
 
 def test_checkify_reports_invalid_probabilities():
-  f = checkify.checkify(jxent.kl_divergence, errors=checkify.user_checks)
+  f = jxent.checked(jxent.kl_divergence)
   err, _ = jax.jit(f)(jnp.array([0.5, 0.7]), jnp.array([0.5, 0.5]))
   with pytest.raises(checkify.JaxRuntimeError, match="does not sum to one"):
     err.throw()

@@ -30,6 +30,17 @@ def test_loss_and_gradients_equal_unsharded(worker, mesh):
     assert err < 1e-5, (mesh, key, err)
 
 
+@pytest.mark.parametrize("kind", ["explicit", "auto", "classic"])
+def test_every_mesh_axis_type(worker, kind):
+  r = worker["axis_types"][kind]
+  want = {"vocab_parallel", "shard_map_fused_grad_h", "shard_map_fused_grad_w"}
+  if kind != "classic":
+    want |= {"class_weights", "fused_grad_h", "fused_grad_w"}
+  assert set(r) == want
+  for key, err in r.items():
+    assert err < 1e-5, (kind, key, err)
+
+
 @pytest.mark.parametrize("kind", ["logits", "linear"])
 def test_only_small_collectives(worker, kind):
   n_local, d, model = 8, 8, 4  # 16 examples over data=2, hidden size 8, vocab over model=4

@@ -1,0 +1,183 @@
+"""Reference implementations: each quantity once, in plain JAX, exact and masked.
+
+These are the forms the docstrings' formulas state. They run on every platform that has no
+faster implementation (``jxent/_platform.py``), and the tests compare every faster one with
+them. Logits come as a ``[N, C]`` view; ``valid`` ``[N]`` drops examples, ``cmask``
+``[N, C]`` removes classes (their logits count as ``-inf``). Accumulation is in float32 for
+16-bit inputs and float64 for float64.
+
+The logsumexp of a row is kept as two parts, ``lse = m + r`` with ``m`` the row max (a
+constant shift, without derivative) and ``r = log(sum(exp(z - m)))``. Losses are formed from
+``r`` and the exact differences ``m - z_c``, so that a common logit offset (logits near
+``1e4``) costs no accuracy: ``lse - z_y`` rounded at the magnitude of ``lse`` would.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jxent._platform import explicitly_sharded
+
+Array = jax.Array
+
+
+def take_weights(w: Array, y: Array) -> Array:
+  """``w[y]``; for labels laid out over an explicit mesh axis the result keeps their layout."""
+  if explicitly_sharded(y):
+    return w.at[y].get(out_sharding=jax.typeof(y).sharding)
+  return w[y]
+
+
+def acc_dtype(dtype) -> jnp.dtype:
+  return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def masked_mul(a: Array, b: Array) -> Array:
+  """a * b, but 0 wherever a == 0 (so 0 * inf is 0, not NaN)."""
+  return jnp.where(a != 0, a * b, 0)
+
+
+def apply_class_mask(z: Array, cmask: Array | None) -> Array:
+  return z if cmask is None else jnp.where(cmask, z, -jnp.inf)
+
+
+def lse_parts(z: Array) -> tuple[Array, Array]:
+  """``(m, r)`` per row with ``logsumexp(z) = m + r``: m the row max (0 where it is not
+  finite), r the log-sum-exp of ``z - m``. A row of ``-inf`` gives ``r = -inf``; a NaN
+  anywhere in a row gives ``r = NaN``."""
+  acc = acc_dtype(z.dtype)
+  m = jax.lax.stop_gradient(jnp.max(z, axis=-1)).astype(acc)
+  m = jnp.where(jnp.isfinite(m), m, 0)
+  r = jnp.log(jnp.sum(jnp.exp(z.astype(acc) - m[:, None]), axis=-1))
+  return m, r
+
+
+def softmax_from_parts(z: Array, m: Array, r: Array) -> Array:
+  """softmax(z) = exp(z - m - r) in the accumulation dtype; 0 on a row without mass."""
+  r = jnp.where(jnp.isfinite(r), r, 0)
+  return jnp.exp((z.astype(m.dtype) - m[:, None]) - r[:, None])
+
+
+# ---------------------------------------------------------------- softmax cross-entropy
+
+
+def int_target_parts(y, valid, w, eps, cmask, num_classes: int, acc):
+  """Target ``t_ic = a_i [c == y_i] + s_i v_ic`` as ``(a [N], s [N] | None, v)`` with v None
+  (all ones), ``[C]`` or ``[N, C]``. Smoothing spreads over the classes a class mask keeps."""
+  a = jnp.ones(y.shape, acc) if valid is None else valid.astype(acc)
+  if w is not None:
+    a = a * take_weights(w.astype(acc), y)
+  if eps is None:
+    return a, None, None
+  a = a * (1 - eps)
+  v = None if w is None else w.astype(acc)
+  if cmask is None:
+    c_eff = jnp.asarray(num_classes, acc)
+  else:
+    v = cmask.astype(acc) if v is None else v[None, :] * cmask
+    c_eff = jnp.maximum(jnp.sum(cmask, axis=-1), 1).astype(acc)
+  s = eps / c_eff * (jnp.ones(y.shape, acc) if valid is None else valid.astype(acc))
+  return a, s, v
+
+
+def _v_sum(v, num_classes: int, acc):
+  if v is None:
+    return jnp.asarray(num_classes, acc)
+  return jnp.sum(v, axis=-1) if v.ndim == 2 else jnp.sum(v)
+
+
+def label_gap(zm: Array, y: Array, m: Array) -> Array:
+  """``m - z_y`` per row (``+inf`` where the label's logit is masked)."""
+  z_y = jnp.take_along_axis(zm, y[:, None], axis=-1)[:, 0]
+  return m - z_y.astype(m.dtype)
+
+
+def int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r, gap_y=None):
+  """Integer-label loss per row from the logsumexp parts:
+  ``a (r + m - z_y) + s (sum_c v_c r + sum_c v_c (m - z_c)) + zl lse^2`` on kept rows."""
+  n, c = zm.shape
+  acc = m.dtype
+  a, s, v = int_target_parts(y, valid, w, eps, cmask, c, acc)
+  if gap_y is None:
+    gap_y = label_gap(zm, y, m)
+  loss = masked_mul(a, r + gap_y)
+  if s is not None:
+    d = m[:, None] - zm.astype(acc)
+    vd = jnp.sum(d, axis=-1) if v is None else jnp.sum(masked_mul(jnp.broadcast_to(v, d.shape), d),
+                                                       axis=-1)
+    loss = loss + masked_mul(s, _v_sum(v, c, acc) * r + vd)
+  return add_z_loss(loss, zl, valid, m, r)
+
+
+def add_z_loss(loss, zl, valid, m, r):
+  if zl is None:
+    return loss
+  lse = m + r
+  term = masked_mul(jnp.broadcast_to(zl, lse.shape).astype(lse.dtype), lse * lse)
+  return loss + (term if valid is None else jnp.where(valid, term, 0))
+
+
+def int_ce(zm, y, valid, w, eps, cmask, zl):
+  """``(loss, m, r)`` for integer labels; ``zm`` has the class mask applied already."""
+  m, r = lse_parts(zm)
+  return int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r), m, r
+
+
+def soft_target(y, valid, w, eps, cmask, acc):
+  """``t = ((1 - eps) y + eps / C') w`` on kept rows (C' the classes a class mask keeps)."""
+  t = y.astype(acc)
+  if eps is not None:
+    if cmask is None:
+      t = (1 - eps) * t + eps / y.shape[-1]
+    else:
+      c_eff = jnp.maximum(jnp.sum(cmask, axis=-1, keepdims=True), 1).astype(acc)
+      t = (1 - eps) * t + eps / c_eff * cmask
+  if w is not None:
+    t = t * w.astype(acc)[None, :]
+  if valid is not None:
+    t = t * valid[:, None]
+  return t
+
+
+def soft_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r):
+  """``sum_c t_c (r + m - z_c) + zl lse^2``; terms with ``t_c = 0`` are 0 whatever z_c is."""
+  t = soft_target(y, valid, w, eps, cmask, m.dtype)
+  d = m[:, None] - zm.astype(m.dtype)
+  loss = masked_mul(jnp.sum(t, axis=-1), r) + jnp.sum(masked_mul(t, d), axis=-1)
+  return add_z_loss(loss, zl, valid, m, r)
+
+
+def soft_ce(zm, y, valid, w, eps, cmask, zl):
+  m, r = lse_parts(zm)
+  return soft_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r), m, r
+
+
+# ------------------------------------------------------------------------- sigmoid BCE
+
+
+def softplus(z: Array) -> Array:
+  """log(1 + e^z) = max(z, 0) + log1p(e^-|z|): exact at ±inf."""
+  return jnp.maximum(z, 0) + jnp.log1p(jnp.exp(-jnp.abs(z)))
+
+
+def bce_terms(z, y, pw):
+  """``pw y softplus(-z) + (1 - y) softplus(z)`` for finite z, as
+  ``pw y (relu(-z) + l) + (1 - y) (relu(z) + l)`` with ``l = log1p(e^-|z|)``: both terms are
+  non-negative, so the loss keeps its relative accuracy where it is tiny (at z = 16, y = 1
+  it is l = 1.1e-7; ``softplus(z) - y z`` would round it to 0 in float32)."""
+  tail = jnp.log1p(jnp.exp(-jnp.abs(z)))
+  pos = jnp.maximum(-z, 0) + tail
+  if pw is not None:
+    pos = pw * pos
+  neg = jnp.maximum(z, 0) + tail
+  # (neg - y neg) rather than (1 - y) neg: the same value (exactly 0 at y = 1) without an
+  # [N, C] constant 1, which XLA:CPU shares between passes and materialises.
+  return y * pos + (neg - y * neg)
+
+
+def bce(z, y, pw):
+  """Elementwise BCE from logits (``bce_terms``) with the limits at z = ±inf (0 or +inf)."""
+  loss = bce_terms(z, y, pw)
+  at_inf = jnp.where(z > 0, jnp.where(y == 1, 0.0, jnp.inf), jnp.where(y == 0, 0.0, jnp.inf))
+  return jnp.where(jnp.isinf(z), at_inf.astype(loss.dtype), loss)

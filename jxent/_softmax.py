@@ -1,0 +1,445 @@
+"""Softmax cross-entropy with exact, hand-written derivatives in every autodiff mode.
+
+Each loss is a ``jax.custom_jvp`` kernel on a ``[N, C]`` view of the logits. Its forward is
+chosen per platform (``jxent/_platform.py``: the reference of ``jxent/_reference.py``, or
+XLA:CPU's fast form from ``jxent/_cpu.py``); its derivative is written once, here, for
+every platform. The tangent rule is linear in the tangents::
+
+    d loss_i = sum_c G_ic dz_ic + (terms in d labels, d class_weights, d label_smoothing,
+                                   d z_loss),
+    G_ic = (sum_c t_ic + 2 z_loss lse_i) softmax(z_i)_c - t_ic,
+
+with ``t`` the (smoothed, weighted, masked) target: exactly ``softmax(z) - y`` in the plain
+case. It is evaluated inside ``jax.checkpoint``, so reverse mode (which transposes it) keeps
+only the inputs and the per-example logsumexp parts ``[N]`` and writes the gradient
+``g_i G_ic`` in one elementwise pass over recomputed ``softmax(z)``. Forward mode (``jvp``,
+``jacfwd``, ``linearize``) evaluates it directly, and higher orders differentiate it like
+any JAX code: the kernel also returns the logsumexp parts, whose own rule gives
+``d lse = sum_c softmax(z)_c dz_c``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from jxent import _checks, _cpu
+from jxent import _reference as R
+from jxent._platform import dispatch
+
+Array = jax.Array
+
+_ARGS = ("zm", "y", "valid", "w", "eps", "cmask", "zl")
+
+
+def _nonzero(t) -> bool:
+  return t is not None and not isinstance(t, SymbolicZero)
+
+
+def _instantiate(t, x):
+  if x is None:
+    return None
+  return jnp.zeros_like(x) if isinstance(t, SymbolicZero) else t
+
+
+# ------------------------------------------------------------------ tangent terms
+
+
+def _int_target_dense(y, valid, w, eps, cmask, num_classes, acc):
+  """``(coef [N], target-without-coef)`` pieces of G for integer labels."""
+  a, s, v = R.int_target_parts(y, valid, w, eps, cmask, num_classes, acc)
+  total = a
+  if s is not None:
+    total = total + s * R._v_sum(v, num_classes, acc)
+  return a, s, v, total
+
+
+def _grad_coefficients(kind, zm, y, valid, w, eps, cmask, zl, m, r):
+  """G = coef p - t as a function of the logits: ``d loss / d zm`` per entry."""
+  n, c = zm.shape
+  acc = m.dtype
+  p = R.softmax_from_parts(zm, m, r)
+  if kind == "int":
+    a, s, v, coef = _int_target_dense(y, valid, w, eps, cmask, c, acc)
+    onehot = jnp.arange(c)[None, :] == y[:, None]
+    t = jnp.where(onehot, a[:, None], 0)
+    if s is not None:
+      t = t + s[:, None] * (1 if v is None else v)
+  else:
+    t = R.soft_target(y, valid, w, eps, cmask, acc)
+    coef = jnp.sum(t, axis=-1)
+  if zl is not None:
+    slope = 2 * zl * jnp.where(jnp.isfinite(r), m + r, 0)
+    coef = coef + (slope if valid is None else jnp.where(valid, slope, 0))
+  g = coef[:, None] * p - t
+  # Dropped rows get exactly 0, whatever their logits hold (NaN and inf included).
+  return g if valid is None else jnp.where(valid[:, None], g, 0)
+
+
+def _dloss_dz(kind, zm, y, valid, w, eps, cmask, zl, m, r, dz):
+  g = _grad_coefficients(kind, zm, y, valid, w, eps, cmask, zl, m, r)
+  return jnp.sum(g * dz.astype(g.dtype), axis=-1)
+
+
+def _dr_dz(zm, m, r, dz):
+  p = R.softmax_from_parts(zm, m, r)
+  return jnp.sum(p * dz.astype(p.dtype), axis=-1)
+
+
+def _dloss_dparams(kind, primals, tangents, m, r):
+  """The loss's tangent from labels (soft), class weights, smoothing and z-loss, at fixed
+  logits: these enter only through the target t and the z-loss term."""
+  zm, y, valid, w, eps, cmask, zl = primals
+  _, dy, _, dw, deps, _, dzl = tangents
+  acc = m.dtype
+  out = jnp.zeros(m.shape, acc)
+  if kind == "soft" and (_nonzero(dy) or _nonzero(dw) or _nonzero(deps)):
+    target = lambda y, w, eps: R.soft_target(y, valid, w, eps, cmask, acc)
+    _, dt = jax.jvp(target, (y, w, eps),
+                    (_instantiate(dy, y), _instantiate(dw, w), _instantiate(deps, eps)))
+    # d loss / d t_c = lse - z_c; taken as 0 on a masked class (-inf logit), where it is +inf,
+    # and on dropped rows (whatever their logits hold).
+    drop = zm == -jnp.inf
+    if valid is not None:
+      drop = drop | ~valid[:, None]
+    gap = jnp.where(drop, 0, r[:, None] + (m[:, None] - zm.astype(acc)))
+    out = out + jnp.sum(dt * gap, axis=-1)
+  if kind == "int" and (_nonzero(dw) or _nonzero(deps)):
+    f = lambda w, eps: R.int_loss_from_parts(zm, y, valid, w, eps, cmask, None, m, r)
+    out = out + jax.jvp(f, (w, eps), (_instantiate(dw, w), _instantiate(deps, eps)))[1]
+  if _nonzero(dzl):
+    lse2 = (m + r) ** 2
+    out = out + (dzl * lse2 if valid is None else jnp.where(valid, dzl * lse2, 0))
+  return out
+
+
+# ----------------------------------------------------------------------- the kernels
+
+
+def _make_kernels(kind, reference, cpu_stats, cpu_loss, cpu_total):
+  """(stats, loss, total) custom_jvp kernels over ``(zm, y, valid, w, eps, cmask, zl)``:
+  ``stats`` returns ``(loss [N], m [N], r [N])``, ``loss`` the per-example losses and
+  ``total`` their sum. The three share one derivative; ``loss`` and ``total`` have faster
+  forwards where the logsumexp parts are not needed."""
+
+  @jax.custom_jvp
+  def stats(*args):
+    return dispatch(reference=lambda: reference(*args), cpu=lambda: cpu_stats(*args))
+
+  @jax.custom_jvp
+  def loss(*args):
+    return dispatch(reference=lambda: reference(*args)[0], cpu=lambda: cpu_loss(*args))
+
+  @jax.custom_jvp
+  def total(*args):
+    return dispatch(reference=lambda: jnp.sum(reference(*args)[0]),
+                    cpu=lambda: cpu_total(*args))
+
+  def loss_tangent(primals, tangents):
+    out, m, r = stats(*primals)
+    dz = tangents[0]
+    dloss = _dloss_dparams(kind, primals, tangents, m, r)
+    if _nonzero(dz):
+      zm, y, valid, w, eps, cmask, zl = primals
+      dloss = dloss + jax.checkpoint(_dloss_dz, static_argnums=(0,))(
+          kind, zm, y, valid, w, eps, cmask, zl, m, r, dz)
+    return (out, m, r), dloss
+
+  def stats_rule(primals, tangents):
+    (out, m, r), dloss = loss_tangent(primals, tangents)
+    dz = tangents[0]
+    dr = jnp.zeros_like(r)
+    if _nonzero(dz):
+      dr = jax.checkpoint(_dr_dz)(primals[0], m, r, dz)
+    return (out, m, r), (dloss, jnp.zeros_like(m), dr)
+
+  def loss_rule(primals, tangents):
+    (out, _, _), dloss = loss_tangent(primals, tangents)
+    return out, dloss
+
+  def total_rule(primals, tangents):
+    (out, _, _), dloss = loss_tangent(primals, tangents)
+    return jnp.sum(out), jnp.sum(dloss)
+
+  stats.defjvp(stats_rule, symbolic_zeros=True)
+  loss.defjvp(loss_rule, symbolic_zeros=True)
+  total.defjvp(total_rule, symbolic_zeros=True)
+  return stats, loss, total
+
+
+def _cpu_int_loss(*args):
+  return _cpu.int_ce(*args)[0]
+
+
+def _cpu_int_total(*args):
+  return jnp.sum(_cpu.int_ce(*args)[0])
+
+
+int_stats, int_loss, int_total = _make_kernels(
+    "int", R.int_ce, _cpu.int_ce, _cpu_int_loss, _cpu_int_total)
+soft_stats, soft_loss, soft_total = _make_kernels(
+    "soft", R.soft_ce, _cpu.soft_ce, _cpu.soft_ce_loss, _cpu.soft_ce_total)
+
+
+# ------------------------------------------------------------------------ arguments
+
+
+def flatten_logits(logits, axis: int, name: str = "logits"):
+  """Checks ``logits`` and returns a ``[N, C]`` view, the batch shape and the axis."""
+  logits = _checks.as_array(logits, name)
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise TypeError(
+        f"{name} must be floating point, got dtype {logits.dtype} with shape {logits.shape}."
+    )
+  if logits.ndim == 0:
+    raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar.")
+  axis = _checks.canonical_axis(axis, logits.ndim, name)
+  if logits.shape[axis] == 0:
+    raise ValueError(f"{name} has no classes: its class axis {axis} has size 0 "
+                     f"({name}.shape={logits.shape}).")
+  if axis != logits.ndim - 1:
+    logits = jnp.moveaxis(logits, axis, -1)
+  batch_shape = logits.shape[:-1]
+  return logits.reshape(-1, logits.shape[-1]), batch_shape, axis
+
+
+def move_class_axis(x: Array, axis: int) -> Array:
+  return x if axis == x.ndim - 1 else jnp.moveaxis(x, axis, -1)
+
+
+def split_where(where, logits_shape, batch_shape, axis: int):
+  """Interprets ``where`` by rank: ``(example_mask [N] | None, class_mask [N, C] | None)``."""
+  if where is None:
+    return None, None
+  where = _checks.as_array(where, "where")
+  if where.dtype != jnp.bool_:
+    raise TypeError(f"where must be a boolean mask, got dtype {where.dtype}.")
+  ndim = len(logits_shape)
+  if where.ndim == ndim - 1:
+    try:
+      where = jnp.broadcast_to(where, batch_shape)
+    except ValueError as e:
+      raise ValueError(
+          f"where with rank {where.ndim} masks examples and must broadcast to the per-example "
+          f"shape {batch_shape}, got where.shape={where.shape}."
+      ) from e
+    return where.reshape(-1), None
+  if where.ndim == ndim:
+    try:
+      where = jnp.broadcast_to(where, logits_shape)
+    except ValueError as e:
+      raise ValueError(
+          f"where with rank {where.ndim} masks classes and must broadcast to logits.shape="
+          f"{logits_shape}, got where.shape={where.shape}."
+      ) from e
+    where = move_class_axis(where, axis)
+    return None, where.reshape(-1, where.shape[-1])
+  raise ValueError(
+      f"where must have the per-example shape {batch_shape} (masks examples) or the logits' "
+      f"shape {logits_shape} (masks classes), got where.shape={where.shape}."
+  )
+
+
+def class_weights_array(class_weights, num_classes: int, acc):
+  if class_weights is None:
+    return None
+  w = _checks.floating(class_weights, "class_weights")
+  if w.shape != (num_classes,):
+    raise ValueError(
+        f"class_weights must have shape ({num_classes},) (one weight per class), got "
+        f"class_weights.shape={w.shape}."
+    )
+  return w.astype(acc)
+
+
+def _masks(valid, cmask):
+  """A row whose classes are all masked out is dropped (loss 0, gradient 0, as Optax)."""
+  if cmask is not None:
+    any_kept = jnp.any(cmask, axis=-1)
+    valid = any_kept if valid is None else valid & any_kept
+  return valid
+
+
+def _finish(losses: Array, batch_shape, reduction: str, denominator) -> Array:
+  if reduction == "none":
+    return losses.reshape(batch_shape)
+  return _checks.reduce(losses, reduction, denominator)
+
+
+# ---------------------------------------------------------------------- public losses
+
+
+def softmax_cross_entropy(
+    logits,
+    labels,
+    *,
+    axis: int = -1,
+    where=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    reduction: str = "none",
+) -> Array:
+  r"""Softmax cross-entropy with probability (one-hot or soft) labels.
+
+  Per example, with :math:`t = ((1-\varepsilon) y + \varepsilon / C) \odot w`:
+
+  .. math:: \ell = -\sum_c t_c \log \mathrm{softmax}(z)_c + z_{\text{loss}} \cdot
+     \mathrm{logsumexp}(z)^2
+
+  and :math:`\partial \ell / \partial z = (\sum_c t_c)\,\mathrm{softmax}(z) - t`
+  (plus the z-loss term), a hand-written rule valid in every autodiff mode:
+  exactly ``softmax(z) - y`` in the plain case. Labels, class weights,
+  smoothing and z-loss are differentiable too.
+
+  Args:
+    logits: ``[..., C, ...]`` unnormalised log-probabilities, floating point.
+      ``-inf`` entries mask classes out.
+    labels: probabilities with the shape of ``logits`` (rows summing to one
+      along ``axis``).
+    axis: the class axis.
+    where: boolean mask. With the per-example shape (``logits.ndim - 1``) it
+      drops examples: they get loss 0, gradient 0, and leave the mean's
+      denominator. With the logits' shape it removes classes from the softmax
+      (like Optax's ``where``); smoothing then spreads over the kept classes, a
+      row with no kept class is dropped, and label mass on a removed class
+      gives ``+inf``.
+    label_smoothing: :math:`\varepsilon \in [0, 1]`.
+    class_weights: ``[C]`` per-class weights :math:`w` (as PyTorch's ``weight``).
+    z_loss: coefficient of :math:`\mathrm{logsumexp}(z)^2` (PaLM/T5X).
+    reduction: ``"none"`` (per-example losses, the batch shape), ``"sum"`` or
+      ``"mean"`` (over kept examples, as PyTorch for soft labels; 0 if none).
+
+  Returns:
+    Per-example losses (``logits``' shape without ``axis``) or a scalar,
+    float32 for 16-bit logits. ``+inf`` where the target puts mass on a class
+    whose logit is ``-inf``.
+
+  >>> import jxent
+  >>> logits = jnp.log(jnp.array([[0.3, 0.6, 0.1]]))
+  >>> jxent.softmax_cross_entropy(logits, jnp.array([[0., 1., 0.]])).round(4)
+  Array([0.5108], dtype=float32)
+  """
+  _checks.reduction(reduction)
+  z, batch_shape, axis = flatten_logits(logits, axis)
+  labels = _checks.as_array(labels, "labels")
+  if not jnp.issubdtype(labels.dtype, jnp.floating):
+    raise TypeError(
+        f"labels must be floating-point probabilities with logits' shape {jnp.shape(logits)}, "
+        f"got dtype {labels.dtype}; for class ids use "
+        "softmax_cross_entropy_with_integer_labels."
+    )
+  if labels.shape != jnp.shape(logits):
+    raise ValueError(
+        f"labels must have the same shape as logits, got labels.shape={labels.shape} and "
+        f"logits.shape={jnp.shape(logits)}."
+    )
+  _checks.check_probabilities(labels, axis, "labels")
+  acc = R.acc_dtype(z.dtype)
+  y = move_class_axis(labels, axis).reshape(z.shape)
+  valid, cmask = split_where(where, jnp.shape(logits), batch_shape, axis)
+  valid = _masks(valid, cmask)
+  w = class_weights_array(class_weights, z.shape[-1], acc)
+  opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
+  args = (R.apply_class_mask(z, cmask), y, valid, w, opts.label_smoothing, cmask, opts.z_loss)
+  if reduction == "none":
+    return soft_loss(*args).reshape(batch_shape)
+  total = soft_total(*args)
+  if reduction == "sum":
+    return total
+  denom = z.shape[0] if valid is None else jnp.sum(valid)
+  return total / jnp.maximum(denom, 1).astype(total.dtype)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits,
+    labels,
+    *,
+    axis: int = -1,
+    where=None,
+    ignore_index: int | None = None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    reduction: str = "none",
+) -> Array:
+  r"""Softmax cross-entropy with integer class labels, with PyTorch's ``F.cross_entropy`` semantics.
+
+  Per example, with label :math:`y`, weights :math:`w` and smoothing :math:`\varepsilon`:
+
+  .. math:: \ell = (1-\varepsilon) w_y (-\log p_y)
+     + \tfrac{\varepsilon}{C}\sum_c w_c (-\log p_c) + z_{\text{loss}}\,\mathrm{lse}(z)^2
+
+  The gradient (a hand-written rule valid in every autodiff mode) is
+  :math:`(\sum_c t_c)\,p - t`; ``softmax(z) - onehot(y)`` in the plain case.
+  Reverse mode keeps only the logits, labels and the per-example logsumexp.
+
+  Args:
+    logits: ``[..., C, ...]`` floating point; ``-inf`` entries mask classes out.
+    labels: integer class ids with ``logits``' shape without ``axis`` (so
+      ``axis=1`` on ``[N, C, T]`` logits takes ``[N, T]`` labels, as PyTorch).
+    axis: the class axis.
+    where: boolean mask, per-example shape (drops examples, like
+      ``ignore_index``) or the logits' shape (removes classes from the softmax;
+      a row with no kept class is dropped, a label on a removed class gives
+      ``+inf``, as with :func:`softmax_cross_entropy`).
+    ignore_index: examples whose label equals it get loss 0 and gradient 0 and
+      leave the mean's denominator (PyTorch uses -100).
+    label_smoothing: :math:`\varepsilon \in [0, 1]`.
+    class_weights: ``[C]`` weights; ``"none"`` returns weighted per-example
+      losses and ``"mean"`` divides by :math:`\sum_i w_{y_i}` over kept examples.
+    z_loss: coefficient of :math:`\mathrm{logsumexp}(z)^2`.
+    reduction: ``"none"``, ``"sum"`` or ``"mean"``. A mean over no kept
+      example is 0 (PyTorch returns NaN).
+
+  Returns:
+    Per-example losses or a scalar, float32 for 16-bit logits.
+
+  Labels outside ``[0, C)`` that are not ignored are reported by
+  :func:`jxent.checked`.
+
+  >>> import jxent
+  >>> logits = jnp.log(jnp.array([[0.3, 0.6, 0.1]]))
+  >>> jxent.softmax_cross_entropy_with_integer_labels(logits, jnp.array([1])).round(4)
+  Array([0.5108], dtype=float32)
+  """
+  _checks.reduction(reduction)
+  z, batch_shape, axis = flatten_logits(logits, axis)
+  labels = _checks.integer(labels, "labels")
+  if labels.shape != batch_shape:
+    raise ValueError(
+        f"labels must have logits' shape without axis {axis}, i.e. {batch_shape}, got "
+        f"labels.shape={labels.shape} for logits.shape={jnp.shape(logits)}."
+    )
+  num_classes = z.shape[-1]
+  acc = R.acc_dtype(z.dtype)
+  y = labels.reshape(-1)
+  valid, cmask = split_where(where, jnp.shape(logits), batch_shape, axis)
+  if ignore_index is not None:
+    keep = y != ignore_index
+    valid = keep if valid is None else valid & keep
+  valid = _masks(valid, cmask)
+  in_range = (y >= 0) & (y < num_classes)
+  _checks.value_check(
+      jnp.all(in_range | (~valid if valid is not None else False)),
+      f"labels out of range [0, {num_classes}) for some kept example.",
+  )
+  y = jnp.clip(y, 0, num_classes - 1).astype(jnp.int32)
+  w = class_weights_array(class_weights, num_classes, acc)
+  opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
+  args = (R.apply_class_mask(z, cmask), y, valid, w, opts.label_smoothing, cmask, opts.z_loss)
+  if reduction == "none":
+    return int_loss(*args).reshape(batch_shape)
+  total = int_total(*args)
+  if reduction == "sum":
+    return total
+  if w is not None:
+    wy = R.take_weights(w, y)
+    wy = wy if valid is None else jnp.where(valid, wy, 0)
+    denom = jnp.sum(wy)
+  else:
+    denom = None if valid is None else jnp.sum(valid)
+  if denom is None:
+    return total / max(z.shape[0], 1)
+  return total / jnp.where(denom == 0, 1, denom).astype(total.dtype)

@@ -1,0 +1,282 @@
+"""Every loss composes with JAX's transformations: forward and reverse mode to second order,
+vmap, checkpoint, eval_shape, serialized export (with a symbolic batch), shard_map and
+sharded meshes, traced hyperparameters, and gradients in every float argument against
+autodiff of an independent float64 formula."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import export
+from jax.test_util import check_grads
+
+import jxent
+from jxent._platform import use_reference
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+  with jax.enable_x64(True):
+    yield
+
+
+N, C = 6, 5
+RNG = np.random.default_rng(3)
+Z = RNG.normal(size=(N, C)) * 2
+Y = RNG.integers(0, C, size=N)
+T = RNG.dirichlet(np.ones(C), size=N)
+W = RNG.uniform(0.5, 2.0, size=C)
+B = (RNG.uniform(size=(N, C)) < 0.3).astype(np.float64)
+KEEP = np.array([True, True, False, True, True, True])
+
+# (name, loss of (logits, float params) -> scalar with non-unit cotangent weights)
+COT = RNG.uniform(0.5, 1.5, size=N)
+
+
+def _losses():
+  kw = dict(label_smoothing=0.1, z_loss=1e-2)
+  return {
+      "int": lambda z: jnp.sum(COT * jxent.softmax_cross_entropy_with_integer_labels(
+          z, Y, class_weights=W, where=KEEP, **kw)),
+      "int-mean": lambda z: jxent.softmax_cross_entropy_with_integer_labels(
+          z, Y, ignore_index=int(Y[0]), reduction="mean", **kw),
+      "soft": lambda z: jnp.sum(COT * jxent.softmax_cross_entropy(z, T, class_weights=W, **kw)),
+      "soft-sum": lambda z: jxent.softmax_cross_entropy(z, T, where=KEEP, reduction="sum", **kw),
+      "bce": lambda z: jnp.sum(COT[:, None] * jxent.sigmoid_binary_cross_entropy(
+          z, B, pos_weight=W)),
+      "bce-mean": lambda z: jxent.sigmoid_binary_cross_entropy(z, B, where=B < 2,
+                                                               reduction="mean"),
+      "focal": lambda z: jxent.sigmoid_focal_loss(z, B, alpha=0.3, reduction="sum"),
+      "fused-forward": lambda z: jxent.linear_cross_entropy(
+          z, jnp.asarray(W[:, None] * np.eye(C, 7)), Y, chunk_size=4, method="forward", **kw),
+      "fused-recompute": lambda z: jnp.sum(COT * jxent.linear_cross_entropy(
+          z, jnp.asarray(W[:, None] * np.eye(C, 7)), Y, chunk_size=4, reduction="none",
+          method="recompute", **kw)),
+  }
+
+
+LOSSES = _losses()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("impl", ["platform", "reference"])
+def test_all_autodiff_modes_to_second_order(name, impl):
+  if impl == "reference" and name.startswith("fused"):
+    pytest.skip("the fused loss has one implementation")
+  f = LOSSES[name]
+  z = jnp.asarray(Z)
+  ctx = use_reference() if impl == "reference" else _nullcontext()
+  with ctx:
+    check_grads(f, (z,), order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+    g = jax.grad(f)(z)
+    t = jnp.asarray(RNG.normal(size=z.shape))
+    _, jv = jax.jvp(f, (z,), (t,))
+    np.testing.assert_allclose(jv, jnp.sum(g * t), rtol=1e-10)
+    _, lin = jax.linearize(f, z)
+    np.testing.assert_allclose(lin(t), jv, rtol=1e-10)
+    np.testing.assert_allclose(jax.jacfwd(f)(z), g, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(jax.jacrev(f)(z), g, rtol=1e-10, atol=1e-14)
+    h = jax.hessian(f)(z)
+    np.testing.assert_allclose(h.reshape(z.size, z.size), h.reshape(z.size, z.size).T,
+                               atol=1e-10)
+    np.testing.assert_allclose(jax.grad(jax.checkpoint(f))(z), g, rtol=1e-12)
+    assert jax.eval_shape(f, z).shape == ()
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def _int_ref(z, y, w, eps, zl, keep):
+  """Independent float64 formula (PyTorch's weighted, smoothed CE) plus z-loss."""
+  lp = jax.nn.log_softmax(z)
+  nll = -jnp.take_along_axis(lp, y[:, None], axis=-1)[:, 0] * w[y]
+  smooth = -jnp.sum(lp * w, axis=-1) / z.shape[-1]
+  lse = jax.scipy.special.logsumexp(z, axis=-1)
+  return jnp.where(keep, (1 - eps) * nll + eps * smooth + zl * lse**2, 0)
+
+
+def _soft_ref(z, t, w, eps, zl):
+  lp = jax.nn.log_softmax(z)
+  tt = ((1 - eps) * t + eps / z.shape[-1]) * w
+  return -jnp.sum(tt * lp, axis=-1) + zl * jax.scipy.special.logsumexp(z, axis=-1) ** 2
+
+
+def test_gradients_in_every_float_argument_match_the_formula():
+  z = jnp.asarray(Z)
+  args = (z, jnp.asarray(W), 0.1, 0.01)
+  f = lambda z, w, eps, zl: jnp.sum(COT * jxent.softmax_cross_entropy_with_integer_labels(
+      z, Y, class_weights=w, label_smoothing=eps, z_loss=zl, where=KEEP))
+  r = lambda z, w, eps, zl: jnp.sum(COT * _int_ref(z, Y, w, eps, zl, KEEP))
+  np.testing.assert_allclose(f(*args), r(*args), rtol=1e-12)
+  grads = jax.grad(f, argnums=(0, 1, 2, 3))(*args), jax.grad(r, argnums=(0, 1, 2, 3))(*args)
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+  check_grads(f, args, order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+  # Soft labels: the labels too.
+  args = (z, jnp.asarray(T), jnp.asarray(W), 0.1, 0.01)
+  f = lambda z, t, w, eps, zl: jnp.sum(COT * jxent.softmax_cross_entropy(
+      z, t, class_weights=w, label_smoothing=eps, z_loss=zl))
+  r = lambda z, t, w, eps, zl: jnp.sum(COT * _soft_ref(z, t, w, eps, zl))
+  for a, b in zip(jax.grad(f, argnums=range(5))(*args), jax.grad(r, argnums=range(5))(*args)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+  check_grads(f, args, order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+  # Sigmoid BCE: logits, labels and pos_weight.
+  bce_ref = lambda z, y, pw: jnp.sum(COT[:, None] * (
+      pw * y * jax.nn.softplus(-z) + (1 - y) * jax.nn.softplus(z)))
+  f = lambda z, y, pw: jnp.sum(COT[:, None] * jxent.sigmoid_binary_cross_entropy(
+      z, y, pos_weight=pw))
+  args = (z, jnp.asarray(T), jnp.asarray(W))
+  grads = jax.grad(f, argnums=(0, 1, 2))(*args), jax.grad(bce_ref, argnums=(0, 1, 2))(*args)
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+  check_grads(f, args, order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_fused_gradients_in_every_argument_match_unfused():
+  rng = np.random.default_rng(0)
+  h, w, b = rng.normal(size=(7, 4)), rng.normal(size=(4, 9)), rng.normal(size=9)
+  y = rng.integers(0, 9, size=7)
+  cot = rng.uniform(0.5, 1.5, size=7)
+  for method in ("forward", "recompute"):
+    f = lambda h, w, b, eps, zl: jxent.linear_cross_entropy(
+        h, w, y, bias=b, label_smoothing=eps, z_loss=zl, chunk_size=3, method=method,
+        logit_softcap=4.0)
+    r = lambda h, w, b, eps, zl: jxent.softmax_cross_entropy_with_integer_labels(
+        4.0 * jnp.tanh((h @ w + b) / 4.0), y, label_smoothing=eps, z_loss=zl, reduction="mean")
+    args = (h, w, b, 0.1, 0.01)
+    np.testing.assert_allclose(f(*args), r(*args), rtol=1e-12)
+    for a, c in zip(jax.grad(f, argnums=range(5))(*args), jax.grad(r, argnums=range(5))(*args)):
+      np.testing.assert_allclose(a, c, rtol=1e-9, atol=1e-12)
+    t = tuple(rng.normal(size=np.shape(a)) for a in args)
+    np.testing.assert_allclose(jax.jvp(f, args, t)[1], jax.jvp(r, args, t)[1], rtol=1e-9)
+  fn = lambda h, w: jnp.sum(cot * jxent.linear_cross_entropy(h, w, y, reduction="none",
+                                                             chunk_size=3))
+  check_grads(fn, (h, w), order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_vmap_matches_a_loop():
+  f = lambda z, y: jxent.softmax_cross_entropy_with_integer_labels(z, y, label_smoothing=0.1)
+  zb = jnp.asarray(np.stack([Z, -Z, 2 * Z]))
+  yb = jnp.asarray(np.stack([Y, Y[::-1], Y]))
+  got = jax.vmap(f)(zb, yb)
+  for i in range(3):
+    np.testing.assert_allclose(got[i], _int_ref(zb[i], yb[i], jnp.ones(C), 0.1, 0.0, True),
+                               rtol=1e-12)
+  g = jax.vmap(jax.grad(lambda z, y: f(z, y).sum()))(zb, yb)
+  for i in range(3):
+    want = jax.grad(lambda z: _int_ref(z, yb[i], jnp.ones(C), 0.1, 0.0, True).sum())(zb[i])
+    np.testing.assert_allclose(g[i], want, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["int", "soft-sum", "bce", "fused-forward"])
+def test_export_serializes_with_a_symbolic_batch(name):
+  f = LOSSES[name]
+  z = jnp.asarray(Z)
+  exp = export.export(jax.jit(jax.value_and_grad(f)))(z)
+  back = export.deserialize(exp.serialize())
+  v, g = back.call(z)
+  v0, g0 = jax.value_and_grad(f)(z)
+  np.testing.assert_allclose(v, v0, rtol=1e-12)
+  np.testing.assert_allclose(g, g0, rtol=1e-12)
+  # jvp through the exported forward-mode computation.
+  exp2 = export.export(jax.jit(lambda z, t: jax.jvp(f, (z,), (t,))))(z, z)
+  np.testing.assert_allclose(export.deserialize(exp2.serialize()).call(z, z)[1],
+                             jax.jvp(f, (z,), (z,))[1], rtol=1e-12)
+
+
+def test_export_symbolic_batch_dimension_and_other_platforms():
+  (b,) = export.symbolic_shape("b")
+  spec = jax.ShapeDtypeStruct((b, C), jnp.float32)
+  lab = jax.ShapeDtypeStruct((b,), jnp.int32)
+  f = jax.jit(jax.value_and_grad(lambda z, y: jxent.softmax_cross_entropy_with_integer_labels(
+      z, y, label_smoothing=0.1, reduction="mean")))
+  exp = export.export(f, platforms=("cpu", "cuda", "tpu"))(spec, lab)
+  back = export.deserialize(exp.serialize())
+  z = jnp.asarray(Z, jnp.float32)
+  v, g = back.call(z, jnp.asarray(Y, jnp.int32))
+  v0, g0 = f(z, jnp.asarray(Y, jnp.int32))
+  np.testing.assert_allclose(v, v0, rtol=1e-6)
+  np.testing.assert_allclose(g, g0, rtol=1e-6)
+  for fn in (lambda z: jxent.softmax_cross_entropy(z, jax.nn.softmax(z), reduction="sum"),
+             lambda z: jxent.sigmoid_binary_cross_entropy(z, jax.nn.sigmoid(z))):
+    exp = export.export(jax.jit(fn))(jax.ShapeDtypeStruct((b, C), jnp.float32))
+    np.testing.assert_allclose(export.deserialize(exp.serialize()).call(z), fn(z), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_traced_hyperparameters():
+  z = jnp.asarray(Z)
+  f = jax.jit(lambda eps, zl: jxent.softmax_cross_entropy_with_integer_labels(
+      z, Y, label_smoothing=eps, z_loss=zl, reduction="mean"))
+  np.testing.assert_allclose(f(0.1, 0.01), jnp.mean(_int_ref(z, Y, jnp.ones(C), 0.1, 0.01, True)),
+                             rtol=1e-12)
+  fl = jax.jit(lambda eps: jxent.linear_cross_entropy(z, jnp.eye(C), Y, label_smoothing=eps))
+  np.testing.assert_allclose(fl(0.1), jnp.mean(_int_ref(z, Y, jnp.ones(C), 0.1, 0.0, True)),
+                             rtol=1e-12)
+  with pytest.raises(TypeError, match="logit_softcap"):
+    jax.jit(lambda c: jxent.linear_cross_entropy(z, jnp.eye(C), Y, logit_softcap=c))(3.0)
+
+
+def test_class_mask_entry_points_agree():
+  z = jnp.asarray(Z)
+  cmask = np.ones((N, C), bool)
+  cmask[0] = False                      # a fully masked row: loss 0, gradient 0
+  cmask[1, Y[1]] = False                # the label on a masked class: +inf
+  onehot = np.eye(C)[Y]
+  li = jxent.softmax_cross_entropy_with_integer_labels(z, Y, where=cmask)
+  ls = jxent.softmax_cross_entropy(z, jnp.asarray(onehot), where=cmask)
+  np.testing.assert_array_equal(li, ls)
+  assert li[0] == 0 and li[1] == np.inf
+  np.testing.assert_allclose(li[2:], optax.softmax_cross_entropy_with_integer_labels(
+      z[2:], Y[2:]), rtol=1e-12)
+  keep = np.arange(N) != 1
+  gi = jax.grad(lambda z: jnp.sum(jxent.softmax_cross_entropy_with_integer_labels(
+      z, Y, where=cmask)[keep]))(z)
+  gs = jax.grad(lambda z: jnp.sum(jxent.softmax_cross_entropy(
+      z, jnp.asarray(onehot), where=cmask)[keep]))(z)
+  np.testing.assert_allclose(gi, gs, atol=1e-15)
+  assert np.all(gi[0] == 0)
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0, -100.0, 1e4, -1e4, 1e5, -1e5])
+def test_float32_accuracy_at_a_common_logit_offset(offset):
+  rng = np.random.default_rng(1)
+  z64 = rng.normal(size=(16, 50)) * 3 + offset
+  y = rng.integers(0, 50, size=16)
+  z32 = jnp.asarray(z64, jnp.float32)
+  zz = np.asarray(z32, np.float64)       # the float32 inputs, exactly
+  lp = zz - zz.max(-1, keepdims=True)
+  lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+  want = -lp[np.arange(16), y]
+  gwant = np.exp(lp) - np.eye(50)[y]
+  err = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - b)))
+  mine = err(jxent.softmax_cross_entropy_with_integer_labels(z32, y), want)
+  opt = err(optax.softmax_cross_entropy_with_integer_labels(z32, y), want)
+  # PyTorch's form: log_softmax = (z - max) - log(sum(exp(z - max))), in float32.
+  zs = np.asarray(z32) - np.asarray(z32).max(-1, keepdims=True)
+  torch_like = -(zs - np.log(np.exp(zs).sum(-1, keepdims=True)))[np.arange(16), y]
+  tor = err(torch_like, want)
+  assert mine <= 2 * min(opt, tor) + 1e-6, (mine, opt, tor)
+  g = jax.grad(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, y).sum())(z32)
+  go = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).sum())(z32)
+  assert err(g, gwant) <= 2 * err(go, gwant) + 1e-6
+  invariance = err(jxent.softmax_cross_entropy_with_integer_labels(z32, y),
+                   np.asarray(jxent.softmax_cross_entropy_with_integer_labels(
+                       jnp.asarray(zz - offset, jnp.float32), y), np.float64))  # exact shift
+  assert invariance <= 4e-6
+
+
+def test_value_checks_do_not_break_serialization():
+  f = jax.jit(lambda z: jxent.softmax_cross_entropy_with_integer_labels(z, Y))
+  export.deserialize(export.export(f)(jnp.asarray(Z)).serialize())
+  err, _ = jxent.checked(jxent.softmax_cross_entropy_with_integer_labels)(
+      jnp.asarray(Z), jnp.asarray(np.where(np.arange(N) == 0, C, Y)))
+  assert "out of range" in str(err.get())

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-NAMES = ("losses", "fused", "sharded", "floors")
+NAMES = ("losses", "fused", "sharded", "floors", "bad_values")
 
 
 def main():

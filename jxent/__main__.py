@@ -9,7 +9,7 @@ import time
 
 
 def _demo(args) -> int:
-  from jxent import _demo
+  from jxent._apps import demo as _demo
 
   t0 = time.perf_counter()
   print("jxent demo: the information quantities behind cross-entropy, computed by jxent.\n")
@@ -18,7 +18,7 @@ def _demo(args) -> int:
   _demo.gradient_tour(num_examples=64)
   print("\n7. Why cross-entropy: the same logistic regression trained with CE and with MSE")
   print("   (short version of `python -m jxent compare`; blobs data, 4 seeds, 200 SGD/Adam steps)")
-  from jxent import _compare
+  from jxent._apps import compare as _compare
 
   result = _compare.run(("blobs",), steps=200, seeds=4, progress=False)
   print(_compare.table(result["runs"]))
@@ -30,14 +30,14 @@ def _demo(args) -> int:
 
 
 def _grads(args) -> int:
-  from jxent import _demo
+  from jxent._apps import demo as _demo
 
   _demo.gradient_tour(num_examples=args.examples, num_classes=args.classes, seed=args.seed)
   return 0
 
 
 def _compare(args) -> int:
-  from jxent import _compare
+  from jxent._apps import compare as _compare
 
   datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
   t0 = time.perf_counter()

@@ -68,15 +68,13 @@ def shifted_parts(z: Array, k: int, acc) -> tuple[Array, Array]:
   the exp-sum pass, and there is no select."""
   n, c = z.shape
   if k == 1:
-    m = jnp.max(z, axis=-1).astype(acc)
-  else:
-    pieces = split_rows(z, k)
-    m = jnp.max(jnp.max(pieces, axis=-1).reshape(n, k), axis=-1).astype(acc)
-  m = jnp.where(jnp.isfinite(m), m, 0)
-  if k == 1:
-    return m, jnp.log(jnp.sum(jnp.exp(z.astype(acc) - m[:, None]), axis=-1))
+    return R.finish_parts(z, jnp.max(z, axis=-1).astype(acc), jnp.sum)
+  pieces = split_rows(z, k)
+  m_raw = jnp.max(jnp.max(pieces, axis=-1).reshape(n, k), axis=-1).astype(acc)
+  m = jnp.where(jnp.isfinite(m_raw), m_raw, 0)
   s = jnp.sum(jnp.exp(pieces.astype(acc) - jnp.repeat(m, k)[:, None]), axis=-1)
-  return m, jnp.log(jnp.sum(s.reshape(n, k), axis=-1))
+  r = jnp.log(jnp.sum(s.reshape(n, k), axis=-1))
+  return m, jnp.where(m_raw == jnp.inf, jnp.nan, r)
 
 
 def lse_parts(z: Array) -> tuple[Array, Array]:
@@ -125,32 +123,37 @@ def int_ce(zm, y, valid, w, eps, cmask, zl):
   n, c = zm.shape
   m, r = lse_parts(zm)
   acc = m.dtype
-  gap_y = m - take_label_logit(zm, y).astype(acc)
+  yc, bad = R.split_labels(y, valid, c)
+  gap_y = m - take_label_logit(zm, yc).astype(acc)
   if eps is None:
     return R.int_loss_from_parts(zm, y, valid, w, None, cmask, zl, m, r, gap_y=gap_y), m, r
-  a, s, v = R.int_target_parts(y, valid, w, eps, cmask, c, acc)
-  d = m[:, None] - unshared(zm).astype(acc)
+  a, s, v = R.int_target_parts(yc, valid, w, eps, cmask, c, acc)
+  # s sum_c v_c (m - z_c) as 2 sum_c (s v_c) (m/2 - z_c/2), as the reference (no overflow).
+  half = 0.5 * m[:, None] - 0.5 * unshared(zm).astype(acc)
   if v is None:
-    v_sum, vd = jnp.asarray(c, acc), jnp.sum(d, axis=-1)
+    v_sum, vd = jnp.asarray(c, acc), 2 * jnp.sum(s[:, None] * half, axis=-1)
   else:
-    v2 = jnp.broadcast_to(v, d.shape)
+    sv = jnp.broadcast_to(s[:, None] * v, half.shape)
     v_sum = jnp.sum(v, axis=-1) if v.ndim == 2 else jnp.sum(v)
-    vd = jnp.sum(v2 * d, axis=-1)  # NaN only for v_c = 0 at z_c = -inf: then redone masked
+    vd = 2 * jnp.sum(sv * half, axis=-1)  # NaN only for v_c = 0 at z_c = -inf: redone masked
     vd = jax.lax.cond(jnp.any(jnp.isnan(vd)),
-                      lambda: jnp.sum(R.masked_mul(v2, d), axis=-1), lambda: vd)
-  loss = R.masked_mul(a, r + gap_y) + R.masked_mul(s, v_sum * r + vd)
-  return R.add_z_loss(loss, zl, valid, m, r), m, r
+                      lambda: 2 * jnp.sum(R.masked_mul(sv, half), axis=-1), lambda: vd)
+  vd = jnp.where(s != 0, vd, 0)  # dropped rows: 0 whatever their logits hold
+  loss = R.masked_mul(a, r + gap_y) + R.masked_mul(s * v_sum, r) + vd
+  return R.poison_rows(R.add_z_loss(loss, zl, valid, m, r), bad), m, r
 
 
 # --------------------------------------------------------------------------- soft labels
 
 
 def _soft_pieces_cross(z, y, valid, w, eps, m, r, k):
-  """sum_c t_c (r + m - z_c) per row from ``[N * k, C / k]`` pieces of z and y, cut before
-  either is converted and kept apart by an optimization barrier: XLA otherwise folds the cut
-  into the float32 conversion (bfloat16 [8192, 50304]: 1,161 -> 115 ms)."""
+  """sum_c t_c (r + m - z_c) per row from ``[N * k, C / k]`` pieces of z and y. 16-bit pieces
+  are cut before either is converted and kept apart by an optimization barrier: XLA otherwise
+  folds the cut into the float32 conversion (bfloat16 [8192, 50304]: 1,161 -> 115 ms)."""
   n, c = z.shape
-  zp, yp = jax.lax.optimization_barrier((split_rows(z, k), split_rows(y, k)))
+  zp, yp = split_rows(z, k), split_rows(y, k)
+  if z.dtype.itemsize == 2 or y.dtype.itemsize == 2:
+    zp, yp = jax.lax.optimization_barrier((zp, yp))
   acc = m.dtype
   tp = yp.astype(acc)
   if eps is not None:
@@ -159,22 +162,20 @@ def _soft_pieces_cross(z, y, valid, w, eps, m, r, k):
     tp = tp * split_rows(jnp.broadcast_to(w.astype(acc), (n, c)), k)
   if valid is not None:
     tp = tp * jnp.repeat(valid, k)[:, None]
-  part = jnp.sum(tp * (jnp.repeat(m, k)[:, None] - zp.astype(acc)), axis=-1)
-  tsum = jnp.sum(jnp.sum(tp, axis=-1).reshape(n, k), axis=-1)
-  return tsum * r + jnp.sum(part.reshape(n, k), axis=-1)
+  gap = jnp.repeat(r, k)[:, None] + (jnp.repeat(m, k)[:, None] - zp.astype(acc))
+  return jnp.sum(jnp.sum(tp * gap, axis=-1).reshape(n, k), axis=-1)
 
 
 def soft_ce(zm, y, valid, w, eps, cmask, zl):
   """``(loss, m, r)`` as ``_reference.soft_ce``. The cross term has no select, so that XLA:CPU
-  fuses it with the exp-sum (a select there cost 4-7x); it is NaN only where t_c = 0 meets
-  z_c = -inf, and only then is the masked form computed. A class mask meets that by
-  construction and takes the reference."""
+  fuses it with the exp-sum (a select there cost 4-7x); a non-finite result is recomputed
+  exactly. A class mask meets 0 * -inf by construction and takes the reference."""
   if cmask is not None:
     return R.soft_ce(zm, y, valid, w, eps, cmask, zl)
   n, c = zm.shape
   m, r = lse_parts(zm)
   k = row_split(c, zm)
-  if k > 1 and zm.dtype.itemsize == 2:
+  if k > 1:  # long rows: the one reduction over whole rows ran 2.6x slower (f32 [8192, 50304])
     loss = _soft_pieces_cross(zm, y, valid, w, eps, m, r, k)
   else:
     # One reduction: sum_c t_c (r + (m - z_c)). Two (sum t and sum t d) made XLA materialise
@@ -182,10 +183,12 @@ def soft_ce(zm, y, valid, w, eps, cmask, zl):
     t = R.soft_target(y, valid, w, eps, None, m.dtype)
     d = m[:, None] - unshared(zm).astype(m.dtype)
     loss = jnp.sum(t * (r[:, None] + d), axis=-1)
+  # Non-finite only where t_c = 0 meets z_c = -inf, where m - z_c overflows (logits near
+  # ±3e38), or where the loss is truly +inf: then, and only then, the exact form.
   loss = jax.lax.cond(
-      jnp.any(jnp.isnan(loss)),
-      lambda: R.soft_loss_from_parts(zm, y, valid, w, eps, None, None, m, r),
-      lambda: loss)
+      jnp.all(jnp.isfinite(loss)),
+      lambda: loss,
+      lambda: R.soft_loss_from_parts(zm, y, valid, w, eps, None, None, m, r))
   return R.add_z_loss(loss, zl, valid, m, r), m, r
 
 

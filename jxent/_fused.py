@@ -6,19 +6,23 @@ chunks of ``chunk_size`` inside ``lax.scan``: only one ``[chunk, V]`` block of l
 (and of their gradient) exists at a time, and ``dW`` is accumulated in vocabulary
 slices so that XLA never allocates a ``[D, V]`` temporary besides the gradient itself.
 
-Two ways to get the gradient, both plain JAX with ``jax.custom_vjp``:
+Two ways to get the derivative, both ``jax.custom_jvp`` rules linear in the tangents (so
+forward mode, reverse mode by transposition, and higher orders all work):
 
-* ``"forward"`` (Liger's way): with a scalar loss ("mean"/"sum"), the forward pass
-  already computes ``dh``, ``dW`` and ``db`` chunk by chunk (the cotangent of a mean
-  is known up to one scalar), and the backward pass only scales them. 6·N·D·V flops
-  in all, like the unfused loss. Evaluating the loss without a gradient does not pay
-  for it: the primal computes only the loss.
+* ``"forward"`` (Liger's way): with a scalar loss ("mean"/"sum"), the rule computes ``dh``,
+  ``dW`` and ``db`` chunk by chunk alongside the loss (the cotangent of a mean is known up to
+  one scalar), and the tangent is their inner product with the input tangents; reverse mode
+  only scales them. 6·N·D·V flops in all, like the unfused loss. Evaluating the loss
+  without a derivative does not pay for it: the primal computes only the loss.
 * ``"recompute"`` (Cut Cross-Entropy's way): the forward keeps only the per-token
-  logsumexp; the backward recomputes each chunk's logits. 8·N·D·V flops, but it works
-  for any cotangent, so ``reduction="none"`` and a differentiable ``return_lse`` use it.
+  logsumexp; the tangent recomputes each chunk's logits in a checkpointed scan, which
+  reverse mode transposes. 8·N·D·V flops, but it works for any cotangent, so
+  ``reduction="none"`` and a differentiable ``return_lse`` use it.
 
 ``method="auto"`` picks ``"forward"`` when it applies. Logits and their gradients are
-accumulated in float32 whatever the dtype of ``hidden`` and ``weight``.
+accumulated in float32 (float64 for float64 inputs) whatever the dtype of ``hidden`` and
+``weight``. Tokens laid out over explicit mesh axes are handled data-parallel, each device
+on its own tokens inside ``shard_map``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from jxent import _checks
+from jxent import _reference as R
 from jxent._platform import explicitly_sharded
 
 Array = jax.Array
@@ -46,6 +51,12 @@ Array = jax.Array
 # 2048-column slices were as fast as 8192 and 24 MiB smaller.
 _TARGET_BLOCK_BYTES = 64 * 2**20
 _VOCAB_SLICE = 2048
+
+
+def core_errors():
+  """The error a symbolic dimension raises when made an int (jax.export's own class)."""
+  from jax._src.export.shape_poly import InconclusiveDimensionOperation
+  return InconclusiveDimensionOperation
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
@@ -79,6 +90,7 @@ def _logits(h, w, b, cfg):
 
 def _label_logits(h, w, b, y, cfg):
   """The logit of each token's label, [T], from h and the label's weight column alone."""
+  y = jnp.clip(y, 0, (w.shape[1] if cfg.layout == "dv" else w.shape[0]) - 1)
   w_y = jnp.take(w, y, axis=1 if cfg.layout == "dv" else 0)
   w_y = w_y.T if cfg.layout == "dv" else w_y
   z_y = jnp.sum(h.astype(cfg.acc) * w_y.astype(cfg.acc), axis=-1)
@@ -101,15 +113,17 @@ def _chunk_loss(z, y, valid, cfg, z_y=None):
   m = jnp.where(jnp.isfinite(m), m, 0)
   r = jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
   lse = m + r
+  yc, bad = R.split_labels(y, valid, v)
   if z_y is None:
-    z_y = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
-  nll = r + (m - z_y)
+    z_y = jnp.take_along_axis(z, yc[:, None], axis=-1)[:, 0]
+  nll = R.poison_rows(r + (m - z_y), bad)
   a = valid.astype(cfg.acc)
   d_eps = d_zl = None
   if cfg.eps is None:
     loss = jnp.where(valid, nll, 0)
   else:
-    smooth = r + (m - jnp.sum(z, axis=-1) / v)
+    # r + (m - mean z) as a sum of (m/2 - z/2) (2 / V): no overflow at logits near ±3e38.
+    smooth = r + jnp.sum((0.5 * m[:, None] - 0.5 * z) * (2 / v), axis=-1)
     loss = jnp.where(valid, (1 - cfg.eps) * nll + cfg.eps * smooth, 0)
     d_eps = a * (smooth - nll)
   if cfg.zl is not None:
@@ -140,7 +154,9 @@ def _chunk_dlogits(z, tanh, lse, y, valid, g_loss, g_lse, cfg):
   dz = coef[:, None] * p - onehot.astype(p.dtype) * a[:, None] - shift
   if tanh is not None:
     dz = dz * (1 - tanh * tanh)
-  return dz
+  # A kept label outside [0, V) gets a NaN row (a [T] vector broadcast, no [T, V] constant).
+  _, bad = R.split_labels(y, valid, v)
+  return dz + jnp.where(bad, jnp.nan, 0).astype(dz.dtype)[:, None]
 
 
 def _accumulate_dw(dw, h, dz, cfg):
@@ -217,6 +233,9 @@ def _grads(h3, w, b, y2, v2, g_loss, cfg):
   def body(carry, xs):
     dw, db = carry
     h, y, valid, gl = xs
+    # Dropped tokens' hidden rows are replaced by 0, so that whatever they hold (NaN, inf)
+    # reaches no gradient (dW sums over all tokens); their loss is 0 either way.
+    h = jnp.where(valid[:, None], h, 0)
     z, tanh = _logits(h, w, b, cfg)
     loss, lse, d_eps, d_zl = _chunk_loss(z, y, valid, cfg, _label_logits(h, w, b, y, cfg))
     dz = _chunk_dlogits(z, tanh, lse, y, valid, gl, None, cfg)
@@ -308,7 +327,8 @@ def _block_tangent(h, y, valid, lse, dh, w, b, dw, db, cfg):
   if tanh is not None:
     dzb = dzb * (1 - tanh * tanh)
   ones = jnp.ones(lse.shape, cfg.acc)
-  g = _chunk_dlogits(z, None, lse, y, valid, ones, None, cfg)
+  # Dropped tokens: 0, whatever their logits hold (their lse keeps its own tangent below).
+  g = jnp.where(valid[:, None], _chunk_dlogits(z, None, lse, y, valid, ones, None, cfg), 0)
   p = jnp.exp(z - jnp.where(jnp.isfinite(lse), lse, 0)[:, None])
   return jnp.sum(g * dzb, axis=-1), jnp.sum(p * dzb, axis=-1)
 
@@ -407,6 +427,8 @@ def linear_cross_entropy(
                      f" and weight.shape={weight.shape}.")
   d = hidden.shape[-1]
   d_w, v = weight.shape if weight_layout == "dv" else weight.shape[::-1]
+  if v == 0:
+    raise ValueError(f"weight has an empty vocabulary (V = 0): weight.shape={weight.shape}.")
   if d_w != d:
     raise ValueError(
         f"hidden's last dimension ({d}) must match weight's D for weight_layout="
@@ -435,7 +457,13 @@ def linear_cross_entropy(
         logit_softcap=logit_softcap, reduction=reduction, chunk_size=chunk_size,
         return_lse=return_lse, method=method)
 
-  n = int(np.prod(batch_shape, dtype=np.int64))
+  try:
+    n = int(np.prod([int(s) for s in batch_shape], dtype=np.int64))
+  except (TypeError, jax.errors.ConcretizationTypeError, core_errors()) as e:
+    raise ValueError(
+        f"linear_cross_entropy needs a static number of tokens N to cut it into chunks, got "
+        f"hidden.shape={hidden.shape} with a symbolic token dimension; export it for a fixed N "
+        "(or use softmax_cross_entropy_with_integer_labels on the logits).") from e
   h2 = hidden.reshape(n, d)
   y = labels.reshape(n)
   valid = jnp.ones(n, bool)
@@ -449,11 +477,9 @@ def linear_cross_entropy(
     valid = valid & where.reshape(n)
   _checks.value_check(jnp.all(~valid | ((y >= 0) & (y < v))),
                        f"labels out of range [0, {v}) for some kept token.")
-  y = jnp.clip(y, 0, v - 1).astype(jnp.int32)
+  y = y.astype(jnp.int32)  # a kept label outside [0, V) gives NaN
 
   t = default_chunk_size(n, v) if chunk_size is None else int(chunk_size)
-  if v == 0:
-    raise ValueError(f"weight has an empty vocabulary (V = 0): weight.shape={weight.shape}.")
   if t <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size!r}.")
   n_chunks = -(-n // t)

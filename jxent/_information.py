@@ -27,19 +27,38 @@ Array = jax.Array
 
 
 def _xlogy(x: Array, y: Array) -> Array:
-  """x * log(y) with 0 where x == 0, and a zero gradient there (for both x and y)."""
+  """x * log(y) with 0 where x == 0 (and a zero gradient there, for both x and y), unless y
+  is NaN: a NaN stays NaN."""
   nonzero = x != 0
   safe_y = jnp.where(nonzero, y, 1)
-  return jnp.where(nonzero, x * jnp.log(safe_y), 0)
+  return jnp.where(nonzero, x * jnp.log(safe_y), jnp.where(jnp.isnan(y), jnp.nan, 0))
+
+
+def _invalid_rows(p: Array, axis: int | None) -> Array:
+  """Where ``p`` is no probability: an entry outside [0, 1] or NaN, or, along ``axis``, a
+  distribution without mass. The positions whose result must be NaN. (Sums away from one
+  are reported by ``jxent.checked``: a tolerance there would be arbitrary.)"""
+  bad = ~((p >= 0) & (p <= 1))
+  if axis is None:
+    return bad
+  return jnp.any(bad, axis=axis) | (jnp.sum(p, axis=axis) == 0)
+
+
+def _nan_where(bad: Array, x: Array) -> Array:
+  return jnp.where(bad, jnp.nan, x)
 
 
 def _pair(p, q, name_p: str, name_q: str, axis: int):
+  """Checked ``(p, q, axis, bad)``: bad marks the rows where either is no distribution."""
   p = _checks.floating(p, name_p)
   q = _checks.floating(q, name_q)
   _checks.same_shape(p, q, name_p, name_q)
   dtype = jnp.result_type(p, q)
   axis = _checks.canonical_axis(axis, p.ndim, name_p)
-  return p.astype(dtype), q.astype(dtype), axis
+  _checks.check_probabilities(p, axis, name_p)
+  _checks.check_probabilities(q, axis, name_q)
+  bad = _invalid_rows(p, axis) | _invalid_rows(q, axis)
+  return p.astype(dtype), q.astype(dtype), axis, bad
 
 
 def self_information(p, *, base=None) -> Array:
@@ -58,7 +77,8 @@ def self_information(p, *, base=None) -> Array:
   """
   p = _checks.floating(p, "p")
   _checks.check_unit_interval(p, "p")
-  return _checks.in_nats_to_base(-jnp.log(p), base)
+  return _checks.in_nats_to_base(_nan_where(_invalid_rows(p, None), -jnp.log(p)),
+                                 base)
 
 
 def entropy(p, *, axis: int = -1, base=None) -> Array:
@@ -80,7 +100,8 @@ def entropy(p, *, axis: int = -1, base=None) -> Array:
   p = _checks.floating(p, "p")
   axis = _checks.canonical_axis(axis, p.ndim, "p")
   _checks.check_probabilities(p, axis, "p")
-  return _checks.in_nats_to_base(-jnp.sum(_xlogy(p, p), axis=axis), base)
+  h = -jnp.sum(_xlogy(p, p), axis=axis)
+  return _checks.in_nats_to_base(_nan_where(_invalid_rows(p, axis), h), base)
 
 
 def binary_entropy(p, *, base=None) -> Array:
@@ -101,7 +122,8 @@ def binary_entropy(p, *, base=None) -> Array:
   """
   p = _checks.floating(p, "p")
   _checks.check_unit_interval(p, "p")
-  return _checks.in_nats_to_base(_binary_entropy(p), base)
+  h = _nan_where(_invalid_rows(p, None), _binary_entropy(p))
+  return _checks.in_nats_to_base(h, base)
 
 
 @jax.custom_jvp
@@ -143,10 +165,9 @@ def kl_divergence(p, q, *, axis: int = -1, base=None) -> Array:
   >>> float(jxent.kl_divergence(p, q))  # doctest: +ELLIPSIS
   0.0851...
   """
-  p, q, axis = _pair(p, q, "p", "q", axis)
-  _checks.check_probabilities(p, axis, "p")
-  _checks.check_probabilities(q, axis, "q")
-  return _checks.in_nats_to_base(jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis), base)
+  p, q, axis, bad = _pair(p, q, "p", "q", axis)
+  d = jnp.sum(_xlogy(p, p) - _xlogy(p, q), axis=axis)
+  return _checks.in_nats_to_base(_nan_where(bad, d), base)
 
 
 def cross_entropy(p, q, *, axis: int = -1, base=None) -> Array:
@@ -167,10 +188,8 @@ def cross_entropy(p, q, *, axis: int = -1, base=None) -> Array:
   ... # doctest: +ELLIPSIS
   0.5108...
   """
-  p, q, axis = _pair(p, q, "p", "q", axis)
-  _checks.check_probabilities(p, axis, "p")
-  _checks.check_probabilities(q, axis, "q")
-  return _checks.in_nats_to_base(-jnp.sum(_xlogy(p, q), axis=axis), base)
+  p, q, axis, bad = _pair(p, q, "p", "q", axis)
+  return _checks.in_nats_to_base(_nan_where(bad, -jnp.sum(_xlogy(p, q), axis=axis)), base)
 
 
 def js_divergence(p, q, *, axis: int = -1, base=None) -> Array:
@@ -191,13 +210,11 @@ def js_divergence(p, q, *, axis: int = -1, base=None) -> Array:
   >>> float(jxent.js_divergence(jnp.array([1., 0.]), jnp.array([0., 1.]), base=2))
   1.0
   """
-  p, q, axis = _pair(p, q, "p", "q", axis)
-  _checks.check_probabilities(p, axis, "p")
-  _checks.check_probabilities(q, axis, "q")
+  p, q, axis, bad = _pair(p, q, "p", "q", axis)
   m = 0.5 * (p + q)
   d_pm = _xlogy(p, p) - _xlogy(p, m)
   d_qm = _xlogy(q, q) - _xlogy(q, m)
-  return _checks.in_nats_to_base(0.5 * jnp.sum(d_pm + d_qm, axis=axis), base)
+  return _checks.in_nats_to_base(_nan_where(bad, 0.5 * jnp.sum(d_pm + d_qm, axis=axis)), base)
 
 
 # --------------------------------------------------------------------------- logits
@@ -206,24 +223,35 @@ def js_divergence(p, q, *, axis: int = -1, base=None) -> Array:
 def _log_softmax(logits: Array, axis: int) -> Array:
   """log_softmax that tolerates -inf entries (masked classes) without NaN.
 
-  A row whose entries are all -inf has no distribution; its log-probabilities
-  are all -inf.
+  Rows with +inf logits take their limit: the mass is shared equally by the +inf entries.
+  A row whose entries are all -inf has no distribution, and a row with a NaN is undefined:
+  their log-probabilities are NaN.
   """
   m = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
+  has_pos_inf = m == jnp.inf
+  logits = jnp.where(has_pos_inf, jnp.where(logits == jnp.inf, 0.0, -jnp.inf), logits)
+  m = jnp.where(has_pos_inf, 0, m)
+  no_mass = m == -jnp.inf
   m = jnp.where(jnp.isfinite(m), m, 0)
   shifted = logits - m
   lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))
-  return shifted - lse
+  return jnp.where(no_mass, jnp.nan, shifted - lse)
 
 
 def _logits(x, name: str, axis: int):
   x = _checks.floating(x, name)
-  return x, _checks.canonical_axis(axis, x.ndim, name)
+  if x.ndim == 0:
+    raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar.")
+  axis = _checks.canonical_axis(axis, x.ndim, name)
+  if x.shape[axis] == 0:
+    raise ValueError(f"{name} has no classes: its axis {axis} has size 0 ({name}.shape="
+                     f"{x.shape}).")
+  return x, axis
 
 
 def _plogq(logp: Array, logq: Array) -> Array:
-  """p * log q with p = exp(logp); 0 (and zero gradient) where p == 0."""
-  nonzero = logp > -jnp.inf
+  """p * log q with p = exp(logp); 0 (and zero gradient) where p == 0; NaN stays NaN."""
+  nonzero = logp != -jnp.inf
   p = jnp.exp(jnp.where(nonzero, logp, 0))
   safe_logq = jnp.where(nonzero, logq, 0)
   return jnp.where(nonzero, p * safe_logq, 0)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jxent import _checks
-from jxent._information import _xlogy
+from jxent._information import _invalid_rows, _xlogy
 from jxent._sigmoid import elementwise_finish as _elementwise_finish
 from jxent._sigmoid import elementwise_where as _elementwise_where
 
@@ -41,17 +41,23 @@ def categorical_cross_entropy(
   _checks.same_shape(probs, labels, "probs", "labels")
   axis = _checks.canonical_axis(axis, probs.ndim, "probs")
   _checks.check_probabilities(probs, axis, "probs")
-  terms = -_xlogy(labels, probs)
+  bad = _invalid_rows(probs, axis) | _invalid_rows(labels, axis)
   batch_shape = probs.shape[:axis] + probs.shape[axis + 1 :]
+  keep = None
   if where is not None:
     where = _checks.as_array(where, "where")
     if where.ndim == probs.ndim:
-      terms = jnp.where(jnp.broadcast_to(where, probs.shape), terms, 0)
-      where = None
-  losses = jnp.sum(terms, axis=axis)
-  if where is not None:
-    where = _elementwise_where(where, batch_shape)
-  return _elementwise_finish(losses, where, reduction)
+      cmask = jnp.broadcast_to(where, probs.shape)
+      # Masked classes leave the sum (their inputs, NaN included, cannot reach the result).
+      probs, labels = jnp.where(cmask, probs, 1), jnp.where(cmask, labels, 0)
+    else:
+      keep = _elementwise_where(where, batch_shape)
+      # Dropped examples: value and gradient 0 whatever they hold.
+      kb = jnp.expand_dims(keep, axis)
+      probs, labels = jnp.where(kb, probs, 1), jnp.where(kb, labels, 0)
+      bad = bad & keep
+  losses = jnp.where(bad, jnp.nan, -jnp.sum(_xlogy(labels, probs), axis=axis))
+  return _elementwise_finish(losses, keep, reduction)
 
 
 def binary_cross_entropy(probs, labels, *, where=None, reduction: str = "none") -> Array:
@@ -78,8 +84,12 @@ def binary_cross_entropy(probs, labels, *, where=None, reduction: str = "none") 
   labels = _checks.floating(labels, "labels")
   _checks.same_shape(probs, labels, "probs", "labels")
   _checks.check_unit_interval(probs, "probs")
+  keep = _elementwise_where(where, probs.shape)
+  if keep is not None:  # dropped entries: value and gradient 0 whatever they hold
+    probs, labels = jnp.where(keep, probs, 0.5), jnp.where(keep, labels, 0.5)
+  bad = _invalid_rows(probs, None) | _invalid_rows(labels, None)
   losses = -(_xlogy(labels, probs) + _xlogy(1 - labels, 1 - probs))
-  return _elementwise_finish(losses, _elementwise_where(where, probs.shape), reduction)
+  return _elementwise_finish(jnp.where(bad, jnp.nan, losses), keep, reduction)
 
 
 def mean_squared_error(predictions, targets, *, where=None, reduction: str = "mean") -> Array:
@@ -103,5 +113,7 @@ def mean_squared_error(predictions, targets, *, where=None, reduction: str = "me
   predictions = _checks.floating(predictions, "predictions")
   targets = _checks.floating(targets, "targets")
   _checks.same_shape(predictions, targets, "predictions", "targets")
-  losses = (predictions - targets) ** 2
-  return _elementwise_finish(losses, _elementwise_where(where, predictions.shape), reduction)
+  keep = _elementwise_where(where, predictions.shape)
+  if keep is not None:  # dropped entries: value and gradient 0 whatever they hold
+    predictions, targets = jnp.where(keep, predictions, 0), jnp.where(keep, targets, 0)
+  return _elementwise_finish((predictions - targets) ** 2, keep, reduction)

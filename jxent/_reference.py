@@ -44,13 +44,20 @@ def apply_class_mask(z: Array, cmask: Array | None) -> Array:
 
 def lse_parts(z: Array) -> tuple[Array, Array]:
   """``(m, r)`` per row with ``logsumexp(z) = m + r``: m the row max (0 where it is not
-  finite), r the log-sum-exp of ``z - m``. A row of ``-inf`` gives ``r = -inf``; a NaN
-  anywhere in a row gives ``r = NaN``."""
+  finite), r the log-sum-exp of ``z - m``. A row of ``-inf`` gives ``r = -inf``; a NaN or a
+  ``+inf`` anywhere in a row gives ``r = NaN`` (no finite logits give such a distribution).
+  """
   acc = acc_dtype(z.dtype)
   m = jax.lax.stop_gradient(jnp.max(z, axis=-1)).astype(acc)
+  return finish_parts(z, m, jnp.sum)
+
+
+def finish_parts(z: Array, m: Array, row_sum) -> tuple[Array, Array]:
+  """``(m, r)`` from the raw row max: the shift made finite, r NaN for a ``+inf`` max."""
+  pos_inf = m == jnp.inf
   m = jnp.where(jnp.isfinite(m), m, 0)
-  r = jnp.log(jnp.sum(jnp.exp(z.astype(acc) - m[:, None]), axis=-1))
-  return m, r
+  r = jnp.log(row_sum(jnp.exp(z.astype(m.dtype) - m[:, None]), axis=-1))
+  return m, jnp.where(pos_inf, jnp.nan, r)
 
 
 def softmax_from_parts(z: Array, m: Array, r: Array) -> Array:
@@ -93,21 +100,42 @@ def label_gap(zm: Array, y: Array, m: Array) -> Array:
   return m - z_y.astype(m.dtype)
 
 
+def split_labels(y: Array, valid: Array | None, num_classes: int):
+  """``(y clipped into [0, C), bad [N])``: bad marks kept labels outside ``[0, C)``, whose
+  loss and gradient row are NaN (no class to take the loss of)."""
+  inside = (y >= 0) & (y < num_classes)
+  bad = ~inside if valid is None else valid & ~inside
+  return jnp.clip(y, 0, num_classes - 1), bad
+
+
+def poison_rows(x: Array, bad: Array) -> Array:
+  """``x`` with the rows ``bad`` marks set to NaN ([N] or [N, C]). An [N, C] array gets an
+  added [N] column of 0 or NaN, not a select against a broadcast constant (which XLA:CPU
+  materialises, and which costs a fused kernel its fusion)."""
+  if x.ndim == 1:
+    return jnp.where(bad, jnp.nan, x)
+  return x + jnp.where(bad, jnp.nan, 0).astype(x.dtype)[:, None]
+
+
 def int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r, gap_y=None):
   """Integer-label loss per row from the logsumexp parts:
-  ``a (r + m - z_y) + s (sum_c v_c r + sum_c v_c (m - z_c)) + zl lse^2`` on kept rows."""
+  ``a (r + m - z_y) + s (sum_c v_c r + sum_c v_c (m - z_c)) + zl lse^2`` on kept rows; NaN
+  for a kept label outside ``[0, C)``."""
   n, c = zm.shape
   acc = m.dtype
+  y, bad = split_labels(y, valid, c)
   a, s, v = int_target_parts(y, valid, w, eps, cmask, c, acc)
   if gap_y is None:
     gap_y = label_gap(zm, y, m)
   loss = masked_mul(a, r + gap_y)
   if s is not None:
-    d = m[:, None] - zm.astype(acc)
-    vd = jnp.sum(d, axis=-1) if v is None else jnp.sum(masked_mul(jnp.broadcast_to(v, d.shape), d),
-                                                       axis=-1)
-    loss = loss + masked_mul(s, _v_sum(v, c, acc) * r + vd)
-  return add_z_loss(loss, zl, valid, m, r)
+    # s sum_c v_c (m - z_c) as 2 sum_c (s v_c) (m/2 - z_c/2): the halves cannot overflow where
+    # the loss itself is finite (logits near ±3e38).
+    sv = s[:, None] if v is None else s[:, None] * v
+    half = 0.5 * m[:, None] - 0.5 * zm.astype(acc)
+    vd = 2 * jnp.sum(masked_mul(jnp.broadcast_to(sv, half.shape), half), axis=-1)
+    loss = loss + masked_mul(s * _v_sum(v, c, acc), r) + vd
+  return poison_rows(add_z_loss(loss, zl, valid, m, r), bad)
 
 
 def add_z_loss(loss, zl, valid, m, r):
@@ -143,8 +171,8 @@ def soft_target(y, valid, w, eps, cmask, acc):
 def soft_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r):
   """``sum_c t_c (r + m - z_c) + zl lse^2``; terms with ``t_c = 0`` are 0 whatever z_c is."""
   t = soft_target(y, valid, w, eps, cmask, m.dtype)
-  d = m[:, None] - zm.astype(m.dtype)
-  loss = masked_mul(jnp.sum(t, axis=-1), r) + jnp.sum(masked_mul(t, d), axis=-1)
+  half = 0.5 * m[:, None] - 0.5 * zm.astype(m.dtype)  # (m - z) / 2: no overflow at ±3e38
+  loss = masked_mul(jnp.sum(t, axis=-1), r) + 2 * jnp.sum(masked_mul(t, half), axis=-1)
   return add_z_loss(loss, zl, valid, m, r)
 
 
@@ -161,6 +189,15 @@ def softplus(z: Array) -> Array:
   return jnp.maximum(z, 0) + jnp.log1p(jnp.exp(-jnp.abs(z)))
 
 
+def label_poison(y: Array) -> Array:
+  """0 for a label in [0, 1], NaN outside it (or for NaN): ``s - s`` with
+  ``s = sqrt(y - y^2)``, since ``y - y^2 >= 0`` exactly on [0, 1]. Arithmetic only and with
+  no constant: a select or clamp in XLA:CPU's fused reductions costs their vectorisation,
+  and a broadcast constant shared by two passes is materialised."""
+  s = jnp.sqrt(y - y * y)
+  return s - s
+
+
 def bce_terms(z, y, pw):
   """``pw y softplus(-z) + (1 - y) softplus(z)`` for finite z, as
   ``pw y (relu(-z) + l) + (1 - y) (relu(z) + l)`` with ``l = log1p(e^-|z|)``: both terms are
@@ -172,12 +209,13 @@ def bce_terms(z, y, pw):
     pos = pw * pos
   neg = jnp.maximum(z, 0) + tail
   # (neg - y neg) rather than (1 - y) neg: the same value (exactly 0 at y = 1) without an
-  # [N, C] constant 1, which XLA:CPU shares between passes and materialises.
-  return y * pos + (neg - y * neg)
+  # [N, C] constant 1, which XLA:CPU shares between passes and materialises. A label outside
+  # [0, 1] gives NaN.
+  return y * pos + (neg - y * neg) + label_poison(y)
 
 
 def bce(z, y, pw):
   """Elementwise BCE from logits (``bce_terms``) with the limits at z = ±inf (0 or +inf)."""
   loss = bce_terms(z, y, pw)
   at_inf = jnp.where(z > 0, jnp.where(y == 1, 0.0, jnp.inf), jnp.where(y == 0, 0.0, jnp.inf))
-  return jnp.where(jnp.isinf(z), at_inf.astype(loss.dtype), loss)
+  return jnp.where(jnp.isinf(z), at_inf.astype(loss.dtype) + label_poison(y), loss)

@@ -41,7 +41,8 @@ def _tangent(z, y, pw, dz, dy, dpw):
   if _nonzero(dz):
     s_pos, s_neg = _sigmoids(zf)
     neg = yf * s_neg if pw is None else pw * yf * s_neg
-    terms.append(((s_pos - yf * s_pos) - neg) * dz.astype(dtype))
+    g = (s_pos - yf * s_pos) - neg + R.label_poison(yf)  # NaN for a label outside [0, 1]
+    terms.append(g * dz.astype(dtype))
   if _nonzero(dy):
     sp_neg = R.softplus(-zf)
     slope = (sp_neg if pw is None else pw * sp_neg) - R.softplus(zf)
@@ -81,11 +82,20 @@ def _bce_rule(primals, tangents):
   return bce(z, y, pw), jax.checkpoint(_tangent)(z, y, pw, dz, dy, dpw)
 
 
+def _masked_tangent(z, y, pw, keep, dz, dy, dpw):
+  # Masked entries are replaced before the tangent is formed, so that their values (NaN, inf)
+  # cannot reach the gradient: transposing a mask applied afterwards would give 0 * NaN.
+  if keep is not None:
+    z, y = jnp.where(keep, z, 0), jnp.where(keep, y, 0)
+  t = _tangent(z, y, pw, dz, dy, dpw)
+  return t if keep is None else jnp.where(keep, t, 0)
+
+
 def _bce_total_rule(primals, tangents):
   z, y, pw, keep = primals
   dz, dy, dpw, _ = _drop_zeros(tangents)
-  t = jax.checkpoint(_tangent)(z, y, pw, dz, dy, dpw)
-  return bce_total(z, y, pw, keep), jnp.sum(t if keep is None else jnp.where(keep, t, 0))
+  t = jax.checkpoint(_masked_tangent)(z, y, pw, keep, dz, dy, dpw)
+  return bce_total(z, y, pw, keep), jnp.sum(t)
 
 
 bce.defjvp(_bce_rule, symbolic_zeros=True)
@@ -174,6 +184,8 @@ def sigmoid_binary_cross_entropy(
   _checks.check_unit_interval(labels, "labels")
   where = elementwise_where(where, logits.shape)
   if reduction == "none":
+    if where is not None:  # dropped entries: value and gradient 0 whatever they hold
+      logits, labels = jnp.where(where, logits, 0), jnp.where(where, labels, 0)
     return elementwise_finish(bce(logits, labels, pw), where, reduction)
   total = bce_total(logits, labels, pw, where)
   if reduction == "sum":
@@ -212,6 +224,9 @@ def sigmoid_focal_loss(
   _checks.concrete_scalar(gamma, "gamma", 0.0, float("inf"))
   if alpha is not None:
     _checks.concrete_scalar(alpha, "alpha", 0.0, 1.0)
+  where = elementwise_where(where, logits.shape)
+  if where is not None:  # dropped entries: value and gradient 0 whatever they hold
+    logits, labels = jnp.where(where, logits, 0), jnp.where(where, labels, 0)
   ce = bce(logits, labels, None)
   zf, yf = _checks.upcast(logits), _checks.upcast(labels)
   s_pos, s_neg = _sigmoids(zf)
@@ -219,4 +234,4 @@ def sigmoid_focal_loss(
   losses = ce * one_minus_pt**gamma
   if alpha is not None:
     losses = (alpha * yf + (1 - alpha) * (1 - yf)) * losses
-  return elementwise_finish(losses, elementwise_where(where, logits.shape), reduction)
+  return elementwise_finish(losses, where, reduction)

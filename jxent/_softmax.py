@@ -60,7 +60,9 @@ def _grad_coefficients(kind, zm, y, valid, w, eps, cmask, zl, m, r):
   n, c = zm.shape
   acc = m.dtype
   p = R.softmax_from_parts(zm, m, r)
+  bad = None
   if kind == "int":
+    y, bad = R.split_labels(y, valid, c)
     a, s, v, coef = _int_target_dense(y, valid, w, eps, cmask, c, acc)
     onehot = jnp.arange(c)[None, :] == y[:, None]
     t = jnp.where(onehot, a[:, None], 0)
@@ -73,7 +75,10 @@ def _grad_coefficients(kind, zm, y, valid, w, eps, cmask, zl, m, r):
     slope = 2 * zl * jnp.where(jnp.isfinite(r), m + r, 0)
     coef = coef + (slope if valid is None else jnp.where(valid, slope, 0))
   g = coef[:, None] * p - t
-  # Dropped rows get exactly 0, whatever their logits hold (NaN and inf included).
+  # A kept row without a distribution (all logits -inf) or with a label outside [0, C) gets
+  # a NaN row; dropped rows get exactly 0, whatever their logits hold (NaN and inf included).
+  undefined = ~(r > -jnp.inf)  # no mass (r = -inf), or a NaN / +inf logit (r = NaN)
+  g = R.poison_rows(g, undefined if bad is None else undefined | bad)
   return g if valid is None else jnp.where(valid[:, None], g, 0)
 
 
@@ -322,6 +327,7 @@ def softmax_cross_entropy(
   Array([0.5108], dtype=float32)
   """
   _checks.reduction(reduction)
+  logits = _checks.as_array(logits, "logits")
   z, batch_shape, axis = flatten_logits(logits, axis)
   labels = _checks.as_array(labels, "labels")
   if not jnp.issubdtype(labels.dtype, jnp.floating):
@@ -405,6 +411,7 @@ def softmax_cross_entropy_with_integer_labels(
   Array([0.5108], dtype=float32)
   """
   _checks.reduction(reduction)
+  logits = _checks.as_array(logits, "logits")
   z, batch_shape, axis = flatten_logits(logits, axis)
   labels = _checks.integer(labels, "labels")
   if labels.shape != batch_shape:
@@ -425,7 +432,7 @@ def softmax_cross_entropy_with_integer_labels(
       jnp.all(in_range | (~valid if valid is not None else False)),
       f"labels out of range [0, {num_classes}) for some kept example.",
   )
-  y = jnp.clip(y, 0, num_classes - 1).astype(jnp.int32)
+  y = y.astype(jnp.int32)  # out-of-range kept labels give NaN in the kernels
   w = class_weights_array(class_weights, num_classes, acc)
   opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
   args = (R.apply_class_mask(z, cmask), y, valid, w, opts.label_smoothing, cmask, opts.z_loss)
@@ -435,7 +442,7 @@ def softmax_cross_entropy_with_integer_labels(
   if reduction == "sum":
     return total
   if w is not None:
-    wy = R.take_weights(w, y)
+    wy = R.take_weights(w, jnp.clip(y, 0, num_classes - 1))
     wy = wy if valid is None else jnp.where(valid, wy, 0)
     denom = jnp.sum(wy)
   else:

@@ -96,17 +96,33 @@ def vocab_parallel_cross_entropy(logits, labels, *, axis_name, ignore_index=None
   v_local = z.shape[-1]
   vocab = v_local * jax.lax.axis_size(axis_name)
   valid = _valid_mask(labels, ignore_index)
+  z = jnp.where(valid[..., None], z, 0)  # dropped rows reach no gradient, whatever they hold
   local = labels - _shard_offset(v_local, axis_name)
   here = (local >= 0) & (local < v_local) & valid
-  m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
-  m = jnp.where(jnp.isfinite(m), m, 0)
-  lse_local = m + jnp.log(jnp.sum(jnp.exp(z - m[..., None]), axis=-1))
+  lse_local = _local_lse(z)
   picked = jnp.take_along_axis(z, jnp.clip(local, 0, v_local - 1)[..., None], axis=-1)[..., 0]
   z_y_local = jnp.where(here, picked, 0)
   sum_z_local = jnp.sum(z, axis=-1) if opts.label_smoothing is not None else None
   loss = _combine(lse_local, z_y_local, sum_z_local, valid, opts, axis_name=axis_name,
                   vocab_size=vocab)
-  return _checks.reduce(loss, reduction, jnp.sum(valid))
+  return _checks.reduce(_poison_out_of_range(loss, labels, valid, vocab), reduction,
+                        jnp.sum(valid))
+
+
+def _local_lse(z):
+  """This shard's logsumexp; ``-inf`` with a zero (not NaN) gradient for a shard whose
+  logits are all ``-inf``."""
+  m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
+  m = jnp.where(jnp.isfinite(m), m, 0)
+  s = jnp.sum(jnp.exp(z - m[..., None]), axis=-1)
+  has_mass = s > 0
+  return jnp.where(has_mass, m + jnp.log(jnp.where(has_mass, s, 1)), -jnp.inf)
+
+
+def _poison_out_of_range(loss, labels, valid, vocab):
+  """NaN loss, and through the factor a NaN gradient row, for a kept label outside [0, V)."""
+  bad = valid & ((labels < 0) | (labels >= vocab))
+  return loss * jnp.where(bad, jnp.nan, 1).astype(loss.dtype)
 
 
 def vocab_parallel_linear_cross_entropy(hidden, weight, labels, *, axis_name,
@@ -137,6 +153,7 @@ def vocab_parallel_linear_cross_entropy(hidden, weight, labels, *, axis_name,
   v_local = weight.shape[1]
   vocab = v_local * jax.lax.axis_size(axis_name)
   valid = _valid_mask(labels, ignore_index)
+  hidden = jnp.where(valid[..., None], hidden, 0)  # dropped tokens reach no gradient
   local = labels - _shard_offset(v_local, axis_name)
   here = (local >= 0) & (local < v_local) & valid
   # Per-token local loss (lse_local - z_y on this shard's tokens, 0 elsewhere) and lse_local.
@@ -149,7 +166,8 @@ def vocab_parallel_linear_cross_entropy(hidden, weight, labels, *, axis_name,
     sum_z_local = jnp.dot(hidden, jnp.sum(weight, axis=1), preferred_element_type=acc)
   loss = _combine(lse_local, z_y_local, sum_z_local, valid, opts, axis_name=axis_name,
                   vocab_size=vocab)
-  return _checks.reduce(loss, reduction, jnp.sum(valid))
+  return _checks.reduce(_poison_out_of_range(loss, labels, valid, vocab), reduction,
+                        jnp.sum(valid))
 
 
 def make_vocab_parallel_loss(mesh, *, data_axis="data", model_axis="model", linear=False,

@@ -109,6 +109,11 @@ def axis_type_checks(kind):
   ref = jxent.softmax_cross_entropy_with_integer_labels(z, y, label_smoothing=0.1)
   f = jxent.sharded.make_vocab_parallel_loss(mesh, label_smoothing=0.1)
   out["vocab_parallel"] = rel(f(z, y), ref)
+  traced = jax.jit(lambda eps, zl: jxent.sharded.make_vocab_parallel_loss(
+      mesh, label_smoothing=eps, z_loss=zl)(z, y))(0.1, 1e-3)
+  out["vocab_parallel_traced_options"] = rel(
+      traced, jxent.softmax_cross_entropy_with_integer_labels(z, y, label_smoothing=0.1,
+                                                              z_loss=1e-3))
   put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
   hs, ys, zs = put(h, P("data")), put(y, P("data")), put(z, P("data"))
 

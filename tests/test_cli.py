@@ -24,3 +24,13 @@ def test_demo_prints_the_seed_numbers():
 def test_grads_command():
   out = _run("grads", "--examples", "64")
   assert "softmax(z) - y" in out and "(s - y) s (1 - s)" in out
+
+
+def test_import_jxent_pulls_in_no_app_code():
+  import subprocess
+  import sys
+
+  code = ("import sys, jxent; bad = [m for m in sys.modules if m.startswith(("
+          "'jxent._apps', 'matplotlib', 'sklearn', 'flax'))]; print(bad); assert not bad")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout + out.stderr

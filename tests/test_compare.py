@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jxent import _compare
+from jxent._apps import compare as _compare
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import jxent
-from jxent import _demo, grads
+from jxent import grads
+from jxent._apps import demo as _demo
 
 RNG = np.random.default_rng(3)
 Z = (RNG.normal(size=(16, 6)) * 4).astype(np.float32)

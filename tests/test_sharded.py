@@ -33,7 +33,8 @@ def test_loss_and_gradients_equal_unsharded(worker, mesh):
 @pytest.mark.parametrize("kind", ["explicit", "auto", "classic"])
 def test_every_mesh_axis_type(worker, kind):
   r = worker["axis_types"][kind]
-  want = {"vocab_parallel", "shard_map_fused_grad_h", "shard_map_fused_grad_w"}
+  want = {"vocab_parallel", "vocab_parallel_traced_options", "shard_map_fused_grad_h",
+          "shard_map_fused_grad_w"}
   if kind != "classic":
     want |= {"class_weights", "fused_grad_h", "fused_grad_w"}
   assert set(r) == want

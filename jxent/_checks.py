@@ -83,6 +83,17 @@ def canonical_axis(axis: int, ndim: int, name: str = "x") -> int:
   return int(axis) % ndim
 
 
+def class_axis(x: jax.Array, axis: int, name: str) -> int:
+  """The canonical class axis of ``x``; a ValueError for a scalar or an empty class axis."""
+  if x.ndim == 0:
+    raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar.")
+  axis = canonical_axis(axis, x.ndim, name)
+  if x.shape[axis] == 0:
+    raise ValueError(f"{name} has no classes: its class axis {axis} has size 0 "
+                     f"({name}.shape={x.shape}).")
+  return axis
+
+
 def reduction(value: str) -> str:
   if value not in REDUCTIONS:
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}.")

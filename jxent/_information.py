@@ -14,6 +14,12 @@ Conventions at the boundary (all tested):
   ``D(p||q)`` and ``H(p, q)`` with some ``p_i > 0`` where ``q_i = 0``.
 * From logits, ``-inf`` entries mask classes out of the distribution; values
   and gradients stay finite, the gradient of a masked entry is exactly 0.
+  ``+inf`` entries take their limit: the mass is shared by the ``+inf``
+  entries (entropy of ``softmax([inf, inf, 0])`` is ``log 2``).
+* Where the value is undefined the result is NaN, never a plausible number: a
+  NaN input, a probability outside [0, 1], a distribution without mass (all
+  probabilities 0, or all logits ``-inf``). Sums away from one are reported by
+  :func:`jxent.checked`.
 """
 
 from __future__ import annotations
@@ -240,13 +246,7 @@ def _log_softmax(logits: Array, axis: int) -> Array:
 
 def _logits(x, name: str, axis: int):
   x = _checks.floating(x, name)
-  if x.ndim == 0:
-    raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar.")
-  axis = _checks.canonical_axis(axis, x.ndim, name)
-  if x.shape[axis] == 0:
-    raise ValueError(f"{name} has no classes: its axis {axis} has size 0 ({name}.shape="
-                     f"{x.shape}).")
-  return x, axis
+  return x, _checks.class_axis(x, axis, name)
 
 
 def _plogq(logp: Array, logq: Array) -> Array:

@@ -88,7 +88,7 @@ def int_target_parts(y, valid, w, eps, cmask, num_classes: int, acc):
   return a, s, v
 
 
-def _v_sum(v, num_classes: int, acc):
+def v_sum(v, num_classes: int, acc):
   if v is None:
     return jnp.asarray(num_classes, acc)
   return jnp.sum(v, axis=-1) if v.ndim == 2 else jnp.sum(v)
@@ -134,7 +134,7 @@ def int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r, gap_y=None):
     sv = s[:, None] if v is None else s[:, None] * v
     half = 0.5 * m[:, None] - 0.5 * zm.astype(acc)
     vd = 2 * jnp.sum(masked_mul(jnp.broadcast_to(sv, half.shape), half), axis=-1)
-    loss = loss + masked_mul(s * _v_sum(v, c, acc), r) + vd
+    loss = loss + masked_mul(s * v_sum(v, c, acc), r) + vd
   return poison_rows(add_z_loss(loss, zl, valid, m, r), bad)
 
 

@@ -30,8 +30,6 @@ from jxent._platform import dispatch
 
 Array = jax.Array
 
-_ARGS = ("zm", "y", "valid", "w", "eps", "cmask", "zl")
-
 
 def _nonzero(t) -> bool:
   return t is not None and not isinstance(t, SymbolicZero)
@@ -47,11 +45,12 @@ def _instantiate(t, x):
 
 
 def _int_target_dense(y, valid, w, eps, cmask, num_classes, acc):
-  """``(coef [N], target-without-coef)`` pieces of G for integer labels."""
+  """``(a, s, v, sum_c t_c)``: the integer target's parts (``_reference.int_target_parts``)
+  and its total mass per row, the coefficient of softmax(z) in G."""
   a, s, v = R.int_target_parts(y, valid, w, eps, cmask, num_classes, acc)
   total = a
   if s is not None:
-    total = total + s * R._v_sum(v, num_classes, acc)
+    total = total + s * R.v_sum(v, num_classes, acc)
   return a, s, v, total
 
 
@@ -197,12 +196,7 @@ def flatten_logits(logits, axis: int, name: str = "logits"):
     raise TypeError(
         f"{name} must be floating point, got dtype {logits.dtype} with shape {logits.shape}."
     )
-  if logits.ndim == 0:
-    raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar.")
-  axis = _checks.canonical_axis(axis, logits.ndim, name)
-  if logits.shape[axis] == 0:
-    raise ValueError(f"{name} has no classes: its class axis {axis} has size 0 "
-                     f"({name}.shape={logits.shape}).")
+  axis = _checks.class_axis(logits, axis, name)
   if axis != logits.ndim - 1:
     logits = jnp.moveaxis(logits, axis, -1)
   batch_shape = logits.shape[:-1]

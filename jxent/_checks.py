@@ -173,10 +173,25 @@ def checked(fn: Callable) -> Callable:
   return checkify.checkify(value_checks(fn), errors=checkify.user_checks)
 
 
+def value_checks_on() -> bool:
+  return _VALUE_CHECKS.get()
+
+
 def value_check(pred: jax.Array, message: str) -> None:
   """A checkify check of ``pred``, emitted only under :func:`value_checks`."""
   if _VALUE_CHECKS.get():
     checkify.check(pred, message)
+
+
+def check_logits(z: jax.Array, valid: jax.Array | None, name: str) -> None:
+  """Checks the ``[N, C]`` logits of kept examples: no NaN, and some logit above -inf."""
+  if not _VALUE_CHECKS.get():
+    return
+  dropped = False if valid is None else ~valid
+  value_check(jnp.all(~jnp.any(jnp.isnan(z), axis=-1) | dropped),
+              f"{name} contain NaN in a kept example.")
+  value_check(jnp.all(jnp.any(z > -jnp.inf, axis=-1) | dropped),
+              f"{name} of a kept example are all -inf (no distribution).")
 
 
 def check_probabilities(p: jax.Array, axis: int | None, name: str) -> None:

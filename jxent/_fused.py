@@ -477,6 +477,7 @@ def linear_cross_entropy(
     valid = valid & where.reshape(n)
   _checks.value_check(jnp.all(~valid | ((y >= 0) & (y < v))),
                        f"labels out of range [0, {v}) for some kept token.")
+  _checks.check_logits(h2, valid, "hidden")
   y = y.astype(jnp.int32)  # a kept label outside [0, V) gives NaN
 
   t = default_chunk_size(n, v) if chunk_size is None else int(chunk_size)

@@ -182,6 +182,8 @@ def sigmoid_binary_cross_entropy(
           f"pos_weight.shape={pw.shape}."
       )
   _checks.check_unit_interval(labels, "labels")
+  if _checks.value_checks_on():
+    _checks.value_check(~jnp.any(jnp.isnan(logits)), "logits contain NaN.")
   where = elementwise_where(where, logits.shape)
   if reduction == "none":
     if where is not None:  # dropped entries: value and gradient 0 whatever they hold

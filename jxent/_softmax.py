@@ -343,6 +343,7 @@ def softmax_cross_entropy(
   w = class_weights_array(class_weights, z.shape[-1], acc)
   opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
   args = (R.apply_class_mask(z, cmask), y, valid, w, opts.label_smoothing, cmask, opts.z_loss)
+  _checks.check_logits(args[0], valid, "logits")
   if reduction == "none":
     return soft_loss(*args).reshape(batch_shape)
   total = soft_total(*args)
@@ -430,6 +431,7 @@ def softmax_cross_entropy_with_integer_labels(
   w = class_weights_array(class_weights, num_classes, acc)
   opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
   args = (R.apply_class_mask(z, cmask), y, valid, w, opts.label_smoothing, cmask, opts.z_loss)
+  _checks.check_logits(args[0], valid, "logits")
   if reduction == "none":
     return int_loss(*args).reshape(batch_shape)
   total = int_total(*args)

@@ -96,6 +96,7 @@ def vocab_parallel_cross_entropy(logits, labels, *, axis_name, ignore_index=None
   v_local = z.shape[-1]
   vocab = v_local * jax.lax.axis_size(axis_name)
   valid = _valid_mask(labels, ignore_index)
+  _checks.check_logits(z.reshape(-1, v_local), valid.reshape(-1), "logits (this shard)")
   z = jnp.where(valid[..., None], z, 0)  # dropped rows reach no gradient, whatever they hold
   local = labels - _shard_offset(v_local, axis_name)
   here = (local >= 0) & (local < v_local) & valid
@@ -122,6 +123,7 @@ def _local_lse(z):
 def _poison_out_of_range(loss, labels, valid, vocab):
   """NaN loss, and through the factor a NaN gradient row, for a kept label outside [0, V)."""
   bad = valid & ((labels < 0) | (labels >= vocab))
+  _checks.value_check(~jnp.any(bad), f"labels out of range [0, {vocab}) for some kept example.")
   return loss * jnp.where(bad, jnp.nan, 1).astype(loss.dtype)
 
 

@@ -387,3 +387,47 @@ def test_property_integer_labels_against_float64(batch):
   fine = keep & np.isfinite(want) & np.all(np.isfinite(z), axis=1)
   assert np.all(np.isfinite(g[fine]))
   assert np.all(np.isnan(g[keep & np.isnan(want)]))
+
+
+# ------------------------------------------- checkify reports every value problem
+
+
+@pytest.mark.parametrize("fn, args, match", [
+    (jxent.softmax_cross_entropy_with_integer_labels, (Z, np.array([0, 1, 7, 2])),
+     "labels out of range"),
+    (jxent.softmax_cross_entropy_with_integer_labels,
+     (np.where(np.arange(C) == 2, np.nan, Z).astype(np.float32), Y), "logits contain NaN"),
+    (jxent.softmax_cross_entropy_with_integer_labels,
+     (np.where(np.arange(N)[:, None] == 1, -np.inf, Z).astype(np.float32), Y), "all -inf"),
+    (jxent.softmax_cross_entropy, (Z, -T), "labels has negative"),
+    (jxent.softmax_cross_entropy, (np.where(np.arange(C) == 0, np.nan, Z).astype(np.float32), T),
+     "logits contain NaN"),
+    (lambda h, y: jxent.linear_cross_entropy(h, jnp.eye(C), y), (Z, np.array([0, 1, 9, 2])),
+     "labels out of range"),
+    (lambda h, y: jxent.linear_cross_entropy(h, jnp.eye(C), y),
+     (np.where(np.arange(C) == 0, np.nan, Z).astype(np.float32), Y), "hidden contain NaN"),
+    (lambda z, y: vocab_parallel(z, y), (Z, np.array([0, 1, 9, 2])), "labels out of range"),
+    (lambda z, y: vocab_parallel(z, y),
+     (np.where(np.arange(C) == 0, np.nan, Z).astype(np.float32), Y), "logits"),
+    (jxent.sigmoid_binary_cross_entropy, (Z, 2 * T), "labels has entries outside"),
+    (jxent.sigmoid_binary_cross_entropy, (np.where(np.arange(C) == 0, np.nan, Z).astype(
+        np.float32), T), "logits contain NaN"),
+    (jxent.binary_cross_entropy, (np.full(3, 1.5, np.float32), np.ones(3, np.float32)),
+     "probs has entries outside"),
+    (jxent.entropy, (np.array([0.5, 0.7], np.float32),), "does not sum to one"),
+    (jxent.kl_divergence, (np.array([0.5, 0.5], np.float32), np.array([1.5, -0.5], np.float32)),
+     "q has negative"),
+])
+def test_checked_reports_each_value_problem_naming_the_argument(fn, args, match):
+  err, _ = jax.jit(jxent.checked(fn))(*args)
+  assert err.get() is not None and match in err.get(), err.get()
+
+
+def test_checked_is_silent_on_good_inputs():
+  for fn, args in ((jxent.softmax_cross_entropy_with_integer_labels, (Z, Y)),
+                   (jxent.softmax_cross_entropy, (Z, T)),
+                   (lambda h, y: jxent.linear_cross_entropy(h, jnp.eye(C), y), (Z, Y)),
+                   (lambda z, y: vocab_parallel(z, y), (Z, Y)),
+                   (jxent.sigmoid_binary_cross_entropy, (Z, T))):
+    err, _ = jax.jit(jxent.checked(fn))(*args)
+    assert err.get() is None, err.get()

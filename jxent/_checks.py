@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import checkify
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -270,6 +271,16 @@ def reduce(
   total = jnp.sum(losses)
   if how == "sum":
     return total
-  if denominator is None:
-    return total / max(losses.size, 1)
-  return total / jnp.where(denominator == 0, 1, denominator).astype(total.dtype)
+  return mean_of(total, losses.size if denominator is None else denominator)
+
+
+def mean_of(total: jax.Array, count) -> jax.Array:
+  """``total / count``, and 0 for a mean over nothing (count 0), not NaN."""
+  if isinstance(count, int):
+    return total / max(count, 1)
+  return total / jnp.where(count == 0, 1, count).astype(total.dtype)
+
+
+def nonzero_tangent(t) -> bool:
+  """Whether a custom_jvp rule's tangent (``symbolic_zeros=True``) carries anything."""
+  return t is not None and not isinstance(t, SymbolicZero)

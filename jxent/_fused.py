@@ -32,7 +32,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from jxent import _checks
@@ -53,7 +52,7 @@ _TARGET_BLOCK_BYTES = 64 * 2**20
 _VOCAB_SLICE = 2048
 
 
-def core_errors():
+def _symbolic_dim_error():
   """The error a symbolic dimension raises when made an int (jax.export's own class)."""
   from jax._src.export.shape_poly import InconclusiveDimensionOperation
   return InconclusiveDimensionOperation
@@ -249,8 +248,7 @@ def _grads(h3, w, b, y2, v2, g_loss, cfg):
   return loss, d_eps, d_zl, dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype)
 
 
-def _nonzero(t) -> bool:
-  return t is not None and not isinstance(t, SymbolicZero)
+_nonzero = _checks.nonzero_tangent
 
 
 def _dot(a, b) -> jax.Array:
@@ -317,11 +315,12 @@ def _fused_tokens(h3, w, b, y2, v2, cfg):
 def _block_tangent(h, y, valid, lse, dh, w, b, dw, db, cfg):
   """(d loss, d lse) of one chunk for tangents dh, dW, db of the inputs."""
   z, tanh = _logits(h, w, b, cfg)
+  plain = _Config(None, None, None, cfg.layout, 0, cfg.acc)  # h @ W alone: linear pieces
   dzb = jnp.zeros(z.shape, cfg.acc)
   if dh is not None:
-    dzb = dzb + _logits(dh, w, None, _Config(None, None, None, cfg.layout, 0, cfg.acc))[0]
+    dzb = dzb + _logits(dh, w, None, plain)[0]
   if dw is not None:
-    dzb = dzb + _logits(h, dw, None, _Config(None, None, None, cfg.layout, 0, cfg.acc))[0]
+    dzb = dzb + _logits(h, dw, None, plain)[0]
   if db is not None:
     dzb = dzb + db.astype(cfg.acc)
   if tanh is not None:
@@ -459,7 +458,7 @@ def linear_cross_entropy(
 
   try:
     n = int(np.prod([int(s) for s in batch_shape], dtype=np.int64))
-  except (TypeError, jax.errors.ConcretizationTypeError, core_errors()) as e:
+  except (TypeError, jax.errors.ConcretizationTypeError, _symbolic_dim_error()) as e:
     raise ValueError(
         f"linear_cross_entropy needs a static number of tokens N to cut it into chunks, got "
         f"hidden.shape={hidden.shape} with a symbolic token dimension; export it for a fixed N "

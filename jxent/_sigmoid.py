@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.custom_derivatives import SymbolicZero
 
 from jxent import _checks, _cpu
 from jxent import _reference as R
@@ -23,8 +22,7 @@ from jxent._platform import dispatch
 Array = jax.Array
 
 
-def _nonzero(t) -> bool:
-  return t is not None and not isinstance(t, SymbolicZero)
+_nonzero = _checks.nonzero_tangent
 
 
 def _sigmoids(z):
@@ -192,8 +190,7 @@ def sigmoid_binary_cross_entropy(
   total = bce_total(logits, labels, pw, where)
   if reduction == "sum":
     return total
-  count = logits.size if where is None else jnp.sum(where)
-  return total / jnp.maximum(count, 1).astype(total.dtype)
+  return _checks.mean_of(total, logits.size if where is None else jnp.sum(where))
 
 
 def sigmoid_focal_loss(

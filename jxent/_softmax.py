@@ -31,8 +31,7 @@ from jxent._platform import dispatch
 Array = jax.Array
 
 
-def _nonzero(t) -> bool:
-  return t is not None and not isinstance(t, SymbolicZero)
+_nonzero = _checks.nonzero_tangent
 
 
 def _instantiate(t, x):
@@ -260,10 +259,15 @@ def _masks(valid, cmask):
   return valid
 
 
-def _finish(losses: Array, batch_shape, reduction: str, denominator) -> Array:
-  if reduction == "none":
-    return losses.reshape(batch_shape)
-  return _checks.reduce(losses, reduction, denominator)
+def _kernel_args(z, y, valid, cmask, class_weights, label_smoothing, z_loss):
+  """The kernels' ``(zm, y, valid, w, eps, cmask, zl)``, shared by both softmax losses."""
+  acc = R.acc_dtype(z.dtype)
+  valid = _masks(valid, cmask)
+  w = class_weights_array(class_weights, z.shape[-1], acc)
+  opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
+  zm = R.apply_class_mask(z, cmask)
+  _checks.check_logits(zm, valid, "logits")
+  return zm, y, valid, w, opts.label_smoothing, cmask, opts.z_loss
 
 
 # ---------------------------------------------------------------------- public losses
@@ -336,21 +340,16 @@ def softmax_cross_entropy(
         f"logits.shape={jnp.shape(logits)}."
     )
   _checks.check_probabilities(labels, axis, "labels")
-  acc = R.acc_dtype(z.dtype)
   y = move_class_axis(labels, axis).reshape(z.shape)
   valid, cmask = split_where(where, jnp.shape(logits), batch_shape, axis)
-  valid = _masks(valid, cmask)
-  w = class_weights_array(class_weights, z.shape[-1], acc)
-  opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
-  args = (R.apply_class_mask(z, cmask), y, valid, w, opts.label_smoothing, cmask, opts.z_loss)
-  _checks.check_logits(args[0], valid, "logits")
+  args = _kernel_args(z, y, valid, cmask, class_weights, label_smoothing, z_loss)
   if reduction == "none":
     return soft_loss(*args).reshape(batch_shape)
   total = soft_total(*args)
   if reduction == "sum":
     return total
-  denom = z.shape[0] if valid is None else jnp.sum(valid)
-  return total / jnp.maximum(denom, 1).astype(total.dtype)
+  valid = args[2]
+  return _checks.mean_of(total, z.shape[0] if valid is None else jnp.sum(valid))
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -415,7 +414,6 @@ def softmax_cross_entropy_with_integer_labels(
         f"labels.shape={labels.shape} for logits.shape={jnp.shape(logits)}."
     )
   num_classes = z.shape[-1]
-  acc = R.acc_dtype(z.dtype)
   y = labels.reshape(-1)
   valid, cmask = split_where(where, jnp.shape(logits), batch_shape, axis)
   if ignore_index is not None:
@@ -428,21 +426,14 @@ def softmax_cross_entropy_with_integer_labels(
       f"labels out of range [0, {num_classes}) for some kept example.",
   )
   y = y.astype(jnp.int32)  # out-of-range kept labels give NaN in the kernels
-  w = class_weights_array(class_weights, num_classes, acc)
-  opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
-  args = (R.apply_class_mask(z, cmask), y, valid, w, opts.label_smoothing, cmask, opts.z_loss)
-  _checks.check_logits(args[0], valid, "logits")
+  args = _kernel_args(z, y, valid, cmask, class_weights, label_smoothing, z_loss)
   if reduction == "none":
     return int_loss(*args).reshape(batch_shape)
   total = int_total(*args)
   if reduction == "sum":
     return total
+  valid, w = args[2], args[3]
   if w is not None:
     wy = R.take_weights(w, jnp.clip(y, 0, num_classes - 1))
-    wy = wy if valid is None else jnp.where(valid, wy, 0)
-    denom = jnp.sum(wy)
-  else:
-    denom = None if valid is None else jnp.sum(valid)
-  if denom is None:
-    return total / max(z.shape[0], 1)
-  return total / jnp.where(denom == 0, 1, denom).astype(total.dtype)
+    return _checks.mean_of(total, jnp.sum(wy if valid is None else jnp.where(valid, wy, 0)))
+  return _checks.mean_of(total, z.shape[0] if valid is None else jnp.sum(valid))

@@ -146,20 +146,55 @@ def test_scratch_memory_is_one_block_plus_one_dw_slice():
   assert fused < unfused / 4
 
 
+@pytest.mark.parametrize("method", ["forward", "recompute"])
 @pytest.mark.parametrize("layout", ["dv", "vd"])
-def test_ragged_vocabulary_slices(monkeypatch, layout):
-  # V = 50 in slices of 16: three full slices and a remainder of 2 columns.
+def test_ragged_vocabulary_slices(monkeypatch, layout, method):
+  # V = 50 in slices of 16 (forward method's dW accumulation; three full slices and a
+  # remainder of 2 columns) or 32 (recompute method's tangent; one and a remainder of 18).
   monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)
-  y = jnp.clip(Y, 0, V - 1)
   w = W if layout == "dv" else W.T
-  f = lambda h, w, b: jxent.linear_cross_entropy(h, w, y, bias=b, weight_layout=layout,
-                                                 chunk_size=8)
-  g = lambda h, w, b: jxent.softmax_cross_entropy_with_integer_labels(
-      (h @ w if layout == "dv" else h @ w.T) + b, y, reduction="mean")
+  cot = jnp.linspace(0.2, 1.7, N)
+  opts = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-2)
+  scalar = method == "forward"
+
+  def f(h, w, b):
+    out = jxent.linear_cross_entropy(h, w, Y, bias=b, weight_layout=layout, chunk_size=8,
+                                     logit_softcap=4.0, method=method,
+                                     reduction="sum" if scalar else "none", **opts)
+    return 0.7 * out if scalar else jnp.sum(cot * out)
+
+  def g(h, w, b):
+    z = 4.0 * jnp.tanh(((h @ w if layout == "dv" else h @ w.T) + b) / 4.0)
+    out = jxent.softmax_cross_entropy_with_integer_labels(z, Y, **opts)
+    return 0.7 * jnp.sum(out) if scalar else jnp.sum(cot * out)
+
   got = jax.grad(f, argnums=(0, 1, 2))(H, w, B)
   want = jax.grad(g, argnums=(0, 1, 2))(H, w, B)
   for a, b in zip(got, want):
     assert rel(a, b) < 1e-5
+  t = (jnp.cos(H), jnp.sin(w), jnp.cos(B))
+  assert abs(jax.jvp(f, (H, w, B), t)[1] - jax.jvp(g, (H, w, B), t)[1]) <= 1e-5 * abs(
+      jax.jvp(g, (H, w, B), t)[1])
+
+
+def test_recompute_scratch_is_blocks_not_weight_sized(monkeypatch):
+  # The recompute method's reverse pass keeps the inputs and lse and adds into dW one
+  # vocabulary slice at a time: no [D, V] temporary (per chunk, or a stacked copy of W).
+  monkeypatch.setattr(_fused, "_VOCAB_SLICE", 128)  # the tangent's slices: 256 columns
+  n, d, v, t, s = 512, 64, 4096, 32, 256
+  h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+  y = jnp.zeros(n, jnp.int32)
+  cot = jnp.linspace(0.5, 1.5, n)
+  f = lambda h, w: jnp.sum(cot * jxent.linear_cross_entropy(
+      h, w, y, chunk_size=t, reduction="none", method="recompute"))
+  temp = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(h, w).compile() \
+      .memory_analysis().temp_size_in_bytes
+  # The forward's [t, V] block, a [N, D] cotangent, a few [D, slice] and [t, slice] pieces;
+  # a [D, V] temporary per chunk (what JAX's transpose of a whole-W tangent allocates) would
+  # not fit.
+  assert temp <= t * v * 4 + n * d * 4 + 4 * d * s * 4 + 8 * t * s * 4 + 64 * 1024
+  assert temp < t * v * 4 + d * v * 4
 
 
 def test_default_chunk_size():

@@ -27,7 +27,10 @@ def time_side_by_side(
 ) -> dict[str, dict[str, float]]:
   """Times zero-argument callables that block until their result is ready.
 
-  Returns ``{name: {"median_s": ..., "ratio": median(t_name / t_reference)}}``.
+  Returns ``{name: {"median_s": ..., "ratio": median(t_name / t_reference), "lo": ...,
+  "hi": ..., "times": [...]}}`` with ``lo``/``hi`` the smallest and largest per-repetition
+  ratio (the spread to print beside the median) and the raw seconds per repetition (for
+  ``pair``).
   """
   for fn in variants.values():
     for _ in range(warmup):
@@ -41,13 +44,23 @@ def time_side_by_side(
       variants[name]()
       times[name].append(time.perf_counter() - t0)
   ref = times[reference]
-  return {
-      k: {
-          "median_s": statistics.median(v),
-          "ratio": statistics.median(a / b for a, b in zip(v, ref)),
-      }
-      for k, v in times.items()
-  }
+  out = {}
+  for k, v in times.items():
+    ratios = [a / b for a, b in zip(v, ref)]
+    out[k] = {"median_s": statistics.median(v), "ratio": statistics.median(ratios),
+              "lo": min(ratios), "hi": max(ratios), "times": v}
+  return out
+
+
+def pair(res: dict, a: str, b: str) -> dict[str, float]:
+  """Median (and min, max) of the per-repetition ratios t_a / t_b of one side-by-side run."""
+  ratios = [x / y for x, y in zip(res[a]["times"], res[b]["times"])]
+  return {"ratio": statistics.median(ratios), "lo": min(ratios), "hi": max(ratios)}
+
+
+def spread(r: dict[str, float], digits: int = 2) -> str:
+  """``median (lo–hi)`` of a ``time_side_by_side`` entry."""
+  return f"{r['ratio']:.{digits}f} ({r['lo']:.{digits}f}–{r['hi']:.{digits}f})"
 
 
 def blocking(fn: Callable, *args) -> Callable[[], object]:

@@ -101,6 +101,7 @@ def run(sizes, reps):
       row = {
           "size": f"N={n}, D={d}, V={v}", "variant": k,
           "ms": res[k]["median_s"] * 1e3, "ratio": res[k]["ratio"],
+          "lo": res[k]["lo"], "hi": res[k]["hi"],
           "temp_mib": mem[k]["temp"] / 2**20,
           "temp_frac": mem[k]["temp"] / mem["naive"]["temp"],
           "rss_mib": rss["peak_mib"], "rss_before_mib": rss["before_mib"],
@@ -114,7 +115,8 @@ def run(sizes, reps):
 
 
 def _fmt(r):
-  return (f"| {r['size']} | {r['variant']} | {r['ms']:,.0f} | **{r['ratio']:.3f}** | "
+  return (f"| {r['size']} | {r['variant']} | {r['ms']:,.0f} | **{r['ratio']:.3f}** "
+          f"({r['lo']:.3f}–{r['hi']:.3f}) | "
           f"{r['temp_mib']:,.1f} | {100 * r['temp_frac']:.1f}% | {r['rss_mib']:,.0f} | "
           f"{r['rss_mib'] - r['rss_before_mib']:,.0f} | {r['err']:.1e} |")
 
@@ -130,9 +132,9 @@ def chunk_sweep(n, d, v, chunks=(128, 256, 512), reps=3):
                             reference="naive", reps=reps)
   lines = [f"Chunk size at N={n}, D={d}, V={v} (default: "
            f"{jxent._fused.default_chunk_size(n, v)}):", "",
-           "| chunk | time / unfused | XLA scratch MiB |", "|---:|---:|---:|"]
+           "| chunk | time / unfused (min–max) | XLA scratch MiB |", "|---:|---:|---:|"]
   for c in chunks:
-    lines.append(f"| {c} | {res[c]['ratio']:.3f} | "
+    lines.append(f"| {c} | {H.spread(res[c], 3)} | "
                  f"{H.xla_memory(fs[c], h, w)['temp'] / 2**20:,.1f} |")
   print("\n".join(lines), flush=True)
   return "\n".join(lines)
@@ -145,14 +147,15 @@ def to_markdown(rows, reps):
       f"Machine: {H.machine()}. `python -m benchmarks fused`; `jit(value_and_grad)` with "
       "respect to h and W, mean reduction, default chunk size; median of "
       f"{reps} repetitions after warm-up, variants alternating, ratio = median of "
-      "per-repetition time ratios to the unfused reference (`optax...with_integer_labels"
-      "(h @ W, y).mean()`). Scratch is XLA's `temp_size_in_bytes` of the compiled function; "
+      "per-repetition time ratios (their min–max in parentheses) to the unfused reference "
+      "(`optax...with_integer_labels(h @ W, y).mean()`). Scratch is XLA's "
+      "`temp_size_in_bytes` of the compiled function; "
       "peak RSS is the kernel's high-water mark (`VmHWM`, reset after a warm-up run) of a "
       "fresh process during one run of the variant; 'RSS added' is that peak minus the "
       "resident size just before the run. Error: largest relative difference of loss, dh "
       "and dW to the reference.",
       "",
-      "| size | variant | ms | time / unfused | XLA scratch MiB | scratch / unfused "
+      "| size | variant | ms | time / unfused (min–max) | XLA scratch MiB | scratch / unfused "
       "| peak RSS MiB | RSS added by the run MiB | max rel. error |",
       "|---|---|---:|---:|---:|---:|---:|---:|---:|",
       *[_fmt(r) for r in rows],

@@ -89,12 +89,11 @@ def run(sizes=SIZES, dtypes=("float32", "bfloat16"), reps=7) -> list[dict]:
       for name, jx, opt, torch_name, kind in _losses():
         y = _labels(kind, n, c, dtype, ky)
         # The least a forward must read: the logits, and labels of the same size if dense.
-        floor_in = floor
+        # Both floors are timed in the same alternating run as the forwards they divide.
+        read2 = None
         if y.shape == z.shape:
           read2 = jax.jit(lambda z, y: jnp.sum(z, axis=-1, dtype=jnp.float32)
                           + jnp.sum(y, axis=-1, dtype=jnp.float32))
-          floor_in = H.time_side_by_side({"read": H.blocking(read2, z, y)}, reference="read",
-                                         reps=reps)["read"]["median_s"]
         for mode in ("fwd", "fwd+bwd"):
           if mode == "fwd":
             fj, fo = jax.jit(jx), jax.jit(opt)
@@ -107,19 +106,25 @@ def run(sizes=SIZES, dtypes=("float32", "bfloat16"), reps=7) -> list[dict]:
           tv = _torch_variants(torch_name, z, y, dtype)
           if tv:
             variants["torch"] = tv[mode]
+          if mode == "fwd":
+            variants["read floor"] = H.blocking(read, z)
+            if read2 is not None:
+              variants["inputs floor"] = H.blocking(read2, z, y)
           res = H.time_side_by_side(variants, reference="optax", reps=reps)
+          fwd = mode == "fwd"
           row = {
               "loss": name, "dtype": dtype, "size": f"[{n}, {c}]", "pass": mode,
               "jxent_ms": res["jxent"]["median_s"] * 1e3,
               "optax_ms": res["optax"]["median_s"] * 1e3,
-              "jxent/optax": res["jxent"]["ratio"],
+              "jxent/optax": res["jxent"],
               "torch_ms": res["torch"]["median_s"] * 1e3 if "torch" in res else None,
-              "jxent/torch": (res["jxent"]["ratio"] / res["torch"]["ratio"]
-                              if "torch" in res else None),
+              "jxent/torch": H.pair(res, "jxent", "torch") if "torch" in res else None,
               "read_floor_ms": floor * 1e3,
-              "inputs_floor_ms": floor_in * 1e3,
               "read_GBps": nbytes / floor / 1e9,
               "jxent_GBps": nbytes / res["jxent"]["median_s"] / 1e9,
+              "fwd/read": H.pair(res, "jxent", "read floor") if fwd else None,
+              "fwd/inputs": (H.pair(res, "jxent", "inputs floor" if read2 is not None
+                                    else "read floor") if fwd else None),
               "value_rel_diff": abs(v_got - v_want) / max(abs(v_want), 1e-30),
           }
           rows.append(row)
@@ -128,15 +133,20 @@ def run(sizes=SIZES, dtypes=("float32", "bfloat16"), reps=7) -> list[dict]:
   return rows
 
 
+def _spread(r: dict | None, digits: int = 2, suffix: str = "") -> str:
+  if r is None:
+    return ""
+  f = f".{digits}f"
+  return f"{r['ratio']:{f}}{suffix} ({r['lo']:{f}}–{r['hi']:{f}})"
+
+
 def _format_row(r: dict) -> str:
   torch = "—" if r["torch_ms"] is None else f"{r['torch_ms']:,.1f}"
-  vs_torch = "—" if r["jxent/torch"] is None else f"{r['jxent/torch']:.2f}"
-  fwd = r["pass"] == "fwd"
-  floor = f"{r['jxent_ms'] / r['read_floor_ms']:.1f}×" if fwd else ""
-  floor_in = f"{r['jxent_ms'] / r['inputs_floor_ms']:.1f}×" if fwd else ""
+  vs_torch = "—" if r["jxent/torch"] is None else _spread(r["jxent/torch"])
   return (f"| {r['loss']} | {r['dtype']} | {r['size']} | {r['pass']} | {r['jxent_ms']:,.1f} | "
-          f"{r['optax_ms']:,.1f} | {torch} | **{r['jxent/optax']:.2f}** | {vs_torch} | "
-          f"{r['jxent_GBps']:.1f} | {floor} | {floor_in} |")
+          f"{r['optax_ms']:,.1f} | {torch} | **{_spread(r['jxent/optax'])}** | {vs_torch} | "
+          f"{r['jxent_GBps']:.1f} | {_spread(r['fwd/read'], 1, '×')} | "
+          f"{_spread(r['fwd/inputs'], 1, '×')} |")
 
 
 def to_markdown(rows: list[dict], reps: int) -> str:
@@ -147,12 +157,14 @@ def to_markdown(rows: list[dict], reps: int) -> str:
       "## Losses: jxent vs Optax vs PyTorch (CPU)",
       "",
       f"Machine: {H.machine()}. `python -m benchmarks losses`; median of {reps} repetitions "
-      "after warm-up, variants alternating; ratios are medians of per-repetition ratios "
-      "(< 1 means jxent is faster). Mean-reduced losses; fwd+bwd is `jax.value_and_grad` "
-      "(PyTorch: `loss.backward()`). GB/s counts one read of the logits. 'fwd / read "
-      "floor' divides the forward's time by one `jnp.sum` pass over the logits; soft labels "
-      "and multi-label targets are a second array of the logits' size that the forward must "
-      "also read, and 'fwd / inputs floor' divides by one pass over both arrays.",
+      "after warm-up, variants alternating; every ratio is the median of the per-repetition "
+      "ratios of one alternating run, with their min–max in parentheses (< 1 means jxent is "
+      "faster). Mean-reduced losses; fwd+bwd is `jax.value_and_grad` (PyTorch: "
+      "`loss.backward()`). GB/s counts one read of the logits. 'fwd / read floor' divides "
+      "the forward's time by that of one `jnp.sum` pass over the logits, timed in the same "
+      "alternating run; soft labels and multi-label targets are a second array of the "
+      "logits' size that the forward must also read, and 'fwd / inputs floor' divides by "
+      "one pass over both arrays.",
       "",
       "| loss | dtype | [N, C] | pass | jxent ms | optax ms | torch ms | jxent/optax "
       "| jxent/torch | jxent GB/s | fwd / read floor | fwd / inputs floor |",
@@ -225,7 +237,7 @@ def main(argv=None):
     print(json.dumps(page_fault_probe(n, c, args.reps)))
     return
   rows = run(QUICK_SIZES if args.quick else SIZES, reps=args.reps)
-  ratios = [r["jxent/optax"] for r in rows]
+  ratios = [r["jxent/optax"]["ratio"] for r in rows]
   print(f"median jxent/optax over all rows: {statistics.median(ratios):.2f}")
   if not args.quick:
     text = to_markdown(rows, args.reps) + "\n\n" + page_fault_section(SIZES, args.reps)

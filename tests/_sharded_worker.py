@@ -6,7 +6,7 @@ import os
 import re
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["JAX_PLATFORMS"] = "cpu"  # a CPU mesh by design, also on a GPU machine
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -1,0 +1,485 @@
+"""On an accelerator: the test suite, the dense losses and the fused loss against the anchors.
+
+    python -m benchmarks gpu [--smoke] [--budget-s 450] [--out FILE]
+
+One run on one GPU, in this order, each step skipped (and said so in the table) when the time
+budget is spent or a library is missing:
+
+1. the test suite on the device (``JAX_PLATFORMS`` as set, e.g. ``cuda``; tests that are about
+   XLA:CPU skip with a reason), pass/fail/skip counts;
+2. softmax CE (integer and soft labels) and sigmoid BCE, float32 and bfloat16, at
+   [8192, 50304] and [16384, 128256], forward and forward+backward: jxent against Optax (same
+   JAX), PyTorch eager and ``torch.compile``, alternating in one process, medians of the
+   per-repetition time ratios with their min–max;
+3. the fused linear cross-entropy, bfloat16, weight [V, D], at Cut Cross-Entropy's Gemma-2
+   shape (N=8192, D=2304, V=256000) and at (8192, 4096, 128256), forward+backward with
+   respect to h and W: jxent against unfused JAX, Cut Cross-Entropy and Liger; time ratios
+   as above and peak device memory (JAX: ``peak_bytes_in_use`` of a fresh process per
+   variant; PyTorch: ``max_memory_allocated`` after a reset), minus the inputs;
+4. writes the tables with the device, driver and library versions: the "gpu" section of
+   benchmarks/RESULTS.md (full runs) and ``--out`` if given.
+
+``--smoke`` runs the same code on CPU at tiny sizes (no test suite beyond one small file,
+missing libraries skipped) and writes only to ``--out``; a test runs it so the script
+cannot rot. Cut Cross-Entropy and Liger are pure-Python packages on Triton: on a machine
+without a package index, bring them as wheels (``pip download --no-deps
+cut-cross-entropy liger-kernel``) and install them before the run.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Several frameworks share the device: no framework may take it whole at start.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jxent  # noqa: E402
+from benchmarks import _harness as H  # noqa: E402
+
+DENSE_SHAPES = [(8192, 50304), (16384, 128256)]
+FUSED_SHAPES = [(8192, 2304, 256000), (8192, 4096, 128256)]
+SMOKE_DENSE = [(64, 1000)]
+SMOKE_FUSED = [(128, 32, 1000)]
+LOSSES = ("int", "soft", "bce")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Budget:
+  """Wall-clock budget of the whole run; steps ask before they start."""
+
+  def __init__(self, seconds: float):
+    self.end = time.monotonic() + seconds
+
+  def left(self) -> float:
+    return self.end - time.monotonic()
+
+
+def _optional(name: str):
+  try:
+    return importlib.import_module(name)
+  except Exception:  # noqa: BLE001 - any failure to import means "not available"
+    return None
+
+
+def _torch():
+  torch = _optional("torch")
+  if torch is None:
+    return None, None
+  dev = "cuda" if (jax.default_backend() == "gpu" and torch.cuda.is_available()) else "cpu"
+  return torch, dev
+
+
+def _version(dist: str) -> str:
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def environment() -> str:
+  dev = jax.devices()[0]
+  driver = "n/a"
+  if shutil.which("nvidia-smi"):
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                          "--format=csv,noheader"], capture_output=True, text=True)
+    driver = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else "n/a"
+  libs = ", ".join(f"{d} {_version(d)}" for d in (
+      "jaxlib", "optax", "torch", "triton", "cut-cross-entropy", "liger-kernel"))
+  return (f"Device: {dev.platform} ({dev.device_kind}); nvidia-smi: {driver}; host: "
+          f"{H.machine()}; {libs}.")
+
+
+# ------------------------------------------------------------------------ 1. test suite
+
+
+def run_tests(paths: list[str], timeout_s: float) -> dict:
+  """Runs pytest on the default JAX platform; returns counts and the summary line."""
+  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
+  if _optional("xdist") is not None and len(paths) == 1 and paths[0] == "tests":
+    cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+  t0 = time.monotonic()
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout_s, 1),
+                         cwd=ROOT)
+    text, rc = out.stdout + out.stderr, out.returncode
+  except subprocess.TimeoutExpired as e:
+    text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    rc = "timeout"
+  counts = {k: int(n) for n, k in re.findall(
+      r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", text.splitlines()[-1]
+      if text.strip() else "")}
+  failed = [ln.split(" ", 1)[1] for ln in text.splitlines() if ln.startswith("FAILED ")]
+  return {"rc": rc, "seconds": time.monotonic() - t0, "counts": counts,
+          "summary": text.strip().splitlines()[-1] if text.strip() else "", "failed": failed}
+
+
+# ------------------------------------------------------------------- 2. dense losses
+
+
+def _dense_jax(kind: str, grad: bool):
+  if kind == "int":
+    jx = lambda z, y: jxent.softmax_cross_entropy_with_integer_labels(z, y, reduction="mean")
+    ox = lambda z, y: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+  elif kind == "soft":
+    jx = lambda z, y: jxent.softmax_cross_entropy(z, y, reduction="mean")
+    ox = lambda z, y: optax.softmax_cross_entropy(z, y).mean()
+  else:
+    jx = lambda z, y: jxent.sigmoid_binary_cross_entropy(z, y, reduction="mean")
+    ox = lambda z, y: optax.sigmoid_binary_cross_entropy(z, y).mean()
+  wrap = (lambda f: jax.jit(jax.value_and_grad(f))) if grad else jax.jit
+  return wrap(jx), wrap(ox)
+
+
+def _dense_inputs(kind, n, c, dtype):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  z = (3 * jax.random.normal(k1, (n, c), jnp.float32)).astype(dtype)
+  if kind == "int":
+    y = jax.random.randint(k2, (n,), 0, c)
+  elif kind == "soft":
+    y = jax.nn.softmax(jax.random.normal(k2, (n, c), jnp.float32)).astype(dtype)
+  else:
+    y = (jax.random.uniform(k2, (n, c)) < 0.1).astype(dtype)
+  return z, y
+
+
+def _dense_torch(torch, kind: str, grad: bool):
+  F = torch.nn.functional
+
+  def loss(z, y):
+    if kind == "int":
+      return F.cross_entropy(z, y)
+    if kind == "soft":
+      return F.cross_entropy(z, y)
+    return F.binary_cross_entropy_with_logits(z, y)
+
+  if not grad:
+    return loss
+
+  def fwd_bwd(z, y):
+    z = z.detach().requires_grad_(True)
+    out = loss(z, y)
+    (g,) = torch.autograd.grad(out, z)
+    return out, g
+
+  return fwd_bwd
+
+
+def _to_torch(torch, dev, x):
+  if dev == "cuda":
+    return torch.from_dlpack(x)  # shares the device buffer: no second copy of the inputs
+  a = np.asarray(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x)
+  t = torch.from_numpy(a)
+  return t.to(torch.bfloat16) if x.dtype == jnp.bfloat16 else t
+
+
+def _sync(torch, dev):
+  if torch is not None and dev == "cuda":
+    torch.cuda.synchronize()
+
+
+def _ratio(times, a, b):
+  rs = [x / y for x, y in zip(times[a], times[b])]
+  return statistics.median(rs), min(rs), max(rs)
+
+
+def _fmt_ratio(r) -> str:
+  return "—" if r is None else f"{r[0]:.2f} ({r[1]:.2f}–{r[2]:.2f})"
+
+
+def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool) -> list[dict]:
+  torch, dev = _torch()
+  rows = []
+  for n, c in shapes:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      for kind in LOSSES:
+        z, y = _dense_inputs(kind, n, c, dtype)
+        tz = ty = None
+        if torch is not None:
+          tz, ty = _to_torch(torch, dev, z), _to_torch(torch, dev, y)
+          if kind == "int":
+            ty = ty.long()
+        for grad in (False, True):
+          row = {"shape": f"[{n}, {c}]", "dtype": jnp.dtype(dtype).name, "loss": kind,
+                 "pass": "fwd+bwd" if grad else "fwd"}
+          if budget.left() < 20:
+            rows.append(row | {"note": "skipped: time budget"})
+            continue
+          fj, fo = _dense_jax(kind, grad)
+          def run_jax(f, z=z, y=y):
+            return lambda: jax.block_until_ready([f(z, y) for _ in range(inner)])
+
+          fns = {"jxent": run_jax(fj), "optax": run_jax(fo)}
+          if torch is not None:
+            ft = _dense_torch(torch, kind, grad)
+
+            def run_torch(f, tz=tz, ty=ty):
+              def go():
+                for _ in range(inner):
+                  f(tz, ty)
+                _sync(torch, dev)
+              return go
+
+            fns["torch"] = run_torch(ft)
+            if compile_torch and budget.left() > 60:
+              try:
+                fc = torch.compile(ft)
+                run_torch(fc)()  # compile outside the timed reps
+                fns["torch.compile"] = run_torch(fc)
+              except Exception as e:  # noqa: BLE001 - report, do not abort the run
+                row["note"] = f"torch.compile failed: {type(e).__name__}"
+          times = _alternate(fns, reps)
+          row |= {"ms": {k: statistics.median(v) * 1e3 / inner for k, v in times.items()},
+                  "vs optax": _ratio(times, "jxent", "optax"),
+                  "vs torch": _ratio(times, "jxent", "torch") if "torch" in times else None,
+                  "vs compile": (_ratio(times, "jxent", "torch.compile")
+                                 if "torch.compile" in times else None)}
+          rows.append(row)
+          print(_dense_line(row), flush=True)
+        del z, y, tz, ty
+  return rows
+
+
+def _alternate(fns: dict, reps: int) -> dict[str, list[float]]:
+  """Warm-up once, then ``reps`` rounds in alternating order; raw seconds per round."""
+  for f in fns.values():
+    f()
+  names = list(fns)
+  times = {k: [] for k in names}
+  for r in range(reps):
+    for k in (names if r % 2 == 0 else names[::-1]):
+      t0 = time.perf_counter()
+      fns[k]()
+      times[k].append(time.perf_counter() - t0)
+  return times
+
+
+def _dense_line(r) -> str:
+  if "ms" not in r:
+    return (f"| {r['shape']} | {r['dtype']} | {r['loss']} | {r['pass']} | — | — | — | — | — "
+            f"| — | {r.get('note', '')} |")
+  ms = r["ms"]
+  get = lambda k: f"{ms[k]:.3f}" if k in ms else "—"
+  return (f"| {r['shape']} | {r['dtype']} | {r['loss']} | {r['pass']} | {get('jxent')} | "
+          f"{get('optax')} | {get('torch')} | **{_fmt_ratio(r['vs optax'])}** | "
+          f"{_fmt_ratio(r['vs torch'])} | {_fmt_ratio(r['vs compile'])} | {r.get('note', '')} |")
+
+
+# ------------------------------------------------------------------ 3. fused linear CE
+
+
+def _fused_inputs(n, d, v):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+  h = jax.random.normal(k1, (n, d), jnp.float32).astype(jnp.bfloat16)
+  w = (jax.random.normal(k2, (v, d), jnp.float32) * d**-0.5).astype(jnp.bfloat16)
+  y = jax.random.randint(k3, (n,), 0, v)
+  return h, w, y
+
+
+def _fused_jax(name: str, y):
+  if name == "jxent":
+    f = lambda h, w: jxent.linear_cross_entropy(h, w, y, weight_layout="vd")
+  else:  # the unfused reference: [N, V] logits in float32
+    f = lambda h, w: optax.softmax_cross_entropy_with_integer_labels(
+        jnp.dot(h, w.T, preferred_element_type=jnp.float32), y).mean()
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+
+def _fused_torch(name: str):
+  if name == "cut-cross-entropy":
+    cce = _optional("cut_cross_entropy")
+    if cce is None:
+      return None
+    return lambda h, w, y: cce.linear_cross_entropy(h, w, y)
+  lk = _optional("liger_kernel.transformers.fused_linear_cross_entropy")
+  if lk is None:
+    return None
+  loss = lk.LigerFusedLinearCrossEntropyLoss()
+  return lambda h, w, y: loss(w, h, y)
+
+
+def jax_peak_probe(name: str, n: int, d: int, v: int) -> None:
+  """In a fresh process: peak device bytes of one fwd+bwd of a JAX variant, as JSON."""
+  h, w, y = _fused_inputs(n, d, v)
+  jax.block_until_ready((h, w, y))
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() or {}
+  base = stats.get("bytes_in_use")
+  jax.block_until_ready(_fused_jax(name, y)(h, w))
+  stats = dev.memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  print(json.dumps({"peak": peak, "base": base}))
+
+
+def _jax_peak(name, n, d, v, timeout):
+  try:
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "gpu", "--probe", name,
+                          f"{n},{d},{v}"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=max(timeout, 1), env=dict(os.environ))
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+  except Exception:  # noqa: BLE001 - no number is reported as n/a
+    return None
+  if res["peak"] is None or res["base"] is None:
+    return None
+  return res["peak"] - res["base"]
+
+
+def fused(shapes, budget: Budget, reps: int) -> list[dict]:
+  torch, dev = _torch()
+  rows = []
+  for n, d, v in shapes:
+    size = f"N={n}, D={d}, V={v}"
+    if budget.left() < 60:
+      rows.append({"size": size, "note": "skipped: time budget"})
+      continue
+    h, w, y = _fused_inputs(n, d, v)
+    fns, mem, outs = {}, {}, {}
+    for name in ("jxent", "unfused JAX"):
+      f = _fused_jax(name, y)
+      outs[name] = f(h, w)
+      fns[name] = lambda f=f, h=h, w=w: jax.block_until_ready(f(h, w))
+      xla = H.xla_memory(f, h, w)
+      mem[name] = {"xla": xla["temp"] + xla["output"]}
+    if torch is not None:
+      th, tw, ty = (_to_torch(torch, dev, a) for a in (h, w, y))
+      ty = ty.long()
+      for name in ("cut-cross-entropy", "liger-kernel"):
+        f = _fused_torch(name) if dev == "cuda" else None  # both are Triton (GPU) kernels
+        if f is None:
+          continue
+
+        def go(f=f):
+          hh = th.detach().requires_grad_(True)
+          ww = tw.detach().requires_grad_(True)
+          loss = f(hh, ww, ty)
+          g = torch.autograd.grad(loss, (hh, ww))
+          _sync(torch, dev)
+          return loss, g
+
+        try:
+          go()
+        except Exception as e:  # noqa: BLE001 - report, do not abort the run
+          rows.append({"size": size, "variant": name, "note": f"failed: {type(e).__name__}"})
+          continue
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        outs[name] = go()
+        mem[name] = {"peak": torch.cuda.max_memory_allocated() - base}
+        fns[name] = go
+    times = _alternate(fns, reps)
+    ref = float(outs["unfused JAX"][0])
+    for name in fns:
+      if name in ("jxent", "unfused JAX"):
+        mem[name]["peak"] = _jax_peak(name, n, d, v, min(120, budget.left() - 30))
+      loss = outs[name][0]
+      loss = float(loss.float().item()) if hasattr(loss, "detach") else float(loss)
+      row = {"size": size, "variant": name,
+             "ms": statistics.median(times[name]) * 1e3,
+             "vs unfused": _ratio(times, name, "unfused JAX"),
+             "vs jxent": _ratio(times, "jxent", name) if name != "jxent" else None,
+             "peak": mem[name].get("peak"), "xla": mem[name].get("xla"),
+             "loss err": abs(loss - ref) / abs(ref)}
+      rows.append(row)
+      print(_fused_line(row), flush=True)
+    del h, w, y, fns, outs
+  return rows
+
+
+def _mib(b):
+  return "n/a" if b is None else f"{b / 2**20:,.0f}"
+
+
+def _fused_line(r) -> str:
+  if "ms" not in r:
+    return f"| {r['size']} | {r.get('variant', '—')} | — | — | — | — | — | — | {r['note']} |"
+  return (f"| {r['size']} | {r['variant']} | {r['ms']:,.1f} | {_fmt_ratio(r['vs unfused'])} | "
+          f"{_fmt_ratio(r['vs jxent'])} | {_mib(r['peak'])} | {_mib(r['xla'])} | "
+          f"{r['loss err']:.1e} | |")
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner) -> str:
+  out = ["## On an accelerator: jxent against Optax, PyTorch, Cut Cross-Entropy and Liger", "",
+         env, "",
+         f"`python -m benchmarks gpu {' '.join(argv)}`. Ratios: median of per-repetition time "
+         f"ratios ({reps} alternating repetitions after warm-up, each of {inner} calls for the "
+         "dense losses), min–max in parentheses.", ""]
+  if tests is not None:
+    counts = ", ".join(f"{v} {k}" for k, v in tests["counts"].items()) or "no summary"
+    out += [f"Test suite on the device: {counts} in {tests['seconds']:.0f} s "
+            f"(exit status {tests['rc']}).", ""]
+    out += [f"- FAILED {f}" for f in tests["failed"]]
+    out += [""] if tests["failed"] else []
+  out += ["Dense losses (mean reduction; ms per call; ratio < 1: jxent faster):", "",
+          "| shape | dtype | loss | pass | jxent ms | Optax ms | torch ms | jxent / Optax "
+          "| jxent / torch | jxent / torch.compile | note |",
+          "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+          *[_dense_line(r) for r in dense_rows], "",
+          "Fused linear + cross-entropy, bfloat16, weight [V, D], forward+backward with respect "
+          "to h and W (peak: device memory above the inputs during one call; XLA: compiled "
+          "scratch + outputs):", "",
+          "| size | variant | ms | time / unfused JAX | jxent time / this | peak MiB "
+          "| XLA MiB | loss rel. diff | note |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---|",
+          *[_fused_line(r) for r in fused_rows]]
+  return "\n".join(out)
+
+
+def main(argv=None):
+  argv = list(sys.argv[2:] if argv is None else argv)
+  p = argparse.ArgumentParser(prog="python -m benchmarks gpu", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device; "
+                 "writes only to --out")
+  p.add_argument("--budget-s", type=float, default=450, help="wall-clock budget (default 450)")
+  p.add_argument("--out", type=Path, help="also write the markdown here")
+  p.add_argument("--tests", nargs="*", default=None, help="pytest paths (default: tests; "
+                 "smoke: tests/test_information.py); none to skip")
+  p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+  p.add_argument("--probe", nargs=2, metavar=("VARIANT", "N,D,V"), help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.probe:
+    jax_peak_probe(args.probe[0], *map(int, args.probe[1].split(",")))
+    return
+  budget = Budget(args.budget_s)
+  env = environment()
+  print(env, flush=True)
+  paths = args.tests if args.tests is not None else (
+      ["tests/test_information.py"] if args.smoke else ["tests"])
+  tests = None
+  if paths:
+    tests = run_tests(paths, timeout_s=min(240.0, budget.left() * 0.45))
+    print("tests:", tests["summary"], flush=True)
+  reps, inner = (3, 2) if args.smoke else (7, 10)
+  dense_rows = dense(SMOKE_DENSE if args.smoke else DENSE_SHAPES, budget, reps, inner,
+                     compile_torch=not args.no_compile)
+  fused_rows = fused(SMOKE_FUSED if args.smoke else FUSED_SHAPES, budget,
+                     3 if args.smoke else 5)
+  text = to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner)
+  if args.out:
+    args.out.write_text(text + "\n")
+    print(f"wrote {args.out}")
+  if not args.smoke:
+    H.write_section("gpu", text)
+
+
+if __name__ == "__main__":
+  main()

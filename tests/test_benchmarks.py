@@ -1,0 +1,36 @@
+"""The accelerator benchmark's --smoke mode runs end to end here, so the script cannot rot."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+  out = tmp_path / "gpu.md"
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks", "gpu", "--smoke", "--out", str(out),
+       "--tests", "tests/test_information.py::test_entropy_axis", "--no-compile"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  text = out.read_text()
+  # The device line, the test step's own counts, and a measured row for every dense case.
+  assert "Device: cpu" in text
+  assert re.search(r"Test suite on the device: 1 passed in \d+ s \(exit status 0\)", text)
+  rows = [ln for ln in text.splitlines() if ln.startswith("| [64, 1000] |")]
+  assert len(rows) == 2 * 3 * 2  # dtypes x losses x passes
+  for ln in rows:
+    cells = [c.strip() for c in ln.strip("|").split("|")]
+    jx_ms, opt_ms = float(cells[4]), float(cells[5])
+    assert jx_ms > 0 and opt_ms > 0
+    ratio = re.match(r"\*\*([\d.]+) \(([\d.]+)–([\d.]+)\)\*\*", cells[7])
+    lo, med, hi = float(ratio[2]), float(ratio[1]), float(ratio[3])
+    assert 0 < lo <= med <= hi
+  # The fused loss: jxent and the unfused reference measured, the same loss to bf16 accuracy.
+  fused = {ln.split("|")[2].strip(): ln for ln in text.splitlines()
+           if ln.startswith("| N=128, D=32, V=1000 |")}
+  assert {"jxent", "unfused JAX"} <= set(fused)
+  err = float(fused["jxent"].strip("|").split("|")[7])
+  assert err < 1e-2

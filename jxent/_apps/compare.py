@@ -289,6 +289,30 @@ def table(runs: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def saturated_summary(runs: list[dict]) -> list[str]:
+  """One computed sentence per optimizer about the saturated start: what the table shows."""
+  lines = []
+  by = {(r["dataset"], r["model"], r["optimizer"], r["loss"]): r
+        for r in runs if r["init"] == "saturated"}
+  for (ds, model, opt, loss), ce in by.items():
+    if loss != "cross_entropy" or (ds, model, opt, "mse") not in by:
+      continue
+    mse = by[(ds, model, opt, "mse")]
+    reach = lambda r: ("never reached it" if r["steps_to_target"] is None
+                       else f"reached it at step {r['steps_to_target']}")
+    head = (f"{ds}, {model}, {opt}, saturated start (target {ce['target_accuracy']:.2f}): "
+            f"cross-entropy {reach(ce)} (test accuracy {ce['final_accuracy']:.3f} after "
+            f"{ce['steps']} steps), MSE {reach(mse)} ({mse['final_accuracy']:.3f}); MSE's "
+            f"gradient at step 0 was {ce['grad_norm_0'] / mse['grad_norm_0']:.0f}x smaller.")
+    if opt == "adam":
+      head += (" Adam divides each gradient by its running RMS, which cancels most of the "
+               "sigmoid' factor that shrinks MSE's gradient: with Adam the two losses differ in "
+               "the direction of their gradients, not in their size, and the sigmoid' effect "
+               "is what the SGD rows show.")
+    lines.append(head)
+  return lines
+
+
 def plot(result: dict, path: str) -> None:
   import matplotlib
 

@@ -164,6 +164,8 @@ def checked(fn: Callable) -> Callable:
   Returns a function giving ``(error, result)``; ``error.throw()`` raises the
   first failed check, whose message names the argument.
 
+  >>> import jax
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> from jax.experimental import checkify
   >>> f = jxent.checked(jxent.softmax_cross_entropy_with_integer_labels)

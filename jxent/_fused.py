@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from jxent import _checks
 from jxent import _reference as R
@@ -398,22 +399,22 @@ _fused_tokens.defjvp(_fused_tokens_jvp, symbolic_zeros=True)
 
 
 def linear_cross_entropy(
-    hidden,
-    weight,
-    labels,
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
     *,
-    bias=None,
+    bias: ArrayLike | None = None,
     weight_layout: str = "dv",
     ignore_index: int | None = None,
-    where=None,
-    label_smoothing=0.0,
-    z_loss=0.0,
+    where: ArrayLike | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
     logit_softcap: float | None = None,
     reduction: str = "mean",
     chunk_size: int | None = None,
     return_lse: bool = False,
     method: str = "auto",
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of ``hidden @ weight (+ bias)`` without materialising the logits.
 
   Same value and gradients (with respect to ``hidden``, ``weight`` and ``bias``) as
@@ -446,6 +447,7 @@ def linear_cross_entropy(
   Returns:
     The loss (scalar, or ``[...]`` for ``"none"``), and the logsumexp if ``return_lse``.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> h = jnp.ones((6, 4)); w = jnp.zeros((4, 10)); y = jnp.arange(6)
   >>> float(jxent.linear_cross_entropy(h, w, y))  # uniform over 10 classes  # doctest: +ELLIPSIS

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jxent import _checks
 
@@ -67,7 +68,7 @@ def _pair(p, q, name_p: str, name_q: str, axis: int):
   return p.astype(dtype), q.astype(dtype), axis, bad
 
 
-def self_information(p, *, base=None) -> Array:
+def self_information(p: ArrayLike, *, base: float | None = None) -> Array:
   r"""Self-information (surprisal) :math:`I(p) = -\log p`, elementwise.
 
   Args:
@@ -77,6 +78,8 @@ def self_information(p, *, base=None) -> Array:
   Returns:
     An array with the shape of ``p``. ``-log 0 = +inf``; ``-log 1 = 0``.
 
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
   >>> import jxent
   >>> print(np.asarray(jxent.self_information(jnp.array([0.7, 0.2, 0.1]))).round(2))
   [0.36 1.61 2.3 ]
@@ -87,7 +90,7 @@ def self_information(p, *, base=None) -> Array:
                                  base)
 
 
-def entropy(p, *, axis: int = -1, base=None) -> Array:
+def entropy(p: ArrayLike, *, axis: int = -1, base: float | None = None) -> Array:
   r"""Shannon entropy :math:`H(p) = -\sum_i p_i \log p_i` along ``axis``.
 
   Args:
@@ -99,6 +102,7 @@ def entropy(p, *, axis: int = -1, base=None) -> Array:
     ``p``'s shape without ``axis``. Entries with ``p_i = 0`` contribute 0 to the
     value and to the gradient, so ``H`` lies in ``[0, log n]``.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> float(jxent.entropy(jnp.array([0.7, 0.2, 0.1])))  # doctest: +ELLIPSIS
   0.8018...
@@ -110,7 +114,7 @@ def entropy(p, *, axis: int = -1, base=None) -> Array:
   return _checks.in_nats_to_base(_nan_where(_invalid_rows(p, axis), h), base)
 
 
-def binary_entropy(p, *, base=None) -> Array:
+def binary_entropy(p: ArrayLike, *, base: float | None = None) -> Array:
   r"""Entropy of a Bernoulli(p): :math:`-p \log p - (1-p) \log (1-p)`, elementwise.
 
   Args:
@@ -122,6 +126,7 @@ def binary_entropy(p, *, base=None) -> Array:
     derivative ``log((1-p)/p)`` is returned inside (0, 1) and taken as 0 at
     the two ends (where it is ``±inf``).
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> jxent.binary_entropy(jnp.array([0.0, 0.5, 1.0]), base=2)
   Array([0., 1., 0.], dtype=float32)
@@ -148,7 +153,8 @@ def _binary_entropy_jvp(primals, tangents):
   return _binary_entropy(p), slope * dp
 
 
-def kl_divergence(p, q, *, axis: int = -1, base=None) -> Array:
+def kl_divergence(p: ArrayLike, q: ArrayLike, *, axis: int = -1,
+                  base: float | None = None) -> Array:
   r"""Kullback-Leibler divergence :math:`D(p\|q) = \sum_i p_i \log(p_i / q_i)`.
 
   The arguments are in mathematical order: ``p`` is the reference (true)
@@ -166,6 +172,7 @@ def kl_divergence(p, q, *, axis: int = -1, base=None) -> Array:
     ``+inf`` where some ``p_i > 0`` has ``q_i = 0``. Terms with ``p_i = 0``
     contribute 0 to the value and to the gradient whatever ``q_i`` is.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> p, q = jnp.array([0.7, 0.2, 0.1]), jnp.array([0.5, 0.3, 0.2])
   >>> float(jxent.kl_divergence(p, q))  # doctest: +ELLIPSIS
@@ -176,7 +183,8 @@ def kl_divergence(p, q, *, axis: int = -1, base=None) -> Array:
   return _checks.in_nats_to_base(_nan_where(bad, d), base)
 
 
-def cross_entropy(p, q, *, axis: int = -1, base=None) -> Array:
+def cross_entropy(p: ArrayLike, q: ArrayLike, *, axis: int = -1,
+                  base: float | None = None) -> Array:
   r"""Cross-entropy :math:`H(p, q) = -\sum_i p_i \log q_i = H(p) + D(p\|q)`.
 
   Args:
@@ -189,6 +197,7 @@ def cross_entropy(p, q, *, axis: int = -1, base=None) -> Array:
     The shape of ``p`` without ``axis``; ``+inf`` where some ``p_i > 0`` has
     ``q_i = 0``; terms with ``p_i = 0`` contribute nothing.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> float(jxent.cross_entropy(jnp.array([0., 1., 0.]), jnp.array([0.3, 0.6, 0.1])))
   ... # doctest: +ELLIPSIS
@@ -198,7 +207,8 @@ def cross_entropy(p, q, *, axis: int = -1, base=None) -> Array:
   return _checks.in_nats_to_base(_nan_where(bad, -jnp.sum(_xlogy(p, q), axis=axis)), base)
 
 
-def js_divergence(p, q, *, axis: int = -1, base=None) -> Array:
+def js_divergence(p: ArrayLike, q: ArrayLike, *, axis: int = -1,
+                  base: float | None = None) -> Array:
   r"""Jensen-Shannon divergence :math:`\tfrac12 D(p\|m) + \tfrac12 D(q\|m)`, :math:`m = (p+q)/2`.
 
   Symmetric, always finite, and bounded by ``log 2`` (1 bit).
@@ -212,6 +222,7 @@ def js_divergence(p, q, *, axis: int = -1, base=None) -> Array:
   Returns:
     The shape of ``p`` without ``axis``, in ``[0, log 2]``.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> float(jxent.js_divergence(jnp.array([1., 0.]), jnp.array([0., 1.]), base=2))
   1.0
@@ -257,7 +268,8 @@ def _plogq(logp: Array, logq: Array) -> Array:
   return jnp.where(nonzero, p * safe_logq, 0)
 
 
-def entropy_from_logits(logits, *, axis: int = -1, base=None) -> Array:
+def entropy_from_logits(logits: ArrayLike, *, axis: int = -1,
+                        base: float | None = None) -> Array:
   r"""Entropy of ``softmax(logits)``: :math:`-\sum_i p_i \log p_i`, computed in log space.
 
   Args:
@@ -269,6 +281,7 @@ def entropy_from_logits(logits, *, axis: int = -1, base=None) -> Array:
     ``logits``' shape without ``axis``. Finite for any finite logits (also
     ``±1e4``); masked classes add nothing and get a zero gradient.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> float(jxent.entropy_from_logits(jnp.log(jnp.array([0.7, 0.2, 0.1]))))
   ... # doctest: +ELLIPSIS
@@ -279,7 +292,8 @@ def entropy_from_logits(logits, *, axis: int = -1, base=None) -> Array:
   return _checks.in_nats_to_base(0.0 - jnp.sum(_plogq(logp, logp), axis=axis), base)
 
 
-def kl_divergence_from_logits(p_logits, q_logits, *, axis: int = -1, base=None) -> Array:
+def kl_divergence_from_logits(p_logits: ArrayLike, q_logits: ArrayLike, *, axis: int = -1,
+                              base: float | None = None) -> Array:
   r""":math:`D(p\|q)` for ``p = softmax(p_logits)`` and ``q = softmax(q_logits)``.
 
   Args:
@@ -292,6 +306,7 @@ def kl_divergence_from_logits(p_logits, q_logits, *, axis: int = -1, base=None) 
     ``p_logits``' shape without ``axis``. Classes masked in ``p`` (``-inf``)
     contribute 0; a class masked in ``q`` but not in ``p`` gives ``+inf``.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> z = jnp.array([1.0, 2.0, 3.0])
   >>> float(jxent.kl_divergence_from_logits(z, z))
@@ -307,7 +322,8 @@ def kl_divergence_from_logits(p_logits, q_logits, *, axis: int = -1, base=None) 
   )
 
 
-def cross_entropy_from_logits(p_logits, q_logits, *, axis: int = -1, base=None) -> Array:
+def cross_entropy_from_logits(p_logits: ArrayLike, q_logits: ArrayLike, *, axis: int = -1,
+                              base: float | None = None) -> Array:
   r""":math:`H(p, q) = -\sum_i p_i \log q_i` for ``p, q = softmax(p_logits), softmax(q_logits)``.
 
   Args:
@@ -320,6 +336,7 @@ def cross_entropy_from_logits(p_logits, q_logits, *, axis: int = -1, base=None) 
     ``p_logits``' shape without ``axis``; ``+inf`` where ``q`` masks a class
     that ``p`` does not.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> z = jnp.zeros(4)
   >>> float(jxent.cross_entropy_from_logits(z, z, base=2))

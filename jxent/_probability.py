@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jxent import _checks
 from jxent._information import _invalid_rows, _xlogy
@@ -15,7 +16,8 @@ Array = jax.Array
 
 
 def categorical_cross_entropy(
-    probs, labels, *, axis: int = -1, where=None, reduction: str = "none"
+    probs: ArrayLike, labels: ArrayLike, *, axis: int = -1, where: ArrayLike | None = None,
+    reduction: str = "none",
 ) -> Array:
   r"""The textbook single-label loss on probabilities: :math:`-\sum_c y_c \log \hat y_c`.
 
@@ -30,6 +32,7 @@ def categorical_cross_entropy(
     where: per-example mask (``probs.ndim - 1``) or class mask (``probs``' shape).
     reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over kept examples).
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> jxent.categorical_cross_entropy(jnp.array([0.3, 0.6, 0.1]), jnp.array([0., 1., 0.]))
   ... # doctest: +ELLIPSIS
@@ -60,7 +63,8 @@ def categorical_cross_entropy(
   return _elementwise_finish(losses, keep, reduction)
 
 
-def binary_cross_entropy(probs, labels, *, where=None, reduction: str = "none") -> Array:
+def binary_cross_entropy(probs: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None,
+                         reduction: str = "none") -> Array:
   r"""Elementwise binary cross-entropy on probabilities: :math:`-y\log\hat y-(1-y)\log(1-\hat y)`.
 
   The multi-label textbook formula; for training prefer
@@ -74,6 +78,7 @@ def binary_cross_entropy(probs, labels, *, where=None, reduction: str = "none") 
     where: boolean mask broadcastable to ``probs``.
     reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over kept entries).
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> float(jxent.binary_cross_entropy(jnp.array([0.1, 0.7, 0.8]), jnp.array([0., 1., 1.]),
   ...                                  reduction="sum"))  # doctest: +ELLIPSIS
@@ -92,7 +97,8 @@ def binary_cross_entropy(probs, labels, *, where=None, reduction: str = "none") 
   return _elementwise_finish(jnp.where(bad, jnp.nan, losses), keep, reduction)
 
 
-def mean_squared_error(predictions, targets, *, where=None, reduction: str = "mean") -> Array:
+def mean_squared_error(predictions: ArrayLike, targets: ArrayLike, *,
+                       where: ArrayLike | None = None, reduction: str = "mean") -> Array:
   r"""Squared error :math:`(\hat y - y)^2`, averaged by default.
 
   ``reduction="mean"`` gives :math:`\frac1m\sum (y-\hat y)^2`; the
@@ -105,6 +111,7 @@ def mean_squared_error(predictions, targets, *, where=None, reduction: str = "me
     where: boolean mask broadcastable to ``predictions``.
     reduction: ``"mean"`` (default, over kept entries), ``"sum"`` or ``"none"``.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> float(jxent.mean_squared_error(jnp.array([1.0, 2.0]), jnp.array([0.0, 0.0])))
   2.5

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jxent import _checks, _cpu
 from jxent import _reference as R
@@ -136,7 +137,8 @@ def logits_and_targets(logits, labels, name_l="logits", name_t="labels"):
 
 
 def sigmoid_binary_cross_entropy(
-    logits, labels, *, pos_weight=None, where=None, reduction: str = "none"
+    logits: ArrayLike, labels: ArrayLike, *, pos_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None, reduction: str = "none",
 ) -> Array:
   r"""Sigmoid (binary / multi-label) cross-entropy, elementwise.
 
@@ -162,6 +164,8 @@ def sigmoid_binary_cross_entropy(
     reduction: ``"none"`` (elementwise), ``"sum"`` or ``"mean"`` (over kept
       entries, as PyTorch's mean over all elements).
 
+  >>> import jax
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> z = jax.scipy.special.logit(jnp.array([0.1, 0.7, 0.8]))
   >>> float(jxent.sigmoid_binary_cross_entropy(z, jnp.array([0., 1., 1.]), reduction="sum"))
@@ -194,7 +198,8 @@ def sigmoid_binary_cross_entropy(
 
 
 def sigmoid_focal_loss(
-    logits, labels, *, alpha=None, gamma=2.0, where=None, reduction: str = "none"
+    logits: ArrayLike, labels: ArrayLike, *, alpha: float | None = None, gamma: float = 2.0,
+    where: ArrayLike | None = None, reduction: str = "none",
 ) -> Array:
   r"""Focal loss (Lin et al. 2017) on sigmoid outputs, elementwise.
 
@@ -214,6 +219,7 @@ def sigmoid_focal_loss(
     where: boolean mask broadcastable to ``logits``.
     reduction: ``"none"``, ``"sum"`` or ``"mean"``.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> jxent.sigmoid_focal_loss(jnp.array([0.0]), jnp.array([1.0]), gamma=0.0).round(4)
   Array([0.6931], dtype=float32)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+from jax.typing import ArrayLike
 
 from jxent import _checks, _cpu
 from jxent import _reference as R
@@ -274,14 +275,14 @@ def _kernel_args(z, y, valid, cmask, class_weights, label_smoothing, z_loss):
 
 
 def softmax_cross_entropy(
-    logits,
-    labels,
+    logits: ArrayLike,
+    labels: ArrayLike,
     *,
     axis: int = -1,
-    where=None,
-    label_smoothing=0.0,
-    class_weights=None,
-    z_loss=0.0,
+    where: ArrayLike | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    class_weights: ArrayLike | None = None,
+    z_loss: ArrayLike = 0.0,
     reduction: str = "none",
 ) -> Array:
   r"""Softmax cross-entropy with probability (one-hot or soft) labels.
@@ -319,6 +320,7 @@ def softmax_cross_entropy(
     float32 for 16-bit logits. ``+inf`` where the target puts mass on a class
     whose logit is ``-inf``.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> logits = jnp.log(jnp.array([[0.3, 0.6, 0.1]]))
   >>> jxent.softmax_cross_entropy(logits, jnp.array([[0., 1., 0.]])).round(4)
@@ -353,15 +355,15 @@ def softmax_cross_entropy(
 
 
 def softmax_cross_entropy_with_integer_labels(
-    logits,
-    labels,
+    logits: ArrayLike,
+    labels: ArrayLike,
     *,
     axis: int = -1,
-    where=None,
+    where: ArrayLike | None = None,
     ignore_index: int | None = None,
-    label_smoothing=0.0,
-    class_weights=None,
-    z_loss=0.0,
+    label_smoothing: ArrayLike = 0.0,
+    class_weights: ArrayLike | None = None,
+    z_loss: ArrayLike = 0.0,
     reduction: str = "none",
 ) -> Array:
   r"""Softmax cross-entropy with integer class labels, with PyTorch's ``F.cross_entropy`` semantics.
@@ -399,6 +401,7 @@ def softmax_cross_entropy_with_integer_labels(
   Labels outside ``[0, C)`` that are not ignored are reported by
   :func:`jxent.checked`.
 
+  >>> import jax.numpy as jnp
   >>> import jxent
   >>> logits = jnp.log(jnp.array([[0.3, 0.6, 0.1]]))
   >>> jxent.softmax_cross_entropy_with_integer_labels(logits, jnp.array([1])).round(4)

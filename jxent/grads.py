@@ -17,6 +17,7 @@ them against ``jax.grad`` of the corresponding jxent loss, and
   independent of ``y``, positive semi-definite: the loss is convex in the logits.
 
 >>> import jax.numpy as jnp
+>>> import numpy as np
 >>> from jxent import grads
 >>> g = grads.softmax_cross_entropy_grad(jnp.log(jnp.array([0.3, 0.6, 0.1])),
 ...                                     jnp.array([0., 1., 0.]))
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jxent import _checks
 
@@ -39,7 +41,8 @@ __all__ = [
 ]
 
 
-def softmax_cross_entropy_grad(logits, labels, *, axis: int = -1) -> jax.Array:
+def softmax_cross_entropy_grad(logits: ArrayLike, labels: ArrayLike, *,
+                               axis: int = -1) -> jax.Array:
   """``softmax(logits) - labels``: the gradient of softmax CE with probability labels.
 
   Args:
@@ -53,7 +56,7 @@ def softmax_cross_entropy_grad(logits, labels, *, axis: int = -1) -> jax.Array:
   return jax.nn.softmax(logits, axis=axis) - labels
 
 
-def sigmoid_binary_cross_entropy_grad(logits, labels) -> jax.Array:
+def sigmoid_binary_cross_entropy_grad(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
   """``sigmoid(logits) - labels``: the gradient of sigmoid BCE, elementwise."""
   logits = _checks.floating(logits, "logits")
   labels = _checks.floating(labels, "labels")
@@ -61,7 +64,7 @@ def sigmoid_binary_cross_entropy_grad(logits, labels) -> jax.Array:
   return jax.nn.sigmoid(logits) - labels
 
 
-def sigmoid_mse_grad(logits, targets) -> jax.Array:
+def sigmoid_mse_grad(logits: ArrayLike, targets: ArrayLike) -> jax.Array:
   """``(s - y) s (1 - s)`` with ``s = sigmoid(logits)``: the gradient of ``(s - y)^2 / 2``.
 
   The factor ``s (1 - s) = sigmoid'(z)`` is at most 1/4 and goes to 0 as ``|z|`` grows.
@@ -73,7 +76,7 @@ def sigmoid_mse_grad(logits, targets) -> jax.Array:
   return (s - targets) * s * jax.nn.sigmoid(-logits)
 
 
-def softmax_cross_entropy_hessian(logits) -> jax.Array:
+def softmax_cross_entropy_hessian(logits: ArrayLike) -> jax.Array:
   """``diag(p) - p p^T`` with ``p = softmax(logits)``, for one example ``[C]``."""
   logits = _checks.floating(logits, "logits")
   if logits.ndim != 1:

@@ -26,13 +26,20 @@ then spans all processes' devices and nothing else changes (README.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from jxent import _checks
 from jxent._fused import linear_cross_entropy
+
+# A mesh axis name, or several (as shard_map and lax collectives accept).
+AxisName = Hashable | tuple[Hashable, ...]
 
 __all__ = [
     "make_vocab_parallel_loss",
@@ -68,8 +75,10 @@ def _combine(lse_local, z_y_local, sum_z_local, valid, opts, *, axis_name, vocab
   return jnp.where(valid, loss, 0)
 
 
-def vocab_parallel_cross_entropy(logits, labels, *, axis_name, ignore_index=None,
-                                 label_smoothing=0.0, z_loss=0.0, reduction="none"):
+def vocab_parallel_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, axis_name: AxisName,
+                                 ignore_index: int | None = None,
+                                 label_smoothing: ArrayLike = 0.0, z_loss: ArrayLike = 0.0,
+                                 reduction: str = "none") -> jax.Array:
   r"""Softmax cross-entropy from this device's vocabulary shard; call inside ``jax.shard_map``.
 
   Equals ``softmax_cross_entropy_with_integer_labels`` on the full logits. Only ``[N]``
@@ -127,9 +136,12 @@ def _poison_out_of_range(loss, labels, valid, vocab):
   return loss * jnp.where(bad, jnp.nan, 1).astype(loss.dtype)
 
 
-def vocab_parallel_linear_cross_entropy(hidden, weight, labels, *, axis_name,
-                                        ignore_index=None, label_smoothing=0.0, z_loss=0.0,
-                                        reduction="none", chunk_size=None):
+def vocab_parallel_linear_cross_entropy(hidden: ArrayLike, weight: ArrayLike,
+                                        labels: ArrayLike, *, axis_name: AxisName,
+                                        ignore_index: int | None = None,
+                                        label_smoothing: ArrayLike = 0.0,
+                                        z_loss: ArrayLike = 0.0, reduction: str = "none",
+                                        chunk_size: int | None = None) -> jax.Array:
   r"""Cross-entropy of ``hidden @ weight`` with ``weight`` ``[D, V_local]`` split over
   ``axis_name``, built on :func:`jxent.linear_cross_entropy`; call inside ``jax.shard_map``.
 
@@ -172,8 +184,9 @@ def vocab_parallel_linear_cross_entropy(hidden, weight, labels, *, axis_name,
                         jnp.sum(valid))
 
 
-def make_vocab_parallel_loss(mesh, *, data_axis="data", model_axis="model", linear=False,
-                             **options):
+def make_vocab_parallel_loss(mesh: jax.sharding.Mesh, *, data_axis: str = "data",
+                             model_axis: str = "model", linear: bool = False,
+                             **options: Any) -> Callable[..., jax.Array]:
   """The common case as a function of global arrays: batch on ``data_axis``, vocab on
   ``model_axis``.
 

@@ -364,17 +364,20 @@ def _tokens_tangent(h3, y2, v2, lse, dh3, w, b, dw, db, cfg):
       return None, _block_tangent(h, y, valid, lse_c, dh, w_j, b_j, dw_j, db_j, cfg, start, v)
     return jax.lax.scan(jax.checkpoint(body), None, (h3, y2, v2, lse, dh3))[1]
 
-  def one_slice(acc, start, size):
-    dl, ds = jax.checkpoint(chunks, static_argnums=(1,))(start, size, w, b, dw, db)
-    return acc[0] + dl, acc[1] + ds
+  def one_slice(start, size):
+    return jax.checkpoint(chunks, static_argnums=(1,))(start, size, w, b, dw, db)
 
-  zero = jnp.zeros(lse.shape, cfg.acc)
+  # The per-slice tangents are stacked ([slices, n_chunks, T], small) and summed after the
+  # loop rather than carried: a carry would need the inputs' varying mesh axes under
+  # shard_map.
   full = v // step
-  acc = jax.lax.scan(lambda acc, j: (one_slice(acc, j * step, step), None), (zero, zero),
-                     jnp.arange(full))[0]
+  dl, ds = jax.lax.scan(lambda _, j: (None, one_slice(j * step, step)), None,
+                        jnp.arange(full))[1]
+  dl, ds = jnp.sum(dl, axis=0), jnp.sum(ds, axis=0)
   if v % step:
-    acc = one_slice(acc, full * step, v % step)
-  return acc
+    dl_r, ds_r = one_slice(full * step, v % step)
+    dl, ds = dl + dl_r, ds + ds_r
+  return dl, ds
 
 
 def _fused_tokens_jvp(primals, tangents):

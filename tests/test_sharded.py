@@ -30,6 +30,11 @@ def test_loss_and_gradients_equal_unsharded(worker, mesh):
     assert err < 1e-5, (mesh, key, err)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_property_sharded_equals_unsharded_in_every_reduction(worker, reduction):
+  assert worker["property"][reduction] < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["explicit", "auto", "classic"])
 def test_every_mesh_axis_type(worker, kind):
   r = worker["axis_types"][kind]

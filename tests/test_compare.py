@@ -41,6 +41,31 @@ def test_normal_start_both_losses_learn(blobs_result):
   assert curves["loss"][:, -1].mean() < curves["loss"][:, 0].mean() / 5
 
 
+def test_reported_accuracy_is_the_held_out_accuracy_of_the_trained_model(blobs_result):
+  # Recomputed in NumPy from the final parameters, independently of the training code.
+  data = _compare.load("blobs")
+  for r in blobs_result["runs"]:
+    hist = blobs_result["curves"][(r["dataset"], r["model"], r["init"], r["optimizer"],
+                                   r["loss"])]
+    w, b = np.asarray(hist["params"]["w"], np.float64), np.asarray(hist["params"]["b"])
+    z_test = np.einsum("nd,sdk->snk", data.x_test, w)[..., 0] + b[:, None, 0]
+    acc_test = ((z_test > 0) == data.y_test).mean(axis=1)
+    np.testing.assert_allclose(hist["accuracy"][:, -1], acc_test, atol=1e-6)
+    assert abs(r["final_accuracy"] - acc_test.mean()) < 1e-6
+    # steps to target: the first step whose mean held-out accuracy reaches it.
+    mean_curve = hist["accuracy"].mean(axis=0)
+    hits = np.flatnonzero(mean_curve >= r["target_accuracy"])
+    assert r["steps_to_target"] == (int(hits[0]) if hits.size else None)
+  # ... and that check can tell the splits apart: some trained model scores differently on
+  # the training split.
+  gaps = []
+  for hist in blobs_result["curves"].values():
+    w, b = np.asarray(hist["params"]["w"]), np.asarray(hist["params"]["b"])
+    z_train = np.einsum("nd,sdk->snk", data.x_train, w)[..., 0] + b[:, None, 0]
+    gaps.append(abs(((z_train > 0) == data.y_train).mean() - hist["accuracy"][:, -1].mean()))
+  assert max(gaps) > 1e-3
+
+
 def test_saturate_makes_predictions_confidently_wrong():
   data = _compare.load("blobs")
   init, apply = _compare.linear_model(data)

@@ -177,7 +177,7 @@ def train(apply, params0, data: Data, *, loss: str, optimizer: str, steps: int):
   """Trains a stack of starts (leading seed axis) in one jit(vmap(scan)).
 
   Returns per-seed histories ``{"loss", "accuracy", "grad_norm"}`` of shape [seeds, steps+1]
-  (entry 0 is the start; accuracy is on the held-out split).
+  (entry 0 is the start; accuracy is on the held-out split) and the final ``"params"``.
   """
   loss_fn = make_loss(loss, data.num_classes)
   opt = {"sgd": optax.sgd, "adam": optax.adam}[optimizer](OPTIMIZERS[optimizer])
@@ -201,7 +201,8 @@ def train(apply, params0, data: Data, *, loss: str, optimizer: str, steps: int):
     (p_last, _), (values, accs, gns) = jax.lax.scan(step, (p0, opt.init(p0)), None, steps)
     v, _, a, g = measure(p_last)
     cat = lambda h, last: jnp.concatenate([h, last[None]])
-    return {"loss": cat(values, v), "accuracy": cat(accs, a), "grad_norm": cat(gns, g)}
+    return {"loss": cat(values, v), "accuracy": cat(accs, a), "grad_norm": cat(gns, g),
+            "params": p_last}
 
   return jax.jit(jax.vmap(one_seed))(params0)
 

@@ -663,3 +663,29 @@ def test_soft_reduced_kernel_and_fallbacks_against_float64():
   # ... and +inf where the target has mass on the masked class.
   assert np.all(jxent.softmax_cross_entropy(z, Y_SOFT) == np.inf)
   assert jxent.softmax_cross_entropy(z, Y_SOFT, reduction="mean") == np.inf
+
+
+def test_bfloat16_gradient_values_against_float64():
+  # bf16 inputs accumulate in float32 and return bf16 gradients: each entry within one bf16
+  # rounding (2^-8 relative) of the float64 gradient of the same (bf16-rounded) inputs.
+  zb = jnp.asarray(Z, jnp.bfloat16)
+  z64 = np.asarray(zb, np.float64)
+  cot = np.linspace(0.5, 1.5, N)
+  p = np.exp(z64 - logsumexp(z64, axis=1, keepdims=True))
+  tb = jnp.asarray(Y_SOFT, jnp.bfloat16)
+  t64 = np.asarray(tb, np.float64)
+  cases = [
+      (lambda z: jnp.sum(cot * jxent.softmax_cross_entropy_with_integer_labels(
+          z, Y, class_weights=W, label_smoothing=0.1)),
+       cot[:, None] * (W[Y][:, None] * 0.9 * (p - np.eye(C)[Y])
+                       + 0.1 / C * (W.sum() * p - W))),
+      (lambda z: jnp.sum(cot * jxent.softmax_cross_entropy(z, tb)),
+       cot[:, None] * (p * t64.sum(1, keepdims=True) - t64)),
+      (lambda z: jnp.sum(cot[:, None] * jxent.sigmoid_binary_cross_entropy(
+          z, jnp.asarray(Y_BIN, jnp.bfloat16))),
+       cot[:, None] * (1 / (1 + np.exp(-z64)) - Y_BIN)),
+  ]
+  for f, want in cases:
+    g = jax.grad(f)(zb)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=2**-7, atol=1e-3 * 2**-7)

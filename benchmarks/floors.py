@@ -37,13 +37,19 @@ def variants(y, t):
   }
 
 
+def _spread(r):
+  return f"{r['ratio']:.2f} ({r['lo']:.2f}–{r['hi']:.2f})"
+
+
 def run(reps):
   lines = [
       "## What bounds a forward: read floor against compute floors (CPU)",
       "",
       f"Machine: {H.machine()}. `python -m benchmarks floors`; median of {reps} repetitions "
       "after warm-up, alternating; 'x read' is the median per-repetition ratio to the bare "
-      "read (one `jnp.sum` pass over the logits, per row, in float32). exp-sum: "
+      "read (one `jnp.sum` pass over the logits, per row, in float32), and the last two "
+      "columns the median (min–max) per-repetition ratio of each forward to its floor, all "
+      "from the same alternating run. exp-sum: "
       "`sum(exp(float32(z)))` over the whole array, one exp per entry and no shift, the least "
       "a logsumexp computes (z = 2 N(0, 1) cannot overflow); softplus-sum: "
       "`sum(log1p(exp(-|z|)))`, the least a sigmoid BCE computes (BCE also reads its [N, C] "
@@ -69,8 +75,8 @@ def run(reps):
       line = (f"| [{n}, {c}] | {dtype} | {ms['read']:,.1f} | {ms['exp-sum']:,.1f} | "
               f"{ms['softplus-sum']:,.1f} | {ms['jxent CE fwd']:,.1f} | "
               f"{ms['jxent BCE fwd']:,.1f} | {x['exp-sum']:.1f}× | {x['softplus-sum']:.1f}× | "
-              f"{x['jxent CE fwd'] / x['exp-sum']:.2f} | "
-              f"{x['jxent BCE fwd'] / x['softplus-sum']:.2f} |")
+              f"{_spread(H.pair(res, 'jxent CE fwd', 'exp-sum'))} | "
+              f"{_spread(H.pair(res, 'jxent BCE fwd', 'softplus-sum'))} |")
       lines.append(line)
       print(line, flush=True)
       del z, t, fs

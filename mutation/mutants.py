@@ -1,0 +1,163 @@
+"""The mutants: one deliberate mistake each, as (file, exact text, replacement, tests).
+
+Every ``find`` must occur exactly once in its file (the harness refuses otherwise), so a
+refactor that moves the code shows up as an error here rather than as a silent no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SOFTMAX = ["tests/test_torch_reference.py", "tests/test_classification.py",
+           "tests/test_transforms.py", "tests/test_bad_values.py", "tests/test_properties.py"]
+SIGMOID = ["tests/test_torch_reference.py", "tests/test_classification.py",
+           "tests/test_transforms.py", "tests/test_bad_values.py"]
+INFO = ["tests/test_information.py", "tests/test_torch_reference.py", "tests/test_transforms.py",
+        "tests/test_bad_values.py", "tests/test_properties.py"]
+FUSED = ["tests/test_fused.py", "tests/test_transforms.py", "tests/test_bad_values.py",
+         "tests/test_properties.py"]
+SHARDED = ["tests/test_sharded.py"]
+GRADS = ["tests/test_grads.py", "jxent/grads.py"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  path: str
+  find: str
+  replace: str
+  what: str
+  tests: tuple[str, ...]
+
+
+def _m(name, path, find, replace, what, tests):
+  return Mutant(name, path, find, replace, what, tuple(tests))
+
+
+MUTANTS = [
+    # ------------------------------------------------------------ reference softmax CE
+    _m("ref-smoothing-factor", "jxent/_reference.py",
+       "  a = a * (1 - eps)\n", "  a = a * 1\n",
+       "integer target: the (1 - ε) factor on the label dropped", SOFTMAX),
+    _m("ref-smoothing-spread", "jxent/_reference.py",
+       "  s = eps / c_eff * (", "  s = eps * (",
+       "integer target: smoothing mass ε not divided by C", SOFTMAX),
+    _m("ref-zloss-square", "jxent/_reference.py",
+       "lse.shape).astype(lse.dtype), lse * lse)", "lse.shape).astype(lse.dtype), lse)",
+       "z-loss: λ·lse instead of λ·lse²", SOFTMAX),
+    _m("ref-zloss-dropped-rows", "jxent/_reference.py",
+       "  return loss + (term if valid is None else jnp.where(valid, term, 0))",
+       "  return loss + term",
+       "z-loss added on dropped examples too", SOFTMAX),
+    _m("ref-soft-weights", "jxent/_reference.py",
+       "    t = t * w.astype(acc)[None, :]\n", "    t = t\n",
+       "soft labels: class weights ignored", SOFTMAX),
+    _m("ref-soft-smoothing", "jxent/_reference.py",
+       "      t = (1 - eps) * t + eps / y.shape[-1]\n", "      t = (1 - eps) * t + eps\n",
+       "soft labels: smoothing mass not divided by C", SOFTMAX),
+    _m("ref-label-gap-sign", "jxent/_reference.py",
+       "  return m - z_y.astype(m.dtype)", "  return z_y.astype(m.dtype) - m",
+       "integer loss: the label's gap m - z_y with its sign flipped", SOFTMAX),
+    _m("ref-class-mask-ignored", "jxent/_reference.py",
+       "  return z if cmask is None else jnp.where(cmask, z, -jnp.inf)", "  return z",
+       "a class-mask `where` ignored", SOFTMAX),
+    # --------------------------------------------------------------- softmax derivative
+    _m("grad-sign", "jxent/_softmax.py",
+       "  g = coef[:, None] * p - t\n", "  g = t - coef[:, None] * p\n",
+       "the gradient softmax − y with its sign flipped", SOFTMAX),
+    _m("grad-zloss-slope", "jxent/_softmax.py",
+       "    slope = 2 * zl * jnp.where(", "    slope = zl * jnp.where(",
+       "z-loss gradient missing its factor 2", SOFTMAX),
+    _m("grad-dropped-rows", "jxent/_softmax.py",
+       "  return g if valid is None else jnp.where(valid[:, None], g, 0)", "  return g",
+       "gradient of ignored examples not zeroed", SOFTMAX),
+    _m("grad-smoothing-target", "jxent/_softmax.py",
+       "      t = t + s[:, None] * (1 if v is None else v)\n", "      t = t\n",
+       "integer labels: smoothing left out of the gradient's target", SOFTMAX),
+    _m("grad-dzloss", "jxent/_softmax.py",
+       "    lse2 = (m + r) ** 2\n", "    lse2 = (m + r)\n",
+       "derivative in z_loss: lse instead of lse²", SOFTMAX),
+    _m("mean-class-weights", "jxent/_softmax.py",
+       "    return _checks.mean_of(total, jnp.sum(wy if valid is None else "
+       "jnp.where(valid, wy, 0)))",
+       "    return _checks.mean_of(total, z.shape[0] if valid is None else jnp.sum(valid))",
+       "weighted mean divided by the count instead of Σ w_y (PyTorch's definition)", SOFTMAX),
+    _m("mean-of-empty", "jxent/_checks.py",
+       "  return total / jnp.where(count == 0, 1, count).astype(total.dtype)",
+       "  return total / count.astype(total.dtype)",
+       "mean over no kept example: NaN instead of 0", SOFTMAX),
+    # ----------------------------------------------------------------------- sigmoid
+    _m("bce-pos-weight-side", "jxent/_reference.py",
+       "  neg = jnp.maximum(z, 0) + tail\n",
+       "  neg = jnp.maximum(z, 0) + tail\n  if pw is not None:\n    neg = pw * neg\n",
+       "pos_weight applied to the negative term too", SIGMOID),
+    _m("bce-label-poison", "jxent/_reference.py",
+       "  return y * pos + (neg - y * neg) + label_poison(y)",
+       "  return y * pos + (neg - y * neg)",
+       "labels outside [0, 1] give a finite BCE instead of NaN", SIGMOID),
+    _m("bce-tail", "jxent/_reference.py",
+       "  tail = jnp.log1p(jnp.exp(-jnp.abs(z)))\n  pos",
+       "  tail = jnp.exp(-jnp.abs(z))\n  pos",
+       "BCE: log1p(e^-|z|) approximated by e^-|z|", SIGMOID),
+    _m("focal-gamma", "jxent/_sigmoid.py",
+       "  losses = ce * one_minus_pt**gamma", "  losses = ce * one_minus_pt**(gamma + 1)",
+       "focal loss: exponent γ + 1", SIGMOID),
+    _m("focal-alpha", "jxent/_sigmoid.py",
+       "    losses = (alpha * yf + (1 - alpha) * (1 - yf)) * losses",
+       "    losses = (alpha * (1 - yf) + (1 - alpha) * yf) * losses",
+       "focal loss: α weights the negative class", SIGMOID),
+    # -------------------------------------------------------- information quantities
+    _m("js-half", "jxent/_information.py",
+       "_nan_where(bad, 0.5 * jnp.sum(d_pm + d_qm, axis=axis))",
+       "_nan_where(bad, jnp.sum(d_pm + d_qm, axis=axis))",
+       "JS divergence without its ½", INFO),
+    _m("binary-entropy-slope", "jxent/_information.py",
+       "jnp.log1p(-safe) - jnp.log(safe)", "jnp.log(safe) - jnp.log1p(-safe)",
+       "binary entropy's derivative with its sign flipped", INFO),
+    _m("xlogy-zero", "jxent/_information.py",
+       "  return jnp.where(nonzero, x * jnp.log(safe_y), jnp.where(jnp.isnan(y), jnp.nan, 0))",
+       "  return x * jnp.log(y)",
+       "0·log 0 computed as NaN (no convention)", INFO),
+    _m("ce-logits-sign", "jxent/_information.py",
+       "  return _checks.in_nats_to_base(-jnp.sum(_plogq(logp, logq), axis=axis), base)",
+       "  return _checks.in_nats_to_base(jnp.sum(_plogq(logp, logq), axis=axis), base)",
+       "cross_entropy_from_logits with its sign flipped", INFO),
+    _m("probability-ce-where", "jxent/_probability.py",
+       "      probs, labels = jnp.where(kb, probs, 1), jnp.where(kb, labels, 0)\n",
+       "      probs, labels = probs, labels\n",
+       "categorical CE: a per-example `where` does not zero dropped examples' inputs", INFO),
+    # -------------------------------------------------------------------- fused loss
+    _m("fused-cotangent-scale", "jxent/_fused.py",
+       "  tangent = tangent + jnp.sum(scale * _option_tangent(cfg, dcfg, d_eps, d_zl))",
+       "  tangent = tangent + jnp.sum(_option_tangent(cfg, dcfg, d_eps, d_zl))",
+       "fused loss: derivative in smoothing/z-loss ignores the mean's scale", FUSED),
+    _m("fused-bias-grad", "jxent/_fused.py",
+       "      db = db + jnp.sum(dz, axis=0)", "      db = db",
+       "fused loss: the bias gradient never accumulated", FUSED),
+    _m("fused-slice-offset", "jxent/_fused.py",
+       "  onehot = (jnp.arange(z.shape[-1]) + start)[None, :] == y[:, None]",
+       "  onehot = jnp.arange(z.shape[-1])[None, :] == y[:, None]",
+       "fused recompute: the label's one-hot ignores the vocabulary slice's offset", FUSED),
+    _m("fused-smoothing-slope", "jxent/_fused.py",
+       "    d_eps = a * (smooth - nll)", "    d_eps = a * (nll - smooth)",
+       "fused loss: derivative in label_smoothing with its sign flipped", FUSED),
+    _m("fused-softcap-chain", "jxent/_fused.py",
+       "  if tanh is not None:\n    dz = dz * (1 - tanh * tanh)",
+       "  if tanh is not None:\n    dz = dz",
+       "fused loss: the soft-cap's chain-rule factor dropped", FUSED),
+    # --------------------------------------------------------------------- sharded
+    _m("sharded-smoothing-vocab", "jxent/sharded.py",
+       "eps * (r + (m - sum_z / vocab_size))", "eps * (r + (m - sum_z / (vocab_size + 1)))",
+       "vocab-parallel smoothing: mean logit over V + 1 classes", SHARDED),
+    _m("sharded-label-logit", "jxent/sharded.py",
+       "  z_y = jax.lax.psum(z_y_local, axis_name)", "  z_y = z_y_local",
+       "vocab-parallel: the label's logit not summed over shards", SHARDED),
+    # -------------------------------------------------------------- grads and apps
+    _m("grads-mse-factor", "jxent/grads.py",
+       "  return (s - targets) * s * jax.nn.sigmoid(-logits)", "  return (s - targets) * s",
+       "sigmoid_mse_grad missing its (1 − σ) factor", GRADS),
+    _m("compare-train-accuracy", "jxent/_apps/compare.py",
+       "      return value, grads, accuracy(apply(p, xte), yte), optax.tree.norm(grads)",
+       "      return value, grads, accuracy(apply(p, xtr), ytr), optax.tree.norm(grads)",
+       "comparison: accuracy measured on the training split", ["tests/test_compare.py"]),
+]

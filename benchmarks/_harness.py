@@ -58,9 +58,12 @@ def pair(res: dict, a: str, b: str) -> dict[str, float]:
   return {"ratio": statistics.median(ratios), "lo": min(ratios), "hi": max(ratios)}
 
 
-def spread(r: dict[str, float], digits: int = 2) -> str:
-  """``median (lo–hi)`` of a ``time_side_by_side`` entry."""
-  return f"{r['ratio']:.{digits}f} ({r['lo']:.{digits}f}–{r['hi']:.{digits}f})"
+def spread(r: dict[str, float] | None, digits: int = 2, suffix: str = "") -> str:
+  """``median (lo–hi)`` of a ratio entry (``time_side_by_side`` or ``pair``); "" for None."""
+  if r is None:
+    return ""
+  f = f".{digits}f"
+  return f"{r['ratio']:{f}}{suffix} ({r['lo']:{f}}–{r['hi']:{f}})"
 
 
 def blocking(fn: Callable, *args) -> Callable[[], object]:

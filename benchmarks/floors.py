@@ -37,10 +37,6 @@ def variants(y, t):
   }
 
 
-def _spread(r):
-  return f"{r['ratio']:.2f} ({r['lo']:.2f}–{r['hi']:.2f})"
-
-
 def run(reps):
   lines = [
       "## What bounds a forward: read floor against compute floors (CPU)",
@@ -75,8 +71,8 @@ def run(reps):
       line = (f"| [{n}, {c}] | {dtype} | {ms['read']:,.1f} | {ms['exp-sum']:,.1f} | "
               f"{ms['softplus-sum']:,.1f} | {ms['jxent CE fwd']:,.1f} | "
               f"{ms['jxent BCE fwd']:,.1f} | {x['exp-sum']:.1f}× | {x['softplus-sum']:.1f}× | "
-              f"{_spread(H.pair(res, 'jxent CE fwd', 'exp-sum'))} | "
-              f"{_spread(H.pair(res, 'jxent BCE fwd', 'softplus-sum'))} |")
+              f"{H.spread(H.pair(res, 'jxent CE fwd', 'exp-sum'))} | "
+              f"{H.spread(H.pair(res, 'jxent BCE fwd', 'softplus-sum'))} |")
       lines.append(line)
       print(line, flush=True)
       del z, t, fs

@@ -133,20 +133,13 @@ def run(sizes=SIZES, dtypes=("float32", "bfloat16"), reps=7) -> list[dict]:
   return rows
 
 
-def _spread(r: dict | None, digits: int = 2, suffix: str = "") -> str:
-  if r is None:
-    return ""
-  f = f".{digits}f"
-  return f"{r['ratio']:{f}}{suffix} ({r['lo']:{f}}–{r['hi']:{f}})"
-
-
 def _format_row(r: dict) -> str:
   torch = "—" if r["torch_ms"] is None else f"{r['torch_ms']:,.1f}"
-  vs_torch = "—" if r["jxent/torch"] is None else _spread(r["jxent/torch"])
+  vs_torch = "—" if r["jxent/torch"] is None else H.spread(r["jxent/torch"])
   return (f"| {r['loss']} | {r['dtype']} | {r['size']} | {r['pass']} | {r['jxent_ms']:,.1f} | "
-          f"{r['optax_ms']:,.1f} | {torch} | **{_spread(r['jxent/optax'])}** | {vs_torch} | "
-          f"{r['jxent_GBps']:.1f} | {_spread(r['fwd/read'], 1, '×')} | "
-          f"{_spread(r['fwd/inputs'], 1, '×')} |")
+          f"{r['optax_ms']:,.1f} | {torch} | **{H.spread(r['jxent/optax'])}** | {vs_torch} | "
+          f"{r['jxent_GBps']:.1f} | {H.spread(r['fwd/read'], 1, '×')} | "
+          f"{H.spread(r['fwd/inputs'], 1, '×')} |")
 
 
 def to_markdown(rows: list[dict], reps: int) -> str:

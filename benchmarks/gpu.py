@@ -162,12 +162,10 @@ def _dense_inputs(kind, n, c, dtype):
 def _dense_torch(torch, kind: str, grad: bool):
   F = torch.nn.functional
 
-  def loss(z, y):
-    if kind == "int":
-      return F.cross_entropy(z, y)
-    if kind == "soft":
-      return F.cross_entropy(z, y)
-    return F.binary_cross_entropy_with_logits(z, y)
+  def loss(z, y):  # class ids and probabilities alike go to F.cross_entropy
+    if kind == "bce":
+      return F.binary_cross_entropy_with_logits(z, y)
+    return F.cross_entropy(z, y)
 
   if not grad:
     return loss
@@ -195,12 +193,11 @@ def _sync(torch, dev):
 
 
 def _ratio(times, a, b):
-  rs = [x / y for x, y in zip(times[a], times[b])]
-  return statistics.median(rs), min(rs), max(rs)
+  return H.pair({k: {"times": times[k]} for k in (a, b)}, a, b)
 
 
 def _fmt_ratio(r) -> str:
-  return "—" if r is None else f"{r[0]:.2f} ({r[1]:.2f}–{r[2]:.2f})"
+  return "—" if r is None else H.spread(r)
 
 
 def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool) -> list[dict]:
@@ -258,16 +255,8 @@ def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool) ->
 
 def _alternate(fns: dict, reps: int) -> dict[str, list[float]]:
   """Warm-up once, then ``reps`` rounds in alternating order; raw seconds per round."""
-  for f in fns.values():
-    f()
-  names = list(fns)
-  times = {k: [] for k in names}
-  for r in range(reps):
-    for k in (names if r % 2 == 0 else names[::-1]):
-      t0 = time.perf_counter()
-      fns[k]()
-      times[k].append(time.perf_counter() - t0)
-  return times
+  res = H.time_side_by_side(fns, reference=next(iter(fns)), reps=reps)
+  return {k: v["times"] for k, v in res.items()}
 
 
 def _dense_line(r) -> str:

@@ -2,8 +2,9 @@
 
     python -m benchmarks gpu [--smoke] [--budget-s 450] [--out FILE]
 
-One run on one GPU, in this order, each step skipped (and said so in the table) when the time
-budget is spent or a library is missing:
+One run on one GPU, each step skipped (and said so in the table) when the time budget is spent
+or a library is missing, and a step that fails reported without losing the others; the fused
+loss runs first, then the dense losses, then the suite with the rest of the budget:
 
 1. the test suite on the device (``JAX_PLATFORMS`` as set, e.g. ``cuda``; tests that are about
    XLA:CPU skip with a reason), pass/fail/skip counts;
@@ -13,7 +14,7 @@ budget is spent or a library is missing:
    per-repetition time ratios with their min–max;
 3. the fused linear cross-entropy, bfloat16, weight [V, D], at Cut Cross-Entropy's Gemma-2
    shape (N=8192, D=2304, V=256000) and at (8192, 4096, 128256), forward+backward with
-   respect to h and W: jxent against unfused JAX, Cut Cross-Entropy and Liger; time ratios
+   respect to h and W: jxent (default chunk and 1024 tokens) against unfused JAX, Cut Cross-Entropy and Liger; time ratios
    as above and peak device memory (JAX: ``peak_bytes_in_use`` of a fresh process per
    variant; PyTorch: ``max_memory_allocated`` after a reset), minus the inputs;
 4. writes the tables with the device, driver and library versions: the "gpu" section of
@@ -39,10 +40,12 @@ import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -58,6 +61,7 @@ FUSED_SHAPES = [(8192, 2304, 256000), (8192, 4096, 128256)]
 SMOKE_DENSE = [(64, 1000)]
 SMOKE_FUSED = [(128, 32, 1000)]
 LOSSES = ("int", "soft", "bce")
+GPU_CHUNK = 1024  # a second token-chunk size for the fused loss, beside the default
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -110,24 +114,36 @@ def environment() -> str:
 
 
 def run_tests(paths: list[str], timeout_s: float) -> dict:
-  """Runs pytest on the default JAX platform; returns counts and the summary line."""
+  """Runs pytest on the default JAX platform; returns counts and the summary line.
+
+  At the time limit pytest gets SIGINT (it then prints its counts so far, "interrupted"),
+  and is killed only if it does not stop within 20 s.
+  """
   cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
   if _optional("xdist") is not None and len(paths) == 1 and paths[0] == "tests":
     cmd += ["-n", str(min(8, os.cpu_count() or 1))]
   t0 = time.monotonic()
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=ROOT)
+  rc: int | str
   try:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout_s, 1),
-                         cwd=ROOT)
-    text, rc = out.stdout + out.stderr, out.returncode
-  except subprocess.TimeoutExpired as e:
-    text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-    rc = "timeout"
+    text, _ = proc.communicate(timeout=max(timeout_s, 1))
+    rc = proc.returncode
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGINT)
+    try:
+      text, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      text, _ = proc.communicate()
+    rc = "stopped at the time limit"
+  lines = text.strip().splitlines() if text.strip() else []
+  summary = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed)", ln)), "")
   counts = {k: int(n) for n, k in re.findall(
-      r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", text.splitlines()[-1]
-      if text.strip() else "")}
-  failed = [ln.split(" ", 1)[1] for ln in text.splitlines() if ln.startswith("FAILED ")]
+      r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", summary)}
+  failed = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
   return {"rc": rc, "seconds": time.monotonic() - t0, "counts": counts,
-          "summary": text.strip().splitlines()[-1] if text.strip() else "", "failed": failed}
+          "summary": summary or (lines[-1] if lines else ""), "failed": failed}
 
 
 # ------------------------------------------------------------------- 2. dense losses
@@ -200,9 +216,10 @@ def _fmt_ratio(r) -> str:
   return "—" if r is None else H.spread(r)
 
 
-def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool) -> list[dict]:
+def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool,
+          rows: list[dict], reserve: float = 0.0) -> list[dict]:
+  """Appends one row per case to ``rows``; stops measuring ``reserve`` s before the end."""
   torch, dev = _torch()
-  rows = []
   for n, c in shapes:
     for dtype in (jnp.float32, jnp.bfloat16):
       for kind in LOSSES:
@@ -215,7 +232,7 @@ def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool) ->
         for grad in (False, True):
           row = {"shape": f"[{n}, {c}]", "dtype": jnp.dtype(dtype).name, "loss": kind,
                  "pass": "fwd+bwd" if grad else "fwd"}
-          if budget.left() < 20:
+          if budget.left() < reserve + 20:
             rows.append(row | {"note": "skipped: time budget"})
             continue
           fj, fo = _dense_jax(kind, grad)
@@ -234,7 +251,7 @@ def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool) ->
               return go
 
             fns["torch"] = run_torch(ft)
-            if compile_torch and budget.left() > 60:
+            if compile_torch and budget.left() > reserve + 60:
               try:
                 fc = torch.compile(ft)
                 run_torch(fc)()  # compile outside the timed reps
@@ -281,9 +298,13 @@ def _fused_inputs(n, d, v):
   return h, w, y
 
 
+FUSED_JAX = ("jxent", f"jxent chunk={GPU_CHUNK}", "unfused JAX")
+
+
 def _fused_jax(name: str, y):
-  if name == "jxent":
-    f = lambda h, w: jxent.linear_cross_entropy(h, w, y, weight_layout="vd")
+  if name.startswith("jxent"):
+    chunk = int(name.split("=")[1]) if "=" in name else None
+    f = lambda h, w: jxent.linear_cross_entropy(h, w, y, weight_layout="vd", chunk_size=chunk)
   else:  # the unfused reference: [N, V] logits in float32
     f = lambda h, w: optax.softmax_cross_entropy_with_integer_labels(
         jnp.dot(h, w.T, preferred_element_type=jnp.float32), y).mean()
@@ -329,17 +350,18 @@ def _jax_peak(name, n, d, v, timeout):
   return res["peak"] - res["base"]
 
 
-def fused(shapes, budget: Budget, reps: int) -> list[dict]:
+def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 0.0
+          ) -> list[dict]:
+  """Appends one row per variant and size to ``rows``; stops ``reserve`` s before the end."""
   torch, dev = _torch()
-  rows = []
   for n, d, v in shapes:
     size = f"N={n}, D={d}, V={v}"
-    if budget.left() < 60:
+    if budget.left() < reserve + 60:
       rows.append({"size": size, "note": "skipped: time budget"})
       continue
     h, w, y = _fused_inputs(n, d, v)
     fns, mem, outs = {}, {}, {}
-    for name in ("jxent", "unfused JAX"):
+    for name in FUSED_JAX:
       f = _fused_jax(name, y)
       outs[name] = f(h, w)
       fns[name] = lambda f=f, h=h, w=w: jax.block_until_ready(f(h, w))
@@ -374,7 +396,7 @@ def fused(shapes, budget: Budget, reps: int) -> list[dict]:
     times = _alternate(fns, reps)
     ref = float(outs["unfused JAX"][0])
     for name in fns:
-      if name in ("jxent", "unfused JAX"):
+      if name in FUSED_JAX:
         mem[name]["peak"] = _jax_peak(name, n, d, v, min(120, budget.left() - 30))
       loss = outs[name][0]
       loss = float(loss.float().item()) if hasattr(loss, "detach") else float(loss)
@@ -405,7 +427,7 @@ def _fused_line(r) -> str:
 # ---------------------------------------------------------------------------- report
 
 
-def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner) -> str:
+def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=()) -> str:
   out = ["## On an accelerator: jxent against Optax, PyTorch, Cut Cross-Entropy and Liger", "",
          env, "",
          f"`python -m benchmarks gpu {' '.join(argv)}`. Ratios: median of per-repetition time "
@@ -415,7 +437,7 @@ def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner) -> str:
     counts = ", ".join(f"{v} {k}" for k, v in tests["counts"].items()) or "no summary"
     out += [f"Test suite on the device: {counts} in {tests['seconds']:.0f} s "
             f"(exit status {tests['rc']}).", ""]
-    out += [f"- FAILED {f}" for f in tests["failed"]]
+    out += [f"- {f}" for f in tests["failed"]]
     out += [""] if tests["failed"] else []
   out += ["Dense losses (mean reduction; ms per call; ratio < 1: jxent faster):", "",
           "| shape | dtype | loss | pass | jxent ms | Optax ms | torch ms | jxent / Optax "
@@ -429,6 +451,8 @@ def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner) -> str:
           "| XLA MiB | loss rel. diff | note |",
           "|---|---|---:|---:|---:|---:|---:|---:|---|",
           *[_fused_line(r) for r in fused_rows]]
+  if errors:
+    out += ["", "Steps that failed:", "", *[f"- {e}" for e in errors]]
   return "\n".join(out)
 
 
@@ -453,22 +477,46 @@ def main(argv=None):
   print(env, flush=True)
   paths = args.tests if args.tests is not None else (
       ["tests/test_information.py"] if args.smoke else ["tests"])
-  tests = None
-  if paths:
-    tests = run_tests(paths, timeout_s=min(240.0, budget.left() * 0.45))
-    print("tests:", tests["summary"], flush=True)
   reps, inner = (3, 2) if args.smoke else (7, 10)
-  dense_rows = dense(SMOKE_DENSE if args.smoke else DENSE_SHAPES, budget, reps, inner,
-                     compile_torch=not args.no_compile)
-  fused_rows = fused(SMOKE_FUSED if args.smoke else FUSED_SHAPES, budget,
-                     3 if args.smoke else 5)
-  text = to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner)
+  # The fused loss first (the anchors' comparison), then the dense losses, then the suite
+  # with what is left (a new fused size starts only with over 55% of the budget left; the
+  # dense losses stop with a third left, kept for the suite). The markdown is
+  # rewritten after every step, so a run stopped from outside still leaves its tables.
+  reserve = budget.left() / 3 if paths else 0.0
+  tests, dense_rows, fused_rows, errors = None, [], [], []
+
+  def write():
+    text = to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors)
+    if args.out:
+      args.out.write_text(text + "\n")
+    return text
+
+  def step(name, fn):
+    try:
+      fn()
+    except Exception:  # noqa: BLE001 - one broken step must not lose the others' numbers
+      errors.append(f"{name}: {traceback.format_exc(limit=3).strip().splitlines()[-1]}")
+      traceback.print_exc()
+    write()
+
+  step("fused", lambda: fused(SMOKE_FUSED if args.smoke else FUSED_SHAPES, budget,
+                              3 if args.smoke else 5, fused_rows,
+                              reserve=budget.left() * 0.55 if paths else 0.0))
+  step("dense", lambda: dense(SMOKE_DENSE if args.smoke else DENSE_SHAPES, budget, reps, inner,
+                              not args.no_compile, dense_rows, reserve=reserve))
+
+  def suite():
+    nonlocal tests
+    tests = run_tests(paths, timeout_s=budget.left() - 10)
+    print("tests:", tests["summary"], flush=True)
+
+  if paths:
+    step("tests", suite)
+  text = write()
   if args.out:
-    args.out.write_text(text + "\n")
     print(f"wrote {args.out}")
   if not args.smoke:
     H.write_section("gpu", text)
-
 
 if __name__ == "__main__":
   main()

@@ -14,9 +14,10 @@ loss runs first, then the dense losses, then the suite with the rest of the budg
    per-repetition time ratios with their min–max;
 3. the fused linear cross-entropy, bfloat16, weight [V, D], at Cut Cross-Entropy's Gemma-2
    shape (N=8192, D=2304, V=256000) and at (8192, 4096, 128256), forward+backward with
-   respect to h and W: jxent (default chunk and 1024 tokens) against unfused JAX, Cut Cross-Entropy and Liger; time ratios
-   as above and peak device memory (JAX: ``peak_bytes_in_use`` of a fresh process per
-   variant; PyTorch: ``max_memory_allocated`` after a reset), minus the inputs;
+   respect to h and W: jxent (default chunk and 1024 tokens) against unfused JAX, Cut
+   Cross-Entropy and Liger; time ratios as above and peak device memory (JAX:
+   ``peak_bytes_in_use`` of a fresh process per variant; PyTorch: ``max_memory_allocated``
+   after a reset), minus the inputs;
 4. writes the tables with the device, driver and library versions: the "gpu" section of
    benchmarks/RESULTS.md (full runs) and ``--out`` if given.
 

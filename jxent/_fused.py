@@ -37,7 +37,7 @@ from jax.typing import ArrayLike
 
 from jxent import _checks
 from jxent import _reference as R
-from jxent._platform import explicitly_sharded
+from jxent._platform import dispatch, explicitly_sharded
 
 Array = jax.Array
 
@@ -70,11 +70,12 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["eps", "zl"],
-                   meta_fields=["softcap", "layout", "vocab_slice", "acc"])
+                   meta_fields=["softcap", "layout", "vocab_slice", "acc", "accel_block"])
 class _Config:
-  def __init__(self, eps, zl, softcap, layout, vocab_slice, acc):
+  def __init__(self, eps, zl, softcap, layout, vocab_slice, acc, accel_block=0):
     self.eps, self.zl, self.softcap = eps, zl, softcap
     self.layout, self.vocab_slice, self.acc = layout, vocab_slice, acc
+    self.accel_block = accel_block
 
 
 def _logits(h, w, b, cfg):
@@ -115,20 +116,26 @@ def _chunk_loss(z, y, valid, cfg, z_y=None):
   m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
   m = jnp.where(jnp.isfinite(m), m, 0)
   r = jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
-  lse = m + r
   yc, bad = R.split_labels(y, valid, v)
   if z_y is None:
     z_y = jnp.take_along_axis(z, yc[:, None], axis=-1)[:, 0]
   nll = R.poison_rows(r + (m - z_y), bad)
-  a = valid.astype(cfg.acc)
+  smooth = None
+  if cfg.eps is not None:
+    # r + (m - mean z) as a sum of (m/2 - z/2) (2 / V): no overflow at logits near ±3e38.
+    smooth = r + jnp.sum((0.5 * m[:, None] - 0.5 * z) * (2 / v), axis=-1)
+  return _finish_loss(nll, m + r, smooth, valid, cfg)
+
+
+def _finish_loss(nll, lse, smooth, valid, cfg):
+  """(loss, lse, d loss / d label_smoothing, d loss / d z_loss) per token from the negative
+  log-likelihood, the logsumexp and (with smoothing) lse - mean logit."""
   d_eps = d_zl = None
   if cfg.eps is None:
     loss = jnp.where(valid, nll, 0)
   else:
-    # r + (m - mean z) as a sum of (m/2 - z/2) (2 / V): no overflow at logits near ±3e38.
-    smooth = r + jnp.sum((0.5 * m[:, None] - 0.5 * z) * (2 / v), axis=-1)
     loss = jnp.where(valid, (1 - cfg.eps) * nll + cfg.eps * smooth, 0)
-    d_eps = a * (smooth - nll)
+    d_eps = jnp.where(valid, smooth - nll, 0)
   if cfg.zl is not None:
     loss = loss + jnp.where(valid, cfg.zl * lse * lse, 0)
     d_zl = jnp.where(valid, lse * lse, 0)
@@ -198,6 +205,13 @@ def _dh(dz, w, cfg):
 
 
 def _forward_losses(h3, w, b, y2, v2, cfg):
+  """Per-token losses, logsumexps and option slopes, [n_chunks, T]: token chunks (reference,
+  XLA:CPU) or vocabulary blocks over all tokens (GPU, TPU)."""
+  return dispatch(h3, w, b, y2, v2, cfg, reference=_token_chunks_forward,
+                  accelerator=_vocab_blocks_forward)
+
+
+def _token_chunks_forward(h3, w, b, y2, v2, cfg):
   """Scan over token chunks: per-token losses, logsumexps and option slopes, [n_chunks, T]."""
 
   def body(_, xs):
@@ -230,6 +244,13 @@ def _varying_like(x, *refs):
 
 
 def _grads(h3, w, b, y2, v2, g_loss, cfg):
+  """Losses, option slopes and the gradients dh, dW, db of ``sum_i g_i loss_i``: token
+  chunks (reference, XLA:CPU) or vocabulary blocks over all tokens (GPU, TPU)."""
+  return dispatch(h3, w, b, y2, v2, g_loss, cfg, reference=_token_chunks_grads,
+                  accelerator=_vocab_blocks_grads)
+
+
+def _token_chunks_grads(h3, w, b, y2, v2, g_loss, cfg):
   """Scan over token chunks computing losses, option slopes and the gradients dh, dW, db of
   ``sum_i g_i loss_i``."""
   refs = (h3, w, b, y2, v2, g_loss)
@@ -253,6 +274,134 @@ def _grads(h3, w, b, y2, v2, g_loss, cfg):
 
   (dw, db), (loss, d_eps, d_zl, dh) = jax.lax.scan(body, (dw0, db0), (h3, y2, v2, g_loss))
   return loss, d_eps, d_zl, dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype)
+
+
+# ------------------------------------------------ GPU and TPU: vocabulary blocks, all tokens
+#
+# Token chunks of ~64 MiB suit XLA:CPU (a few cores, caches), but on an accelerator they are
+# hundreds of thin matrix products each re-reading all of W and of an f32 dW: measured on an
+# H100 (benchmarks/RESULTS.md) the token-chunked form ran 9.9x the unfused time at N=8192,
+# D=2304, V=256000. There each step instead takes one block of vocabulary columns for all
+# tokens ([N, vocab_block] logits, ~128 MiB in float32): pass 1 keeps a running logsumexp per
+# token; pass 2 recomputes the block, and its dW columns are complete after one step (written
+# once, in W's dtype: no float32 [D, V] accumulator), while dh ([N, D], float32) accumulates.
+# The two backward products take the logits' gradient in the inputs' dtype (bfloat16 inputs:
+# bfloat16 tensor-core products with float32 accumulation, as Cut Cross-Entropy and Liger do).
+# 8·N·D·V flops, like the recompute method.
+_ACCEL_BLOCK_BYTES = 128 * 2**20
+
+
+def accelerator_vocab_block(num_tokens: int, vocab_size: int) -> int:
+  """Vocabulary columns per block on GPU/TPU: a multiple of 128 with [N, block] float32
+  logits of about ``_ACCEL_BLOCK_BYTES`` (at least 128 columns, at most V)."""
+  cols = _ACCEL_BLOCK_BYTES // (4 * max(num_tokens, 1))
+  cols = max(128, (cols // 128) * 128)
+  return int(min(cols, vocab_size))
+
+
+def _vocab_loop(fn, carry, v, step):
+  """``carry = fn(carry, start, size)`` over the blocks ``[start, start + size)`` of a
+  vocabulary of ``v`` columns: full blocks of ``step`` in a scan, then the remainder."""
+  full = v // step
+  if full:
+    carry = jax.lax.scan(lambda c, j: (fn(c, j * step, step), None), carry,
+                         jnp.arange(full))[0]
+  if v % step:
+    carry = fn(carry, full * step, v % step)
+  return carry
+
+
+def _cut(a, start, size, axis):
+  return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+
+
+def _flat_tokens(h3, y2, v2):
+  """[n_chunks, T, ...] -> [N, ...] (free reshapes)."""
+  nc, t, d = h3.shape
+  return h3.reshape(nc * t, d), y2.reshape(nc * t), v2.reshape(nc * t)
+
+
+def _vocab_blocks_forward(h3, w, b, y2, v2, cfg):
+  """Per-token losses, logsumexps and option slopes as ``_token_chunks_forward``."""
+  nc, t, _ = h3.shape
+  out = _vocab_pass1(*_flat_tokens(h3, y2, v2), w, b, cfg)
+  return jax.tree.map(lambda a: a.reshape(nc, t), out)
+
+
+def _vocab_pass1(h, y, valid, w, b, cfg):
+  """Pass 1: running max, sum of exponentials and (with smoothing) sum of logits per token
+  over vocabulary blocks; then the per-token losses, [N]."""
+  v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
+  axis = 1 if cfg.layout == "dv" else 0
+  yc, bad = R.split_labels(y, valid, v)
+  z_y = _label_logits(h, w, b, yc, cfg)
+  refs = (h, w, b, y, valid, z_y)
+  init = (_varying_like(jnp.full(y.shape, -jnp.inf, cfg.acc), *refs),
+          _varying_like(jnp.zeros(y.shape, cfg.acc), *refs),
+          None if cfg.eps is None else _varying_like(jnp.zeros(y.shape, cfg.acc), *refs))
+
+  def block(carry, start, size):
+    m, s, sz = carry
+    z, _ = _logits(h, _cut(w, start, size, axis), _cut(b, start, size, 0), cfg)
+    m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(z, axis=-1)))
+    m_new_f = jnp.where(jnp.isfinite(m_new), m_new, 0)
+    m_f = jnp.where(jnp.isfinite(m), m, 0)
+    s = s * jnp.exp(jnp.where(jnp.isfinite(m), m_f - m_new_f, -jnp.inf)) + jnp.sum(
+        jnp.exp(z - m_new_f[:, None]), axis=-1)
+    if sz is not None:  # sum of (z - z_y) / V: mean logit relative to the label's
+      sz = sz + jnp.sum((z - z_y[:, None]) * (1 / v), axis=-1)
+    return m_new, s, sz
+
+  m, s, sz = _vocab_loop(block, init, v, min(cfg.accel_block, v))
+  m = jnp.where(jnp.isfinite(m), m, 0)
+  r = jnp.log(s)
+  nll = R.poison_rows(r + (m - z_y), bad)
+  smooth = None if sz is None else nll - sz  # lse - mean z
+  return _finish_loss(nll, m + r, smooth, valid, cfg)
+
+
+def _vocab_blocks_grads(h3, w, b, y2, v2, g_loss, cfg):
+  """Pass 1 (``_vocab_blocks_forward``), then pass 2 over the same blocks: each block's
+  logits recomputed, dW and db columns written once, dh accumulated in float32."""
+  nc, t, d = h3.shape
+  h, y, valid = _flat_tokens(h3, y2, v2)
+  # Dropped tokens' hidden rows are replaced by 0, so that whatever they hold (NaN, inf)
+  # reaches no gradient (dW sums over all tokens); their loss is 0 either way.
+  h = jnp.where(valid[:, None], h, 0)
+  loss, lse, d_eps, d_zl = _vocab_pass1(h, y, valid, w, b, cfg)
+  g = g_loss.reshape(-1)
+  v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
+  axis = 1 if cfg.layout == "dv" else 0
+  low = jnp.result_type(h, w)
+  low = low if jnp.finfo(low).bits < jnp.finfo(cfg.acc).bits else cfg.acc
+  hl = h.astype(low)
+  refs = (h, w, b, y, valid, g)
+  init = (_varying_like(jnp.zeros(h.shape, cfg.acc), *refs),
+          _varying_like(jnp.zeros(w.shape, w.dtype), *refs),
+          None if b is None else _varying_like(jnp.zeros(b.shape, b.dtype), *refs))
+
+  def block(carry, start, size):
+    dh, dw, db = carry
+    w_j = _cut(w, start, size, axis)
+    z, tanh = _logits(h, w_j, _cut(b, start, size, 0), cfg)
+    dz = _chunk_dlogits(z, tanh, lse, y, valid, g, None, cfg, start, v)
+    dzl, wl = dz.astype(low), w_j.astype(low)
+    if cfg.layout == "dv":
+      dh = dh + jax.lax.dot_general(dzl, wl, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=cfg.acc)
+      dw_j = jnp.dot(hl.T, dzl, preferred_element_type=cfg.acc)
+    else:
+      dh = dh + jnp.dot(dzl, wl, preferred_element_type=cfg.acc)
+      dw_j = jnp.dot(dzl.T, hl, preferred_element_type=cfg.acc)
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(w.dtype), start, axis)
+    if db is not None:
+      db = jax.lax.dynamic_update_slice_in_dim(
+          db, jnp.sum(dz, axis=0).astype(b.dtype), start, 0)
+    return dh, dw, db
+
+  dh, dw, db = _vocab_loop(block, init, v, min(cfg.accel_block, v))
+  loss, d_eps, d_zl = jax.tree.map(lambda a: a.reshape(nc, t), (loss, d_eps, d_zl))
+  return loss, d_eps, d_zl, dh.astype(h3.dtype).reshape(nc, t, d), dw, db
 
 
 _nonzero = _checks.nonzero_tangent
@@ -536,7 +685,8 @@ def linear_cross_entropy(
   h3 = h2.reshape(n_chunks, t, d)
   y2, v2 = y.reshape(n_chunks, t), valid.reshape(n_chunks, t)
 
-  cfg = _Config(opts.label_smoothing, opts.z_loss, softcap, weight_layout, _VOCAB_SLICE, acc)
+  cfg = _Config(opts.label_smoothing, opts.z_loss, softcap, weight_layout, _VOCAB_SLICE, acc,
+                accelerator_vocab_block(n_chunks * t, v))
   count = jnp.sum(valid).astype(acc)
 
   scalar = reduction in ("mean", "sum") and not return_lse

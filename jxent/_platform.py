@@ -1,14 +1,15 @@
 """Choosing an implementation per lowering platform.
 
 Each quantity has a plain reference implementation (``jxent/_reference.py``) and may have
-faster ones for particular compilers (``jxent/_cpu.py`` for XLA:CPU). :func:`dispatch` puts
-them behind ``jax.lax.platform_dependent``, so the choice is made when the function is
+faster ones for particular compilers (``jxent/_cpu.py`` for XLA:CPU; the fused loss's
+vocabulary-blocked form for GPU and TPU). :func:`dispatch` puts them behind
+``jax.lax.platform_dependent``, so the choice is made when the function is
 *lowered* for a platform, not by ``jax.default_backend()``: a function jitted or exported
-for GPU or TPU from a CPU host gets the reference there, and one exported for several
-platforms carries each platform's own implementation.
+for GPU or TPU from a CPU host gets the accelerator form (or the reference) there, and one
+exported for several platforms carries each platform's own implementation.
 
-``use_reference()`` forces the reference everywhere (the tests run every implementation
-against it on CPU).
+``use_implementation(name)`` and ``use_reference()`` force one form everywhere (the tests
+run every implementation against the reference on CPU).
 """
 
 from __future__ import annotations
@@ -19,24 +20,41 @@ from collections.abc import Callable
 
 import jax
 
-_FORCE_REFERENCE = contextvars.ContextVar("jxent_force_reference", default=False)
+_FORCE = contextvars.ContextVar("jxent_force_implementation", default=None)
+IMPLEMENTATIONS = ("reference", "cpu", "accelerator")
 
 
 @contextlib.contextmanager
-def use_reference():
-  """Within this context (at trace time), every jxent function uses its reference form."""
-  token = _FORCE_REFERENCE.set(True)
+def use_implementation(name: str):
+  """Within this context (at trace time), every jxent function uses its ``name`` form
+  (``"reference"``, ``"cpu"`` or ``"accelerator"``; a function without that form uses its
+  reference), whatever the platform: how the tests run each implementation on CPU."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}.")
+  token = _FORCE.set(name)
   try:
     yield
   finally:
-    _FORCE_REFERENCE.reset(token)
+    _FORCE.reset(token)
 
 
-def dispatch(*args, reference: Callable, cpu: Callable | None = None):
-  """``reference(*args)`` on every platform but XLA:CPU, where ``cpu(*args)`` runs."""
-  if cpu is None or _FORCE_REFERENCE.get():
+def use_reference():
+  """Within this context (at trace time), every jxent function uses its reference form."""
+  return use_implementation("reference")
+
+
+def dispatch(*args, reference: Callable, cpu: Callable | None = None,
+             accelerator: Callable | None = None):
+  """``cpu(*args)`` when lowered for XLA:CPU, ``accelerator(*args)`` for GPU and TPU, and
+  ``reference(*args)`` wherever the one named is None."""
+  forced = _FORCE.get()
+  if forced is not None:
+    impl = {"reference": reference, "cpu": cpu, "accelerator": accelerator}[forced]
+    return (impl or reference)(*args)
+  if cpu is None and accelerator is None:
     return reference(*args)
-  return jax.lax.platform_dependent(*args, cpu=cpu, default=reference)
+  return jax.lax.platform_dependent(*args, cpu=cpu or reference,
+                                    default=accelerator or reference)
 
 
 def explicitly_sharded(x) -> bool:

@@ -8,6 +8,7 @@ from jax.experimental import checkify
 
 import jxent
 from jxent import _fused
+from jxent._platform import use_implementation
 
 N, D, V = 37, 16, 50  # N is not a multiple of the chunk size
 K = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -16,6 +17,18 @@ W = jax.random.normal(K[1], (D, V)) * 0.4
 B = jax.random.normal(K[2], (V,)) * 0.1
 Y = jax.random.randint(K[3], (N,), 0, V).at[jnp.array([3, 11])].set(-100)
 MASK = jax.random.uniform(K[4], (N,)) > 0.2
+
+
+@pytest.fixture(params=["platform", "accelerator"])
+def impl(request, monkeypatch):
+  """The platform's implementation (token chunks on CPU), then the GPU/TPU one (vocabulary
+  blocks of 16 columns here: V = 50 is three full blocks and a remainder of 2)."""
+  if request.param == "platform":
+    yield request.param
+    return
+  monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: min(16, v))
+  with use_implementation("accelerator"):
+    yield request.param
 
 
 def naive(h, w, b, *, layout="dv", softcap=None, **kw):
@@ -42,7 +55,7 @@ CASES = {
 @pytest.mark.parametrize("method", ["forward", "recompute"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_scalar_loss_and_grads_match_unfused(case, reduction, method):
+def test_scalar_loss_and_grads_match_unfused(case, reduction, method, impl):
   opts = dict(CASES[case])
   softcap = opts.pop("softcap", None)
   y = jnp.clip(Y, 0, V - 1) if "ignore_index" not in opts else Y
@@ -64,7 +77,7 @@ def test_scalar_loss_and_grads_match_unfused(case, reduction, method):
     assert rel(g, r) < 1e-5
 
 
-def test_none_reduction_and_vd_layout_with_weighted_cotangent():
+def test_none_reduction_and_vd_layout_with_weighted_cotangent(impl):
   wt = W.T  # [V, D], a tied embedding table
   f = lambda h, w: jxent.linear_cross_entropy(h, w, Y, weight_layout="vd", ignore_index=-100,
                                               label_smoothing=0.1, reduction="none", chunk_size=8)
@@ -76,7 +89,7 @@ def test_none_reduction_and_vd_layout_with_weighted_cotangent():
   assert rel(g[0], gr[0]) < 1e-5 and rel(g[1], gr[1]) < 1e-5
 
 
-def test_return_lse_is_differentiable():
+def test_return_lse_is_differentiable(impl):
   def f(h, w):
     loss, lse = jxent.linear_cross_entropy(h, w, Y, ignore_index=-100, return_lse=True,
                                            chunk_size=8)
@@ -102,20 +115,24 @@ def test_batched_hidden_shape_and_default_chunk():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_accumulates_in_float32():
+def test_bfloat16_accumulates_in_float32(impl):
   h, w = H.astype(jnp.bfloat16), W.astype(jnp.bfloat16)
   y = jnp.clip(Y, 0, V - 1)
   got = jxent.linear_cross_entropy(h, w, y, chunk_size=8)
-  want = jxent.softmax_cross_entropy_with_integer_labels(
+  ref = lambda h, w: jxent.softmax_cross_entropy_with_integer_labels(
       h.astype(jnp.float32) @ w.astype(jnp.float32), y, reduction="mean")
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got, ref(h, w), rtol=1e-5)
   dh, dw = jax.grad(lambda h, w: jxent.linear_cross_entropy(h, w, y, chunk_size=8),
                     argnums=(0, 1))(h, w)
   assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+  # The gradients in bf16 (the accelerator form also multiplies in bf16): within bf16's
+  # rounding of the float32 gradient of the same bf16 inputs.
+  rh, rw = jax.grad(ref, argnums=(0, 1))(h, w)
+  assert rel(dh.astype(jnp.float32), rh) < 2e-2 and rel(dw.astype(jnp.float32), rw) < 2e-2
 
 
-def test_all_ignored_mean_is_zero():
+def test_all_ignored_mean_is_zero(impl):
   y = jnp.full((N,), -100)
   f = lambda h: jxent.linear_cross_entropy(h, W, y, ignore_index=-100, chunk_size=8)
   assert f(H) == 0
@@ -153,7 +170,7 @@ def test_scratch_memory_is_one_block_plus_one_dw_slice():
 
 @pytest.mark.parametrize("method", ["forward", "recompute"])
 @pytest.mark.parametrize("layout", ["dv", "vd"])
-def test_ragged_vocabulary_slices(monkeypatch, layout, method):
+def test_ragged_vocabulary_slices(monkeypatch, layout, method, impl):
   # V = 50 in slices of 16 (forward method's dW accumulation; three full slices and a
   # remainder of 2 columns) or 32 (recompute method's tangent; one and a remainder of 18).
   monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)

@@ -16,7 +16,8 @@ from jax import export
 from jax.test_util import check_grads
 
 import jxent
-from jxent._platform import use_reference
+from jxent import _fused
+from jxent._platform import use_implementation
 
 
 @pytest.fixture(autouse=True)
@@ -80,11 +81,14 @@ FAST = {"int", "int-mean", "soft", "soft-sum", "bce", "bce-mean", "focal"}
 
 
 @pytest.mark.parametrize("name, impl", [(n, "platform") for n in sorted(LOSSES)]
-                         + [(n, "reference") for n in sorted(FAST)])
-def test_all_autodiff_modes_to_second_order(name, impl):
+                         + [(n, "reference") for n in sorted(FAST)]
+                         + [(n, "accelerator") for n in ("fused-forward", "fused-recompute")])
+def test_all_autodiff_modes_to_second_order(name, impl, monkeypatch):
   f = LOSSES[name]
   z = jnp.asarray(Z)
-  ctx = use_reference() if impl == "reference" else contextlib.nullcontext()
+  if impl == "accelerator":  # vocabulary blocks of 3 columns: two full blocks and one more
+    monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: 3)
+  ctx = contextlib.nullcontext() if impl == "platform" else use_implementation(impl)
   with ctx:
     check_grads(f, (z,), order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
     g = jax.grad(f)(z)

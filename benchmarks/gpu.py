@@ -3,8 +3,9 @@
     python -m benchmarks gpu [--smoke] [--budget-s 450] [--out FILE]
 
 One run on one GPU, each step skipped (and said so in the table) when the time budget is spent
-or a library is missing, and a step that fails reported without losing the others; the fused
-loss runs first, then the dense losses, then the suite with the rest of the budget:
+or a library is missing, and a step that fails reported without losing the others; the suite
+runs first (with at most ``--tests-share`` of the budget), then the fused loss, then the
+dense losses:
 
 1. the test suite on the device (``JAX_PLATFORMS`` as set, e.g. ``cuda``; tests that are about
    XLA:CPU skip with a reason), pass/fail/skip counts;
@@ -36,6 +37,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import importlib  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
@@ -56,13 +58,14 @@ import optax  # noqa: E402
 
 import jxent  # noqa: E402
 from benchmarks import _harness as H  # noqa: E402
+from jxent import _fused  # noqa: E402
 
 DENSE_SHAPES = [(8192, 50304), (16384, 128256)]
 FUSED_SHAPES = [(8192, 2304, 256000), (8192, 4096, 128256)]
 SMOKE_DENSE = [(64, 1000)]
 SMOKE_FUSED = [(128, 32, 1000)]
 LOSSES = ("int", "soft", "bce")
-GPU_CHUNK = 1024  # a second token-chunk size for the fused loss, beside the default
+BIG_BLOCK_MIB = 512  # a second vocabulary-block size for the fused loss, beside the default
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,12 +123,13 @@ def run_tests(paths: list[str], timeout_s: float) -> dict:
   At the time limit pytest gets SIGINT (it then prints its counts so far, "interrupted"),
   and is killed only if it does not stop within 20 s.
   """
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
+  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *paths]
   if _optional("xdist") is not None and len(paths) == 1 and paths[0] == "tests":
-    cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+    cmd += ["-n", str(min(16, os.cpu_count() or 1))]
   t0 = time.monotonic()
+  # A wide terminal, so that the summary's failure lines keep their messages.
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          cwd=ROOT)
+                          cwd=ROOT, env=dict(os.environ, COLUMNS="400"))
   rc: int | str
   try:
     text, _ = proc.communicate(timeout=max(timeout_s, 1))
@@ -144,7 +148,7 @@ def run_tests(paths: list[str], timeout_s: float) -> dict:
       r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", summary)}
   failed = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
   return {"rc": rc, "seconds": time.monotonic() - t0, "counts": counts,
-          "summary": summary or (lines[-1] if lines else ""), "failed": failed}
+          "summary": summary or (lines[-1] if lines else ""), "failed": failed, "log": text}
 
 
 # ------------------------------------------------------------------- 2. dense losses
@@ -209,6 +213,14 @@ def _sync(torch, dev):
     torch.cuda.synchronize()
 
 
+def _release(torch, dev):
+  """Frees what the last case held: JAX buffers by collection, PyTorch's cached blocks (two
+  frameworks' allocators share the device, and PyTorch's does not give memory back alone)."""
+  gc.collect()
+  if torch is not None and dev == "cuda":
+    torch.cuda.empty_cache()
+
+
 def _ratio(times, a, b):
   return H.pair({k: {"times": times[k]} for k in (a, b)}, a, b)
 
@@ -268,6 +280,8 @@ def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool,
           rows.append(row)
           print(_dense_line(row), flush=True)
         del z, y, tz, ty
+        fns = None
+        _release(torch, dev)
   return rows
 
 
@@ -299,13 +313,20 @@ def _fused_inputs(n, d, v):
   return h, w, y
 
 
-FUSED_JAX = ("jxent", f"jxent chunk={GPU_CHUNK}", "unfused JAX")
+FUSED_JAX = ("jxent", f"jxent block={BIG_BLOCK_MIB}MiB", "unfused JAX")
 
 
 def _fused_jax(name: str, y):
   if name.startswith("jxent"):
-    chunk = int(name.split("=")[1]) if "=" in name else None
-    f = lambda h, w: jxent.linear_cross_entropy(h, w, y, weight_layout="vd", chunk_size=chunk)
+    block = int(name.split("=")[1][:-3]) * 2**20 if "=" in name else None
+
+    def f(h, w):  # the block size is read when the function is traced
+      old = _fused._ACCEL_BLOCK_BYTES
+      _fused._ACCEL_BLOCK_BYTES = block or old
+      try:
+        return jxent.linear_cross_entropy(h, w, y, weight_layout="vd")
+      finally:
+        _fused._ACCEL_BLOCK_BYTES = old
   else:  # the unfused reference: [N, V] logits in float32
     f = lambda h, w: optax.softmax_cross_entropy_with_integer_labels(
         jnp.dot(h, w.T, preferred_element_type=jnp.float32), y).mean()
@@ -338,17 +359,24 @@ def jax_peak_probe(name: str, n: int, d: int, v: int) -> None:
   print(json.dumps({"peak": peak, "base": base}))
 
 
-def _jax_peak(name, n, d, v, timeout):
-  try:
-    out = subprocess.run([sys.executable, "-m", "benchmarks", "gpu", "--probe", name,
-                          f"{n},{d},{v}"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=max(timeout, 1), env=dict(os.environ))
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-  except Exception:  # noqa: BLE001 - no number is reported as n/a
-    return None
-  if res["peak"] is None or res["base"] is None:
-    return None
-  return res["peak"] - res["base"]
+def _jax_peaks(names, n, d, v, timeout) -> dict:
+  """Peak device bytes above the inputs of each JAX variant, each in its own fresh process
+  (the processes run side by side: each reads its own allocator's peak)."""
+  procs = {name: subprocess.Popen(
+      [sys.executable, "-m", "benchmarks", "gpu", "--probe", name, f"{n},{d},{v}"],
+      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+      for name in names}
+  peaks = {}
+  for name, proc in procs.items():
+    try:
+      out, _ = proc.communicate(timeout=max(timeout, 1))
+      res = json.loads(out.strip().splitlines()[-1])
+      ok = res["peak"] is not None and res["base"] is not None
+      peaks[name] = res["peak"] - res["base"] if ok else None
+    except Exception:  # noqa: BLE001 - no number is reported as n/a
+      proc.kill()
+      peaks[name] = None
+  return peaks
 
 
 def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 0.0
@@ -395,10 +423,13 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
         mem[name] = {"peak": torch.cuda.max_memory_allocated() - base}
         fns[name] = go
     times = _alternate(fns, reps)
+    if torch is not None and dev == "cuda":
+      torch.cuda.empty_cache()  # the probes and the next steps get the cached blocks back
+    peaks = _jax_peaks(FUSED_JAX, n, d, v, min(120, budget.left() - 30))
     ref = float(outs["unfused JAX"][0])
     for name in fns:
       if name in FUSED_JAX:
-        mem[name]["peak"] = _jax_peak(name, n, d, v, min(120, budget.left() - 30))
+        mem[name]["peak"] = peaks[name]
       loss = outs[name][0]
       loss = float(loss.float().item()) if hasattr(loss, "detach") else float(loss)
       row = {"size": size, "variant": name,
@@ -410,6 +441,7 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
       rows.append(row)
       print(_fused_line(row), flush=True)
     del h, w, y, fns, outs
+    _release(torch, dev)
   return rows
 
 
@@ -468,22 +500,31 @@ def main(argv=None):
   p.add_argument("--tests", nargs="*", default=None, help="pytest paths (default: tests; "
                  "smoke: tests/test_information.py); none to skip")
   p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+  p.add_argument("--steps", default="tests,fused,dense", help="comma-separated subset of "
+                 "tests,fused,dense (default: all; only a full run writes RESULTS.md)")
+  p.add_argument("--dense-shapes", help="e.g. 16384x128256,8192x50304 (default: both)")
+  p.add_argument("--tests-share", type=float, default=0.4,
+                 help="share of the budget the suite may take (default 0.4)")
   p.add_argument("--probe", nargs=2, metavar=("VARIANT", "N,D,V"), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.probe:
     jax_peak_probe(args.probe[0], *map(int, args.probe[1].split(",")))
     return
   budget = Budget(args.budget_s)
+  steps = set(args.steps.split(","))
   env = environment()
   print(env, flush=True)
   paths = args.tests if args.tests is not None else (
       ["tests/test_information.py"] if args.smoke else ["tests"])
+  paths = paths if "tests" in steps else []
+  dense_shapes = SMOKE_DENSE if args.smoke else DENSE_SHAPES
+  if args.dense_shapes:
+    dense_shapes = [tuple(map(int, x.split("x"))) for x in args.dense_shapes.split(",")]
   reps, inner = (3, 2) if args.smoke else (7, 10)
-  # The fused loss first (the anchors' comparison), then the dense losses, then the suite
-  # with what is left (a new fused size starts only with over 55% of the budget left; the
-  # dense losses stop with a third left, kept for the suite). The markdown is
-  # rewritten after every step, so a run stopped from outside still leaves its tables.
-  reserve = budget.left() / 3 if paths else 0.0
+  # The suite first, while no framework holds device memory in this process (at most its
+  # share of the budget), then the fused loss (the anchors' comparison), then the dense
+  # losses with the rest. The markdown is rewritten after every step, so a run stopped from
+  # outside still leaves its tables.
   tests, dense_rows, fused_rows, errors = None, [], [], []
 
   def write():
@@ -500,24 +541,28 @@ def main(argv=None):
       traceback.print_exc()
     write()
 
-  step("fused", lambda: fused(SMOKE_FUSED if args.smoke else FUSED_SHAPES, budget,
-                              3 if args.smoke else 5, fused_rows,
-                              reserve=budget.left() * 0.55 if paths else 0.0))
-  step("dense", lambda: dense(SMOKE_DENSE if args.smoke else DENSE_SHAPES, budget, reps, inner,
-                              not args.no_compile, dense_rows, reserve=reserve))
-
   def suite():
     nonlocal tests
-    tests = run_tests(paths, timeout_s=budget.left() - 10)
+    tests = run_tests(paths, timeout_s=budget.left() * args.tests_share)
     print("tests:", tests["summary"], flush=True)
+    if args.out:
+      args.out.with_suffix(".tests.log").write_text(tests["log"])
 
   if paths:
     step("tests", suite)
+  if "fused" in steps:
+    step("fused", lambda: fused(SMOKE_FUSED if args.smoke else FUSED_SHAPES, budget,
+                                3 if args.smoke else 5, fused_rows,
+                                reserve=budget.left() * 0.3 if "dense" in steps else 0.0))
+  if "dense" in steps:
+    step("dense", lambda: dense(dense_shapes, budget, reps, inner, not args.no_compile,
+                                dense_rows))
   text = write()
   if args.out:
     print(f"wrote {args.out}")
-  if not args.smoke:
+  if not args.smoke and steps == {"tests", "fused", "dense"} and not args.dense_shapes:
     H.write_section("gpu", text)
+
 
 if __name__ == "__main__":
   main()

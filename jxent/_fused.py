@@ -348,8 +348,9 @@ def _vocab_pass1(h, y, valid, w, b, cfg):
     m_f = jnp.where(jnp.isfinite(m), m, 0)
     s = s * jnp.exp(jnp.where(jnp.isfinite(m), m_f - m_new_f, -jnp.inf)) + jnp.sum(
         jnp.exp(z - m_new_f[:, None]), axis=-1)
-    if sz is not None:  # sum of (z - z_y) / V: mean logit relative to the label's
-      sz = sz + jnp.sum((z - z_y[:, None]) * (1 / v), axis=-1)
+    if sz is not None:  # sum of (z - z_y) / V: mean logit relative to the label's, each
+      # term scaled before the difference (no overflow at logits near ±3e38)
+      sz = sz + jnp.sum(z * (1 / v) - (z_y * (1 / v))[:, None], axis=-1)
     return m_new, s, sz
 
   m, s, sz = _vocab_loop(block, init, v, min(cfg.accel_block, v))

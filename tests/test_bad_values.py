@@ -81,7 +81,7 @@ def test_out_of_range_labels_are_nan_not_another_class(kind, bad_label):
   assert ok[1] == 0 and np.all(np.isfinite(ok))
 
 
-def test_out_of_range_labels_reduced():
+def test_out_of_range_labels_reduced(impl):
   y = jnp.asarray(np.where(np.arange(N) == 2, -100, Y))
   for red in ("mean", "sum"):
     assert np.isnan(jxent.softmax_cross_entropy_with_integer_labels(Z, y, reduction=red))
@@ -174,7 +174,7 @@ def test_no_probability_gives_nan(case):
     assert np.all(np.isfinite(np.delete(out, bad))), out
 
 
-def test_true_infinities_stay_infinite():
+def test_true_infinities_stay_infinite(impl):
   assert jxent.self_information(jnp.array(0.0)) == np.inf
   assert jxent.kl_divergence(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])) == np.inf
   assert jxent.binary_cross_entropy(jnp.array([0.0]), jnp.array([1.0]))[0] == np.inf
@@ -252,7 +252,7 @@ def test_dropped_examples_contribute_exactly_zero(name, poison):
 # ---------------------------------------------------------- 1: extremes stay finite
 
 
-def test_extreme_logits_with_smoothing_are_finite():
+def test_extreme_logits_with_smoothing_are_finite(impl):
   z = np.array([[3e38, -3e38], [-3e38, -3e38]], np.float32)
   y = np.array([0, 1])
   # (1 - eps) * 0 + eps * (lse - mean z) = 0.1 * 3e38; a uniform row gives log 2.
@@ -306,7 +306,7 @@ def test_lists_and_numpy_are_accepted_without_warnings():
 # --------------------------------------------------------------------- 5: float64
 
 
-def test_float64_in_float64_out_everywhere():
+def test_float64_in_float64_out_everywhere(impl):
   with jax.enable_x64(True):
     z = jnp.asarray(RNG.normal(size=(N, C)))
     y = jnp.asarray(Y)

@@ -8,7 +8,6 @@ from jax.experimental import checkify
 
 import jxent
 from jxent import _fused
-from jxent._platform import use_implementation
 
 N, D, V = 37, 16, 50  # N is not a multiple of the chunk size
 K = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -17,18 +16,6 @@ W = jax.random.normal(K[1], (D, V)) * 0.4
 B = jax.random.normal(K[2], (V,)) * 0.1
 Y = jax.random.randint(K[3], (N,), 0, V).at[jnp.array([3, 11])].set(-100)
 MASK = jax.random.uniform(K[4], (N,)) > 0.2
-
-
-@pytest.fixture(params=["platform", "accelerator"])
-def impl(request, monkeypatch):
-  """The platform's implementation (token chunks on CPU), then the GPU/TPU one (vocabulary
-  blocks of 16 columns here: V = 50 is three full blocks and a remainder of 2)."""
-  if request.param == "platform":
-    yield request.param
-    return
-  monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: min(16, v))
-  with use_implementation("accelerator"):
-    yield request.param
 
 
 def naive(h, w, b, *, layout="dv", softcap=None, **kw):

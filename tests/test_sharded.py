@@ -5,6 +5,7 @@ The device count has to be fixed before JAX starts, so the checks run in subproc
 """
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,12 +14,16 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+# The workers run as scripts: the repository goes on their path, whether or not jxent is
+# installed in this interpreter.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p))
 
 
 @pytest.fixture(scope="module")
 def worker():
   out = subprocess.run([sys.executable, str(HERE / "_sharded_worker.py")], capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, env=ENV)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -78,7 +83,8 @@ def _free_port():
 def test_two_processes_with_jax_distributed():
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, str(HERE / "_multihost_worker.py"), str(i), port],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV)
            for i in range(2)]
   outs = []
   for p in procs:

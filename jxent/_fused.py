@@ -5,6 +5,9 @@
 chunks of ``chunk_size`` inside ``lax.scan``: only one ``[chunk, V]`` block of logits
 (and of their gradient) exists at a time, and ``dW`` is accumulated in vocabulary
 slices so that XLA never allocates a ``[D, V]`` temporary besides the gradient itself.
+That is the reference and the XLA:CPU form. Lowered for GPU or TPU, the loss and the
+forward method's gradients walk blocks of vocabulary columns for all tokens instead (see
+"GPU and TPU" below).
 
 Two ways to get the derivative, both ``jax.custom_jvp`` rules linear in the tangents (so
 forward mode, reverse mode by transposition, and higher orders all work):
@@ -592,7 +595,11 @@ def linear_cross_entropy(
     z_loss: coefficient of :math:`\mathrm{logsumexp}^2` per token.
     logit_softcap: ``c > 0`` or None.
     reduction: ``"mean"`` (over kept tokens; 0 if none), ``"sum"`` or ``"none"``.
-    chunk_size: tokens per chunk; default: a ``[chunk, V]`` float32 block of ~64 MiB.
+    chunk_size: tokens per chunk; default: a ``[chunk, V]`` float32 block of ~64 MiB. On
+      GPU and TPU the loss and the forward method's gradients take blocks of vocabulary
+      columns for all tokens instead (``[N, block]`` float32 logits of ~128 MiB; their
+      backward products in the inputs' dtype, float32-accumulated), and ``chunk_size``
+      applies to the recompute method's derivative only.
     return_lse: also return the per-token logsumexp ``[...]`` (differentiable).
     method: ``"auto"``, ``"forward"`` (gradients computed in the forward pass; scalar
       reductions only) or ``"recompute"``.

@@ -14,6 +14,12 @@ from jxent._information import (
     kl_divergence_from_logits,
     self_information,
 )
+from jxent._lmhead import (
+    TokenStats,
+    linear_entropy,
+    linear_log_probs,
+    linear_token_stats,
+)
 from jxent._probability import (
     binary_cross_entropy,
     categorical_cross_entropy,
@@ -47,6 +53,10 @@ __all__ = [
     "kl_divergence",
     "kl_divergence_from_logits",
     "linear_cross_entropy",
+    "linear_entropy",
+    "linear_log_probs",
+    "linear_token_stats",
+    "TokenStats",
     "self_information",
     "value_checks",
 ]

@@ -494,14 +494,19 @@ def _block_tangent(h, y, valid, lse, dh, w, b, dw, db, cfg, start, v):
   return jnp.sum(g * dzb, axis=-1), jnp.sum(p * dzb, axis=-1)
 
 
-def _tokens_tangent(h3, y2, v2, lse, dh3, w, b, dw, db, cfg):
+def _tokens_tangent(h3, y2, v2, lse, dh3, w, b, dw, db, cfg, block=None):
   """(d loss, d lse), [n_chunks, T], one vocabulary slice at a time (outer loop) and one
   chunk of tokens at a time (inner scan), both checkpointed.
 
   With the slices outside, the tangent is linear in dW through one slice per step, so its
   transpose (reverse mode) adds h^T(.) into each slice of the weight's cotangent in place:
   no [D, V] temporary per chunk of tokens, and the residuals are the inputs and lse alone.
+
+  ``block`` (default ``_block_tangent``) computes one chunk's tangents from one slice; the
+  per-token residuals ``lse`` may be any pytree of [n_chunks, T] arrays, and the tangents
+  any tuple of [T] arrays that add up over the slices.
   """
+  block = _block_tangent if block is None else block
   v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
   step = min(2 * cfg.vocab_slice, v)
   axis = 1 if cfg.layout == "dv" else 0
@@ -513,8 +518,8 @@ def _tokens_tangent(h3, y2, v2, lse, dh3, w, b, dw, db, cfg):
     w_j, b_j, dw_j, db_j = cut(w, axis), cut(b, 0), cut(dw, axis), cut(db, 0)
 
     def body(_, xs):
-      h, y, valid, lse_c, dh = xs
-      return None, _block_tangent(h, y, valid, lse_c, dh, w_j, b_j, dw_j, db_j, cfg, start, v)
+      h, y, valid, res, dh = xs
+      return None, block(h, y, valid, res, dh, w_j, b_j, dw_j, db_j, cfg, start, v)
     return jax.lax.scan(jax.checkpoint(body), None, (h3, y2, v2, lse, dh3))[1]
 
   def one_slice(start, size):
@@ -524,13 +529,12 @@ def _tokens_tangent(h3, y2, v2, lse, dh3, w, b, dw, db, cfg):
   # loop rather than carried: a carry would need the inputs' varying mesh axes under
   # shard_map.
   full = v // step
-  dl, ds = jax.lax.scan(lambda _, j: (None, one_slice(j * step, step)), None,
-                        jnp.arange(full))[1]
-  dl, ds = jnp.sum(dl, axis=0), jnp.sum(ds, axis=0)
+  out = jax.lax.scan(lambda _, j: (None, one_slice(j * step, step)), None,
+                     jnp.arange(full))[1]
+  out = jax.tree.map(lambda a: jnp.sum(a, axis=0), out)
   if v % step:
-    dl_r, ds_r = one_slice(full * step, v % step)
-    dl, ds = dl + dl_r, ds + ds_r
-  return dl, ds
+    out = jax.tree.map(jnp.add, out, one_slice(full * step, v % step))
+  return out
 
 
 def _fused_tokens_jvp(primals, tangents):
@@ -552,6 +556,81 @@ _fused_tokens.defjvp(_fused_tokens_jvp, symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------------------ public
+
+
+def check_head(hidden, weight, labels, bias, weight_layout):
+  """Trace-time checks of a linear head's inputs; returns them as arrays and V."""
+  if weight_layout not in ("dv", "vd"):
+    raise ValueError(f"weight_layout must be 'dv' or 'vd', got {weight_layout!r}.")
+  hidden = _checks.as_array(hidden, "hidden")
+  weight = _checks.as_array(weight, "weight")
+  for name, x in (("hidden", hidden), ("weight", weight)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating point, got dtype {x.dtype}.")
+  if hidden.ndim < 1 or weight.ndim != 2:
+    raise ValueError(f"hidden must be [..., D] and weight 2-D, got hidden.shape={hidden.shape}"
+                     f" and weight.shape={weight.shape}.")
+  d = hidden.shape[-1]
+  d_w, v = weight.shape if weight_layout == "dv" else weight.shape[::-1]
+  if v == 0:
+    raise ValueError(f"weight has an empty vocabulary (V = 0): weight.shape={weight.shape}.")
+  if d_w != d:
+    raise ValueError(
+        f"hidden's last dimension ({d}) must match weight's D for weight_layout="
+        f"{weight_layout!r}, got hidden.shape={hidden.shape} and weight.shape={weight.shape}.")
+  batch_shape = hidden.shape[:-1]
+  if labels is not None:
+    labels = _checks.integer(labels, "labels")
+    if labels.shape != batch_shape:
+      raise ValueError(f"labels must have hidden's shape without D, i.e. {batch_shape}, got "
+                       f"labels.shape={labels.shape}.")
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if bias.shape != (v,):
+      raise ValueError(f"bias must have shape ({v},), got bias.shape={bias.shape}.")
+  return hidden, weight, labels, bias, v
+
+
+def chunk_tokens(hidden, labels, where, ignore_index, v, chunk_size, name):
+  """Flattens the tokens and cuts them into chunks (the last padded with dropped tokens):
+  ``(h3 [n_chunks, T, D], y2 [n_chunks, T] int32, v2 [n_chunks, T] kept, N, T)``. Labels
+  may be None (all 0). A kept label outside [0, V) is a value check (checkify)."""
+  batch_shape = hidden.shape[:-1]
+  d = hidden.shape[-1]
+  try:
+    n = int(np.prod([int(s) for s in batch_shape], dtype=np.int64))
+  except (TypeError, jax.errors.ConcretizationTypeError, _symbolic_dim_error()) as e:
+    raise ValueError(
+        f"{name} needs a static number of tokens N to cut it into chunks, got "
+        f"hidden.shape={hidden.shape} with a symbolic token dimension; export it for a fixed N "
+        "(or use the dense function on the logits).") from e
+  h2 = hidden.reshape(n, d)
+  y = jnp.zeros(n, jnp.int32) if labels is None else labels.reshape(n)
+  valid = jnp.ones(n, bool)
+  if ignore_index is not None:
+    valid = valid & (y != ignore_index)
+  if where is not None:
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_ or where.shape != batch_shape:
+      raise ValueError(f"where must be a boolean mask of shape {batch_shape}, got "
+                       f"{where.dtype} {where.shape}.")
+    valid = valid & where.reshape(n)
+  if labels is not None:
+    _checks.value_check(jnp.all(~valid | ((y >= 0) & (y < v))),
+                         f"labels out of range [0, {v}) for some kept token.")
+  _checks.check_logits(h2, valid, "hidden")
+  y = y.astype(jnp.int32)  # a kept label outside [0, V) gives NaN
+
+  t = default_chunk_size(n, v) if chunk_size is None else int(chunk_size)
+  if t <= 0:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size!r}.")
+  n_chunks = -(-n // t)
+  pad = n_chunks * t - n
+  if pad:
+    h2 = jnp.pad(h2, ((0, pad), (0, 0)))
+    y = jnp.pad(y, (0, pad))
+    valid = jnp.pad(valid, (0, pad))
+  return h2.reshape(n_chunks, t, d), y.reshape(n_chunks, t), valid.reshape(n_chunks, t), n, t
 
 
 def linear_cross_entropy(
@@ -614,35 +693,9 @@ def linear_cross_entropy(
   2.302585...
   """
   _checks.reduction(reduction)
-  if weight_layout not in ("dv", "vd"):
-    raise ValueError(f"weight_layout must be 'dv' or 'vd', got {weight_layout!r}.")
   if method not in ("auto", "forward", "recompute"):
     raise ValueError(f"method must be 'auto', 'forward' or 'recompute', got {method!r}.")
-  hidden = _checks.as_array(hidden, "hidden")
-  weight = _checks.as_array(weight, "weight")
-  for name, x in (("hidden", hidden), ("weight", weight)):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{name} must be floating point, got dtype {x.dtype}.")
-  if hidden.ndim < 1 or weight.ndim != 2:
-    raise ValueError(f"hidden must be [..., D] and weight 2-D, got hidden.shape={hidden.shape}"
-                     f" and weight.shape={weight.shape}.")
-  d = hidden.shape[-1]
-  d_w, v = weight.shape if weight_layout == "dv" else weight.shape[::-1]
-  if v == 0:
-    raise ValueError(f"weight has an empty vocabulary (V = 0): weight.shape={weight.shape}.")
-  if d_w != d:
-    raise ValueError(
-        f"hidden's last dimension ({d}) must match weight's D for weight_layout="
-        f"{weight_layout!r}, got hidden.shape={hidden.shape} and weight.shape={weight.shape}.")
-  labels = _checks.integer(labels, "labels")
-  batch_shape = hidden.shape[:-1]
-  if labels.shape != batch_shape:
-    raise ValueError(f"labels must have hidden's shape without D, i.e. {batch_shape}, got "
-                     f"labels.shape={labels.shape}.")
-  if bias is not None:
-    bias = jnp.asarray(bias)
-    if bias.shape != (v,):
-      raise ValueError(f"bias must have shape ({v},), got bias.shape={bias.shape}.")
+  hidden, weight, labels, bias, v = check_head(hidden, weight, labels, bias, weight_layout)
   softcap = None
   if logit_softcap is not None:
     softcap = _checks.static_number(logit_softcap, "logit_softcap")
@@ -658,40 +711,11 @@ def linear_cross_entropy(
         logit_softcap=logit_softcap, reduction=reduction, chunk_size=chunk_size,
         return_lse=return_lse, method=method)
 
-  try:
-    n = int(np.prod([int(s) for s in batch_shape], dtype=np.int64))
-  except (TypeError, jax.errors.ConcretizationTypeError, _symbolic_dim_error()) as e:
-    raise ValueError(
-        f"linear_cross_entropy needs a static number of tokens N to cut it into chunks, got "
-        f"hidden.shape={hidden.shape} with a symbolic token dimension; export it for a fixed N "
-        "(or use softmax_cross_entropy_with_integer_labels on the logits).") from e
-  h2 = hidden.reshape(n, d)
-  y = labels.reshape(n)
-  valid = jnp.ones(n, bool)
-  if ignore_index is not None:
-    valid = valid & (y != ignore_index)
-  if where is not None:
-    where = jnp.asarray(where)
-    if where.dtype != jnp.bool_ or where.shape != batch_shape:
-      raise ValueError(f"where must be a boolean mask of shape {batch_shape}, got "
-                       f"{where.dtype} {where.shape}.")
-    valid = valid & where.reshape(n)
-  _checks.value_check(jnp.all(~valid | ((y >= 0) & (y < v))),
-                       f"labels out of range [0, {v}) for some kept token.")
-  _checks.check_logits(h2, valid, "hidden")
-  y = y.astype(jnp.int32)  # a kept label outside [0, V) gives NaN
-
-  t = default_chunk_size(n, v) if chunk_size is None else int(chunk_size)
-  if t <= 0:
-    raise ValueError(f"chunk_size must be positive, got {chunk_size!r}.")
-  n_chunks = -(-n // t)
-  pad = n_chunks * t - n
-  if pad:
-    h2 = jnp.pad(h2, ((0, pad), (0, 0)))
-    y = jnp.pad(y, (0, pad))
-    valid = jnp.pad(valid, (0, pad))
-  h3 = h2.reshape(n_chunks, t, d)
-  y2, v2 = y.reshape(n_chunks, t), valid.reshape(n_chunks, t)
+  batch_shape = hidden.shape[:-1]
+  h3, y2, v2, n, t = chunk_tokens(hidden, labels, where, ignore_index, v, chunk_size,
+                                  "linear_cross_entropy")
+  n_chunks = h3.shape[0]
+  valid = v2.reshape(-1)
 
   cfg = _Config(opts.label_smoothing, opts.z_loss, softcap, weight_layout, _VOCAB_SLICE, acc,
                 accelerator_vocab_block(n_chunks * t, v))

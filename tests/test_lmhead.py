@@ -1,0 +1,215 @@
+"""linear_log_probs, linear_entropy, linear_token_stats against float64 references on h @ W."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jxent
+from jxent import _fused
+
+N, D, V = 37, 16, 50  # N is not a multiple of the chunk (8)
+RNG = np.random.default_rng(7)
+H = RNG.normal(size=(N, D)).astype(np.float32)
+W = (RNG.normal(size=(D, V)) * 0.5).astype(np.float32)
+B = (RNG.normal(size=V) * 0.3).astype(np.float32)
+Y = RNG.integers(0, V, size=N)
+MASK = RNG.uniform(size=N) > 0.25
+COT = RNG.uniform(0.3, 1.7, size=N)  # non-uniform cotangent
+TEMP = 0.7
+
+
+def ref_log_softmax(h, w, b, layout, temp):
+  """float64, in plain JAX (differentiable) and independent of jxent."""
+  w = w if layout == "dv" else w.T
+  z = (h @ w + (0 if b is None else b)) / temp
+  return jax.nn.log_softmax(z, axis=-1)
+
+
+def ref_log_probs(h, w, b, layout="dv", temp=TEMP, mask=MASK):
+  lp = jnp.take_along_axis(ref_log_softmax(h, w, b, layout, temp), jnp.asarray(Y)[:, None],
+                           axis=-1)[:, 0]
+  return jnp.where(mask, lp, 0)
+
+
+def ref_entropy(h, w, b, layout="dv", temp=TEMP, mask=MASK):
+  lp = ref_log_softmax(h, w, b, layout, temp)
+  return jnp.where(mask, -jnp.sum(jnp.exp(lp) * lp, axis=-1), 0)
+
+
+def fused_log_probs(h, w, b, layout="dv", temp=TEMP, **kw):
+  return jxent.linear_log_probs(h, w, Y, bias=b, weight_layout=layout, where=MASK,
+                                temperature=temp, chunk_size=8, **kw)
+
+
+def fused_entropy(h, w, b, layout="dv", temp=TEMP, **kw):
+  return jxent.linear_entropy(h, w, bias=b, weight_layout=layout, where=MASK,
+                              temperature=temp, chunk_size=8, **kw)
+
+
+PAIRS = {"log_probs": (fused_log_probs, ref_log_probs),
+         "entropy": (fused_entropy, ref_entropy)}
+
+
+def f64(*xs):
+  return [None if x is None else jnp.asarray(np.asarray(x, np.float64)) for x in xs]
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-300))
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_values_and_gradients_against_float64(name, layout, monkeypatch):
+  # Vocabulary slices of 16 (the tangent walks 32 columns at a time): one full slice of 32
+  # and a remainder of 18.
+  monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)
+  fused, ref = PAIRS[name]
+  w = W if layout == "dv" else W.T
+  got = jax.jit(lambda h, w, b: fused(h, w, b, layout))(H, w, B)
+  with jax.enable_x64(True):
+    h64, w64, b64 = f64(H, w, B)
+    want = ref(h64, w64, b64, layout)
+    cot = jnp.asarray(COT)
+    g_want = jax.grad(lambda *a: jnp.sum(cot * ref(*a, layout)), argnums=(0, 1, 2))(
+        h64, w64, b64)
+    t = f64(np.cos(H), np.sin(w), np.cos(B))
+    jv_want = jax.jvp(lambda *a: ref(*a, layout), (h64, w64, b64), tuple(t))[1]
+  assert got.dtype == jnp.float32
+  assert rel(got, want) < 1e-5
+  assert np.all(np.asarray(got)[~MASK] == 0)
+  g = jax.jit(jax.grad(lambda h, w, b: jnp.sum(jnp.asarray(COT, jnp.float32) * fused(
+      h, w, b, layout)), argnums=(0, 1, 2)))(H, w, B)
+  for a, b in zip(g, g_want):
+    assert rel(a, b) < 1e-5
+  assert np.all(np.asarray(g[0])[~MASK] == 0)  # dropped tokens: no gradient
+  jv = jax.jvp(lambda h, w, b: fused(h, w, b, layout), (H, w, B),
+               tuple(np.asarray(x, np.float32) for x in t))[1]
+  assert rel(jv, jv_want) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_every_autodiff_mode_to_second_order_in_float64(name):
+  fused, _ = PAIRS[name]
+  with jax.enable_x64(True):
+    h, w, b = f64(H[:10], W[:, :12], B[:12])
+    mask = MASK[:10]
+    y = Y[:10] % 12
+    if name == "log_probs":
+      f = lambda h, w, b: jnp.sum(jnp.asarray(COT[:10]) * jxent.linear_log_probs(
+          h, w, y, bias=b, where=mask, temperature=TEMP, chunk_size=4))
+    else:
+      f = lambda h, w, b: jnp.sum(jnp.asarray(COT[:10]) * jxent.linear_entropy(
+          h, w, bias=b, where=mask, temperature=TEMP, chunk_size=4))
+    check_grads(f, (h, w, b), order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+  hb, wb, bb = (jnp.asarray(x, jnp.bfloat16) for x in (H, W, B))
+  up = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
+  for name, (fused, ref) in PAIRS.items():
+    got = fused(hb, wb, bb)
+    with jax.enable_x64(True):
+      want = ref(*f64(up(hb), up(wb), up(bb)))
+    assert got.dtype == jnp.float32, name
+    assert rel(got, want) < 1e-5, name
+    g = jax.grad(lambda h: jnp.sum(fused(h, wb, bb)))(hb)
+    with jax.enable_x64(True):
+      g_want = jax.grad(lambda h: jnp.sum(ref(h, *f64(up(wb), up(bb)))))(f64(up(hb))[0])
+    assert g.dtype == jnp.bfloat16
+    assert rel(g.astype(jnp.float32), g_want) < 1e-2, name  # bf16 rounding of the output
+
+
+def test_entropy_keeps_relative_accuracy_when_nearly_one_hot():
+  # One logit 30 above the 49 others: with r = 49 e^-30, H = log(1 + r) + 30 r / (1 + r)
+  # ~ 1.4e-10, far below float32's resolution of log V. A difference lse - E[z] loses it,
+  # and so does -sum p log p from a float64 log_softmax (log p of the top class is a
+  # difference at the scale of 30): the reference is the closed form.
+  h = np.eye(4, D, dtype=np.float32) * 30.0
+  w = np.eye(D, V, dtype=np.float32)
+  r = (V - 1) * np.exp(-30.0)
+  want = np.log1p(r) + 30.0 * r / (1.0 + r)
+  got = jxent.linear_entropy(h, w)
+  assert 1e-10 < want < 1e-9
+  assert rel(got, np.full(4, want)) < 1e-5
+
+
+def test_masked_classes_and_bad_labels():
+  b = np.zeros(V, np.float32)
+  b[:3] = -np.inf  # classes 0-2 can never be predicted
+  y = np.array([0, 5, V, 7])
+  h = H[:4]
+  lp = jxent.linear_log_probs(h, W, y, bias=b)
+  assert lp[0] == -np.inf and np.isnan(lp[2])  # a masked label; a label outside [0, V)
+  with jax.enable_x64(True):
+    full = ref_log_softmax(*f64(h, W, b), "dv", 1.0)
+  np.testing.assert_allclose(np.asarray(lp)[[1, 3]], np.asarray(full)[[1, 3], [5, 7]],
+                             rtol=1e-5)
+  ent = jxent.linear_entropy(h, W, bias=b)
+  assert np.all(np.isfinite(ent))  # 0 log 0 = 0 for the masked classes
+  with jax.enable_x64(True):
+    p = jnp.exp(full)
+    want = -jnp.sum(jnp.where(p > 0, p * full, 0), axis=-1)
+  np.testing.assert_allclose(ent, want, rtol=1e-5)
+  g = jax.grad(lambda h: jnp.sum(jxent.linear_entropy(h, W, bias=b)))(h)
+  assert np.all(np.isfinite(g))
+
+
+def test_token_stats_one_pass_and_not_differentiable():
+  y = np.where(MASK, Y, 0)
+  s = jxent.linear_token_stats(H.reshape(1, N, D), W, y.reshape(1, N), bias=B,
+                               where=MASK.reshape(1, N), temperature=TEMP, chunk_size=8)
+  assert s.logsumexp.shape == (1, N) and s.argmax.dtype == jnp.int32
+  with jax.enable_x64(True):
+    z = (np.asarray(H, np.float64) @ W + B) / TEMP
+    lse = np.asarray(jax.nn.logsumexp(z, axis=-1))
+    lp = z - lse[:, None]
+    ent = -np.sum(np.exp(lp) * lp, axis=-1)
+  keep = MASK
+  assert rel(s.logsumexp[0][keep], lse[keep]) < 1e-6
+  assert rel(s.entropy[0][keep], ent[keep]) < 1e-5
+  np.testing.assert_array_equal(s.argmax[0][keep], np.argmax(z, axis=-1)[keep])
+  assert rel(s.label_log_prob[0][keep], lp[np.arange(N), y][keep]) < 1e-5
+  for a in (s.logsumexp, s.entropy, s.argmax, s.label_log_prob):
+    assert np.all(np.asarray(a)[0][~keep] == 0)
+  assert jxent.linear_token_stats(H, W).label_log_prob is None
+  g = jax.grad(lambda h: jnp.sum(jxent.linear_token_stats(h, W, Y).entropy))(H)
+  assert np.all(g == 0)
+
+
+def test_bad_input_is_named():
+  with pytest.raises(ValueError, match="temperature must be positive"):
+    jxent.linear_entropy(H, W, temperature=0.0)
+  with pytest.raises(ValueError, match=r"labels must have hidden's shape.*labels.shape=\(3,\)"):
+    jxent.linear_log_probs(H, W, Y[:3])
+  with pytest.raises(ValueError, match="weight_layout"):
+    jxent.linear_entropy(H, W, weight_layout="dd")
+  with pytest.raises(ValueError, match=r"must match weight's D.*weight.shape=\(50, 16\)"):
+    jxent.linear_entropy(H, W.T)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU buffer assignment")
+@pytest.mark.parametrize("name", ["log_probs", "entropy"])
+def test_scratch_is_blocks_not_logits(name):
+  n, d, v = 1024, 32, 4096
+  h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+  y = jnp.zeros(n, jnp.int32)
+  if name == "log_probs":
+    fused = lambda h, w: jnp.sum(jxent.linear_log_probs(h, w, y, chunk_size=64))
+    dense = lambda h, w: jnp.sum(jax.nn.log_softmax(h @ w)[jnp.arange(n), y])
+  else:
+    fused = lambda h, w: jnp.sum(jxent.linear_entropy(h, w, chunk_size=64))
+    dense = lambda h, w: jnp.sum(-jnp.sum(jax.nn.softmax(h @ w) * jax.nn.log_softmax(h @ w),
+                                          axis=-1))
+  scratch = lambda f: jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, w).compile(
+  ).memory_analysis().temp_size_in_bytes
+  # The unfused gradient holds [N, V] float32 logits (16 MiB, 16 blocks of [64, V]) and
+  # more; the fused one a few [64, V] blocks of the forward pass and [64, 2048] ones of the
+  # derivative, nothing of size N x V.
+  block = 64 * v * 4
+  fused_b, dense_b = scratch(fused), scratch(dense)
+  assert fused_b <= 6 * block and fused_b < dense_b / 3, (fused_b, dense_b)

@@ -10,8 +10,10 @@ from jxent._information import (
     entropy,
     entropy_from_logits,
     js_divergence,
+    js_divergence_from_logits,
     kl_divergence,
     kl_divergence_from_logits,
+    log_probs,
     self_information,
 )
 from jxent._lmhead import (
@@ -50,8 +52,10 @@ __all__ = [
     "entropy",
     "entropy_from_logits",
     "js_divergence",
+    "js_divergence_from_logits",
     "kl_divergence",
     "kl_divergence_from_logits",
+    "log_probs",
     "linear_cross_entropy",
     "linear_entropy",
     "linear_log_probs",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jxent import _checks
@@ -292,15 +293,29 @@ def entropy_from_logits(logits: ArrayLike, *, axis: int = -1,
   return _checks.in_nats_to_base(0.0 - jnp.sum(_plogq(logp, logp), axis=axis), base)
 
 
+def _tempered(logits: Array, temperature, name: str) -> Array:
+  """``logits / temperature`` (a positive number; a traced one is taken as given)."""
+  if isinstance(temperature, (int, float)):
+    if not temperature > 0:
+      raise ValueError(f"{name} must be positive, got {temperature!r}.")
+    return logits if temperature == 1 else logits / temperature
+  return logits / jnp.asarray(temperature, logits.dtype)
+
+
 def kl_divergence_from_logits(p_logits: ArrayLike, q_logits: ArrayLike, *, axis: int = -1,
-                              base: float | None = None) -> Array:
-  r""":math:`D(p\|q)` for ``p = softmax(p_logits)`` and ``q = softmax(q_logits)``.
+                              base: float | None = None,
+                              temperature: ArrayLike = 1.0) -> Array:
+  r""":math:`D(p\|q)` for ``p = softmax(p_logits / T)`` and ``q = softmax(q_logits / T)``.
 
   Args:
-    p_logits: logits of the reference distribution ``[..., n, ...]``.
+    p_logits: logits of the reference distribution ``[..., n, ...]`` (in distillation, the
+      teacher: then this is the forward KL).
     q_logits: logits of the model, same shape.
     axis: the class axis.
     base: logarithm base (``None`` for nats, ``2`` for bits).
+    temperature: :math:`T > 0` dividing both logits (distillation's softening). The
+      gradient is that of the tempered divergence (multiply by :math:`T^2` for Hinton's
+      scaling).
 
   Returns:
     ``p_logits``' shape without ``axis``. Classes masked in ``p`` (``-inf``)
@@ -315,11 +330,113 @@ def kl_divergence_from_logits(p_logits: ArrayLike, q_logits: ArrayLike, *, axis:
   p_logits, axis = _logits(p_logits, "p_logits", axis)
   q_logits, _ = _logits(q_logits, "q_logits", axis)
   _checks.same_shape(p_logits, q_logits, "p_logits", "q_logits")
-  logp = _log_softmax(p_logits, axis)
-  logq = _log_softmax(q_logits, axis)
+  logp = _log_softmax(_tempered(p_logits, temperature, "temperature"), axis)
+  logq = _log_softmax(_tempered(q_logits, temperature, "temperature"), axis)
   return _checks.in_nats_to_base(
       jnp.sum(_plogq(logp, logp) - _plogq(logp, logq), axis=axis), base
   )
+
+
+def js_divergence_from_logits(p_logits: ArrayLike, q_logits: ArrayLike, *, beta: float = 0.5,
+                              axis: int = -1, base: float | None = None,
+                              temperature: ArrayLike = 1.0) -> Array:
+  r"""Generalised Jensen–Shannon divergence of ``p = softmax(p_logits / T)`` and
+  ``q = softmax(q_logits / T)``:
+
+  .. math:: \mathrm{JS}_\beta(p\|q) = \beta D(p\|m) + (1-\beta) D(q\|m),
+     \qquad m = \beta p + (1 - \beta) q,
+
+  computed in log space (:math:`\log m` by ``logaddexp``). :math:`\beta = 1/2` is the
+  symmetric JS divergence, in :math:`[0, \log 2]`. As :math:`\beta \to 0`,
+  :math:`\mathrm{JS}_\beta / \beta \to D(p\|q)` and as :math:`\beta \to 1`,
+  :math:`\mathrm{JS}_\beta / (1-\beta) \to D(q\|p)`; at the end points themselves, as
+  Liger's ``jsd_beta`` does, ``beta=0`` gives the forward KL :math:`D(p\|q)` and ``beta=1``
+  the reverse KL :math:`D(q\|p)` (with ``p`` the teacher and ``q`` the student of a
+  distillation).
+
+  Args:
+    p_logits: logits of the first distribution (the teacher) ``[..., n, ...]``.
+    q_logits: logits of the second (the student), same shape.
+    beta: :math:`\beta \in [0, 1]`, a Python number (static).
+    axis: the class axis.
+    base: logarithm base (``None`` for nats, ``2`` for bits).
+    temperature: :math:`T > 0` dividing both logits.
+
+  Returns:
+    ``p_logits``' shape without ``axis``: finite for ``0 < beta < 1`` whatever the masks
+    (``m`` covers both supports); at the end points as :func:`kl_divergence_from_logits`.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> a = jnp.array([0.0, -jnp.inf]); b = jnp.array([-jnp.inf, 0.0])
+  >>> float(jxent.js_divergence_from_logits(a, b, base=2))  # disjoint supports: 1 bit
+  1.0
+  """
+  beta = _checks.static_number(beta, "beta")
+  if not 0 <= beta <= 1:
+    raise ValueError(f"beta must be in [0, 1], got {beta!r}.")
+  if beta == 0:
+    return kl_divergence_from_logits(p_logits, q_logits, axis=axis, base=base,
+                                     temperature=temperature)
+  if beta == 1:
+    return kl_divergence_from_logits(q_logits, p_logits, axis=axis, base=base,
+                                     temperature=temperature)
+  p_logits, axis = _logits(p_logits, "p_logits", axis)
+  q_logits, _ = _logits(q_logits, "q_logits", axis)
+  _checks.same_shape(p_logits, q_logits, "p_logits", "q_logits")
+  logp = _log_softmax(_tempered(p_logits, temperature, "temperature"), axis)
+  logq = _log_softmax(_tempered(q_logits, temperature, "temperature"), axis)
+  logm = jnp.logaddexp(np.log(beta) + logp, np.log1p(-beta) + logq)
+  js = (beta * jnp.sum(_plogq(logp, logp) - _plogq(logp, logm), axis=axis)
+        + (1 - beta) * jnp.sum(_plogq(logq, logq) - _plogq(logq, logm), axis=axis))
+  return _checks.in_nats_to_base(js, base)
+
+
+def log_probs(logits: ArrayLike, labels: ArrayLike, *, axis: int = -1,
+              where: ArrayLike | None = None, temperature: ArrayLike = 1.0) -> Array:
+  r"""Log-probability of each label under ``softmax(logits / T)``:
+  :math:`\log p_y = z_y - \log\sum_c e^{z_c}` (the dense counterpart of
+  :func:`jxent.linear_log_probs`; its negative is the integer-label cross-entropy).
+
+  Args:
+    logits: ``[..., C]`` (the class axis ``axis``).
+    labels: integer class ids, ``logits``' shape without ``axis``.
+    axis: the class axis.
+    where: optional boolean mask, ``labels``' shape: dropped entries get 0 and no gradient.
+    temperature: :math:`T > 0` dividing the logits.
+
+  Returns:
+    ``labels``' shape; :math:`-\infty` for a label whose logit is :math:`-\infty`, NaN (value
+    and gradient) for a kept label outside ``[0, C)``.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> jxent.log_probs(jnp.zeros((2, 4)), jnp.array([0, 3]))
+  Array([-1.3862944, -1.3862944], dtype=float32)
+  """
+  logits, axis = _logits(logits, "logits", axis)
+  labels = _checks.integer(labels, "labels")
+  batch = logits.shape[:axis] + logits.shape[axis + 1:]
+  if labels.shape != batch:
+    raise ValueError(f"labels must have logits' shape without axis {axis}, i.e. {batch}, got "
+                     f"labels.shape={labels.shape}.")
+  c = logits.shape[axis]
+  logp = _log_softmax(_tempered(logits, temperature, "temperature"), axis)
+  keep = jnp.ones(batch, bool)
+  if where is not None:
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_ or where.shape != batch:
+      raise ValueError(f"where must be a boolean mask of shape {batch}, got "
+                       f"{where.dtype} {where.shape}.")
+    keep = where
+  bad = keep & ((labels < 0) | (labels >= c))
+  y = jnp.expand_dims(jnp.clip(labels, 0, c - 1), axis)
+  out = jnp.squeeze(jnp.take_along_axis(logp, y, axis=axis), axis)
+  # A kept label outside [0, C): NaN, and NaN gradient (multiplied in, not selected).
+  out = out * jnp.where(bad, jnp.nan, 1).astype(out.dtype)
+  if where is not None:
+    out = jnp.where(where, out, 0)
+  return out
 
 
 def cross_entropy_from_logits(p_logits: ArrayLike, q_logits: ArrayLike, *, axis: int = -1,

@@ -213,3 +213,97 @@ def test_scratch_is_blocks_not_logits(name):
   block = 64 * v * 4
   fused_b, dense_b = scratch(fused), scratch(dense)
   assert fused_b <= 6 * block and fused_b < dense_b / 3, (fused_b, dense_b)
+
+
+# ------------------------------------------------------------ dense counterparts
+
+
+def np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  m = z.max(-1, keepdims=True)
+  return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+ZP = RNG.normal(size=(6, 9)).astype(np.float32) * 2
+ZQ = RNG.normal(size=(6, 9)).astype(np.float32) * 2
+
+
+def np_kl(lp, lq):
+  p = np.exp(lp)
+  return np.sum(np.where(p > 0, p * (lp - lq), 0), -1)
+
+
+def np_js(zp, zq, beta, temp):
+  lp, lq = np_log_softmax(zp / temp), np_log_softmax(zq / temp)
+  lm = np.log(beta * np.exp(lp) + (1 - beta) * np.exp(lq))
+  return beta * np_kl(lp, lm) + (1 - beta) * np_kl(lq, lm)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_js_divergence_from_logits_against_numpy(beta):
+  got = jxent.js_divergence_from_logits(ZP, ZQ, beta=beta, temperature=TEMP)
+  np.testing.assert_allclose(got, np_js(ZP, ZQ, beta, TEMP), rtol=1e-5)
+  # gradient in both arguments, non-uniform cotangent, against a float64 JAX formula
+  cot = np.linspace(0.5, 1.5, 6)
+
+  def ref(zp, zq):
+    lp, lq = jax.nn.log_softmax(zp / TEMP), jax.nn.log_softmax(zq / TEMP)
+    lm = jnp.logaddexp(np.log(beta) + lp, np.log1p(-beta) + lq)
+    js = (beta * jnp.sum(jnp.exp(lp) * (lp - lm), -1)
+          + (1 - beta) * jnp.sum(jnp.exp(lq) * (lq - lm), -1))
+    return jnp.sum(cot * js)
+
+  g = jax.grad(lambda a, b: jnp.sum(jnp.asarray(cot, jnp.float32) * jxent.js_divergence_from_logits(
+      a, b, beta=beta, temperature=TEMP)), argnums=(0, 1))(ZP, ZQ)
+  with jax.enable_x64(True):
+    g_want = jax.grad(ref, argnums=(0, 1))(*f64(ZP, ZQ))
+  for a, b in zip(g, g_want):
+    assert rel(a, b) < 1e-5
+
+
+def test_js_limits_and_end_points():
+  kl_pq = np_kl(np_log_softmax(ZP), np_log_softmax(ZQ))
+  kl_qp = np_kl(np_log_softmax(ZQ), np_log_softmax(ZP))
+  with jax.enable_x64(True):
+    zp, zq = f64(ZP, ZQ)
+    # JS_b / b = D(p||q) + O(b sum p^2 / q): b = 1e-9 leaves it under 1e-5 here.
+    small = np.asarray(jxent.js_divergence_from_logits(zp, zq, beta=1e-9))
+    large = np.asarray(jxent.js_divergence_from_logits(zp, zq, beta=1 - 1e-9))
+  np.testing.assert_allclose(small / 1e-9, kl_pq, rtol=1e-5)
+  np.testing.assert_allclose(large / (1 - (1 - 1e-9)), kl_qp, rtol=1e-5)
+  np.testing.assert_allclose(jxent.js_divergence_from_logits(ZP, ZQ, beta=0.0), kl_pq, rtol=1e-5)
+  np.testing.assert_allclose(jxent.js_divergence_from_logits(ZP, ZQ, beta=1.0), kl_qp, rtol=1e-5)
+  sym = jxent.js_divergence_from_logits(ZP, ZQ)
+  np.testing.assert_allclose(sym, jxent.js_divergence_from_logits(ZQ, ZP), rtol=1e-6)
+  assert np.all((np.asarray(sym) >= 0) & (np.asarray(sym) <= np.log(2)))
+  with pytest.raises(ValueError, match="beta must be in"):
+    jxent.js_divergence_from_logits(ZP, ZQ, beta=1.5)
+
+
+def test_kl_from_logits_with_temperature_and_dense_log_probs():
+  got = jxent.kl_divergence_from_logits(ZP, ZQ, temperature=2.5)
+  np.testing.assert_allclose(got, np_kl(np_log_softmax(ZP / 2.5), np_log_softmax(ZQ / 2.5)),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="temperature must be positive"):
+    jxent.kl_divergence_from_logits(ZP, ZQ, temperature=-1.0)
+  y = np.array([0, 3, 8, 9, 2, -1])
+  keep = np.array([True, True, True, True, False, False])
+  lp = jxent.log_probs(ZP, y, temperature=TEMP, where=keep)
+  want = np_log_softmax(ZP / TEMP)[np.arange(6), np.clip(y, 0, 8)]
+  np.testing.assert_allclose(np.asarray(lp)[:3], want[:3], rtol=1e-5)
+  assert np.isnan(lp[3]) and np.all(np.asarray(lp)[4:] == 0)  # out of range; dropped
+  # the dense and the fused log-probabilities agree
+  z = H @ W + B
+  np.testing.assert_allclose(
+      jxent.log_probs(z, Y, temperature=TEMP, where=MASK),
+      jxent.linear_log_probs(H, W, Y, bias=B, temperature=TEMP, where=MASK), rtol=1e-5,
+      atol=1e-6)
+  g = jax.grad(lambda z: jnp.sum(jnp.asarray(COT[:6], jnp.float32) * jxent.log_probs(
+      z, y, where=keep)))(ZP)
+  with jax.enable_x64(True):
+    lsm = jax.nn.log_softmax(f64(ZP)[0])
+    onehot = np.eye(9)[np.clip(y, 0, 8)] * keep[:, None]
+    g_want = (COT[:6, None] * keep[:, None]) * (onehot - np.exp(np.asarray(lsm)))
+  ok = np.arange(6) != 3
+  np.testing.assert_allclose(np.asarray(g)[ok], g_want[ok], rtol=1e-5, atol=1e-7)
+  assert np.all(np.isnan(g[3]))  # the kept label outside [0, C): NaN, loudly

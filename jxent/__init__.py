@@ -19,6 +19,8 @@ from jxent._information import (
 from jxent._lmhead import (
     TokenStats,
     linear_entropy,
+    linear_js_divergence,
+    linear_kl_divergence,
     linear_log_probs,
     linear_token_stats,
 )
@@ -58,6 +60,8 @@ __all__ = [
     "log_probs",
     "linear_cross_entropy",
     "linear_entropy",
+    "linear_js_divergence",
+    "linear_kl_divergence",
     "linear_log_probs",
     "linear_token_stats",
     "TokenStats",

@@ -504,17 +504,20 @@ def _tokens_tangent(h3, y2, v2, lse, dh3, w, b, dw, db, cfg, block=None):
 
   ``block`` (default ``_block_tangent``) computes one chunk's tangents from one slice; the
   per-token residuals ``lse`` may be any pytree of [n_chunks, T] arrays, and the tangents
-  any tuple of [T] arrays that add up over the slices.
+  any tuple of [T] arrays that add up over the slices. ``h3``, ``w``, ``b`` and their
+  tangents may be pytrees (e.g. a student's and a teacher's head over one vocabulary).
   """
   block = _block_tangent if block is None else block
-  v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
+  w0 = jax.tree.leaves(w)[0]  # w may be a pytree of weights (several heads, one vocabulary)
+  v = w0.shape[1] if cfg.layout == "dv" else w0.shape[0]
   step = min(2 * cfg.vocab_slice, v)
   axis = 1 if cfg.layout == "dv" else 0
 
   def chunks(start, size, w, b, dw, db):
     # The slices are taken inside the checkpoint: its residuals are then the whole
     # (loop-invariant) inputs, not a stacked copy of the weight, one slice per step.
-    cut = lambda a, ax: None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size, ax)
+    cut = lambda a, ax: jax.tree.map(
+        lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, ax), a)
     w_j, b_j, dw_j, db_j = cut(w, axis), cut(b, 0), cut(dw, axis), cut(db, 0)
 
     def body(_, xs):

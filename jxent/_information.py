@@ -269,6 +269,22 @@ def _plogq(logp: Array, logq: Array) -> Array:
   return jnp.where(nonzero, p * safe_logq, 0)
 
 
+def plog_p_over_m(logp: Array, logq: Array, beta: float) -> Array:
+  """p (log p - log m) for m = beta p + (1 - beta) q, from log p and log q, elementwise.
+
+  ``log p - log m = -log1p((1 - beta) expm1(log q - log p))``: exactly 0 where p = q (a
+  difference of two logaddexp results would round to about ±1e-8 there), ``-log beta``
+  where q = 0, no overflow where q >> p; 0 with zero gradient where p = 0.
+  """
+  nonzero = logp != -jnp.inf
+  lp = jnp.where(nonzero, logp, 0)
+  d = logq - lp
+  big = d > 30  # (1 - beta) expm1(d) overflows soon after; there log1p(.) = log(1-beta) + d
+  small = -jnp.log1p((1 - beta) * jnp.expm1(jnp.where(big, 0, d)))
+  r = jnp.where(big, -(np.log1p(-beta) + jnp.where(big, d, 0)), small)
+  return jnp.where(nonzero, jnp.exp(lp) * r, 0)
+
+
 def entropy_from_logits(logits: ArrayLike, *, axis: int = -1,
                         base: float | None = None) -> Array:
   r"""Entropy of ``softmax(logits)``: :math:`-\sum_i p_i \log p_i`, computed in log space.
@@ -386,9 +402,8 @@ def js_divergence_from_logits(p_logits: ArrayLike, q_logits: ArrayLike, *, beta:
   _checks.same_shape(p_logits, q_logits, "p_logits", "q_logits")
   logp = _log_softmax(_tempered(p_logits, temperature, "temperature"), axis)
   logq = _log_softmax(_tempered(q_logits, temperature, "temperature"), axis)
-  logm = jnp.logaddexp(np.log(beta) + logp, np.log1p(-beta) + logq)
-  js = (beta * jnp.sum(_plogq(logp, logp) - _plogq(logp, logm), axis=axis)
-        + (1 - beta) * jnp.sum(_plogq(logq, logq) - _plogq(logq, logm), axis=axis))
+  js = (beta * jnp.sum(plog_p_over_m(logp, logq, beta), axis=axis)
+        + (1 - beta) * jnp.sum(plog_p_over_m(logq, logp, 1 - beta), axis=axis))
   return _checks.in_nats_to_base(js, base)
 
 

@@ -37,6 +37,7 @@ from jax.typing import ArrayLike
 from jxent import _checks
 from jxent import _fused as F
 from jxent import _reference as R
+from jxent._information import plog_p_over_m
 
 Array = jax.Array
 
@@ -314,3 +315,296 @@ def linear_token_stats(
     _, bad = R.split_labels(y2, v2, v)
     logp = unflat(R.poison_rows(jnp.where(v2, z_y - lse, 0).reshape(-1), bad.reshape(-1)))
   return TokenStats(keep(lse), keep(ent), keep(am), logp)
+
+
+# ------------------------------------------------------------------ distillation (two heads)
+#
+# Per token, with the teacher's distribution p = softmax(z_t / T) and the student's
+# q = softmax(z_s / T) over one vocabulary, one [chunk, V] block of each head's logits at a
+# time. The derivative rule keeps the two logsumexps and the divergence(s) per token; its
+# tangent recomputes both heads' blocks, one vocabulary slice of both weights at a time.
+# For tangents dz_s, dz_t of the (tempered) logits:
+#
+#   forward KL(p||q):  d = sum (q - p) dz_s + sum p (log p - log q - KL) dz_t
+#   reverse KL(q||p):  d = sum q (log q - log p - KL) dz_s + sum (p - q) dz_t
+#   JS_beta:           d = (1 - beta) [sum q (log q - log m) dz_s - KL(q||m) sum q dz_s]
+#                        + beta [sum p (log p - log m) dz_t - KL(p||m) sum p dz_t],
+#   m = beta p + (1 - beta) q.
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
+                   meta_fields=["layout", "vocab_slice", "acc", "temperature", "kind", "beta"])
+class _PairConfig:
+  def __init__(self, layout, vocab_slice, acc, temperature, kind, beta):
+    self.layout, self.vocab_slice, self.acc = layout, vocab_slice, acc
+    self.temperature, self.kind, self.beta = temperature, kind, beta
+
+
+def _xlogx_diff(p, lp, lq):
+  """p (lp - lq), 0 where p == 0 (whatever lq is)."""
+  return jnp.where(p > 0, p * (lp - jnp.where(p > 0, lq, 0)), 0)
+
+
+def _block_log_softmax(z):
+  """log softmax of a [T, V] block; an all -inf row gives NaN (no distribution)."""
+  m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0)
+  return z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True))
+
+
+def _pair_chunk(zs, zt, cfg):
+  """(divergence, residuals) per token of one full [T, V] block of each head."""
+  lq = _block_log_softmax(zs)
+  lp = _block_log_softmax(zt)
+  p, q = jnp.exp(lp), jnp.exp(lq)
+  lse_s = zs[:, :1] - lq[:, :1]
+  lse_t = zt[:, :1] - lp[:, :1]
+  lse_s, lse_t = lse_s[:, 0], lse_t[:, 0]
+  if cfg.kind == "forward":
+    kl = jnp.sum(_xlogx_diff(p, lp, lq), axis=-1)
+    return kl, (lse_s, lse_t, kl)
+  if cfg.kind == "reverse":
+    kl = jnp.sum(_xlogx_diff(q, lq, lp), axis=-1)
+    return kl, (lse_s, lse_t, kl)
+  b = cfg.beta
+  kl_pm = jnp.sum(plog_p_over_m(lp, lq, b), axis=-1)
+  kl_qm = jnp.sum(plog_p_over_m(lq, lp, 1 - b), axis=-1)
+  return b * kl_pm + (1 - b) * kl_qm, (lse_s, lse_t, (kl_pm, kl_qm))
+
+
+def _pair_forward(h3, w, b, cfg):
+  (hs3, ht3), (ws, wt), (bs, bt) = h3, w, b
+
+  def body(_, xs):
+    hs, ht = xs
+    zs = _block_logits(hs, ws, bs, cfg)
+    zt = _block_logits(ht, wt, bt, cfg)
+    return None, _pair_chunk(zs, zt, cfg)
+
+  return jax.lax.scan(body, None, (hs3, ht3))[1]
+
+
+@jax.custom_jvp
+def _pair_divergence(h3, w, b, cfg):
+  return _pair_forward(h3, w, b, cfg)[0]
+
+
+def _pair_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
+  del y, valid, start, v
+  (hs, ht), (ws, wt), (bs, bt) = h, w, b
+  (dhs, dht), (dws, dwt), (dbs, dbt) = dh, dw, db
+  lse_s, lse_t, val = res
+  zs = _block_logits(hs, ws, bs, cfg)
+  zt = _block_logits(ht, wt, bt, cfg)
+  lq = zs - jnp.where(jnp.isfinite(lse_s), lse_s, 0)[:, None]
+  lp = zt - jnp.where(jnp.isfinite(lse_t), lse_t, 0)[:, None]
+  p, q = jnp.exp(lp), jnp.exp(lq)
+
+  def dlogits(hh, ww, dhh, dww, dbb):
+    plain = _plain(cfg)
+    dz = None
+    for part in ((None if dhh is None else F._logits(dhh, ww, None, plain)[0]),
+                 (None if dww is None else F._logits(hh, dww, None, plain)[0]),
+                 (None if dbb is None else dbb.astype(cfg.acc))):
+      if part is not None:
+        dz = part if dz is None else dz + part
+    if dz is not None and cfg.temperature != 1.0:
+      dz = dz * (1.0 / cfg.temperature)
+    return dz
+
+  dzs = dlogits(hs, ws, dhs, dws, dbs)
+  dzt = dlogits(ht, wt, dht, dwt, dbt)
+  out = jnp.zeros(lse_s.shape, cfg.acc)
+  if cfg.kind == "forward":
+    if dzs is not None:
+      out = out + jnp.sum((q - p) * dzs, axis=-1)
+    if dzt is not None:
+      out = out + jnp.sum(_xlogx_diff(p, lp, lq) * dzt - p * val[:, None] * dzt, axis=-1)
+  elif cfg.kind == "reverse":
+    if dzs is not None:
+      out = out + jnp.sum(_xlogx_diff(q, lq, lp) * dzs - q * val[:, None] * dzs, axis=-1)
+    if dzt is not None:
+      out = out + jnp.sum((p - q) * dzt, axis=-1)
+  else:
+    beta = cfg.beta
+    kl_pm, kl_qm = val
+    if dzs is not None:
+      out = out + (1 - beta) * jnp.sum(
+          (plog_p_over_m(lq, lp, 1 - beta) - q * kl_qm[:, None]) * dzs, axis=-1)
+    if dzt is not None:
+      out = out + beta * jnp.sum(
+          (plog_p_over_m(lp, lq, beta) - p * kl_pm[:, None]) * dzt, axis=-1)
+  return (out,)
+
+
+def _pair_divergence_jvp(primals, tangents):
+  h3, w, b, cfg = primals
+  dh3, dw, db, _ = tangents
+  val, res = _pair_forward(h3, w, b, cfg)
+  nz = lambda t, x=True: t if (x and F._nonzero(t)) else None
+  dh3 = tuple(nz(t) for t in dh3)
+  dw = tuple(nz(t) for t in dw)
+  db = tuple(nz(t, x is not None) for t, x in zip(db, b))
+  if all(t is None for t in dh3 + dw + db):
+    return val, jnp.zeros_like(val)
+  nc, t = val.shape
+  dummy = jnp.zeros((nc, t), jnp.int32)
+  (out,) = F._tokens_tangent(h3, dummy, dummy == 0, res, dh3, w, b, dw, db, cfg,
+                             block=_pair_block_tangent)
+  return val, out
+
+
+_pair_divergence.defjvp(_pair_divergence_jvp, symbolic_zeros=True)
+
+
+def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher_weight, *,
+             student_bias, teacher_bias, weight_layout, where, temperature, teacher_grad,
+             reduction, chunk_size, name):
+  _checks.reduction(reduction)
+  hs, ws, _, bs, v = F.check_head(student_hidden, student_weight, None, student_bias,
+                                  weight_layout)
+  ht, wt, _, bt, vt = F.check_head(teacher_hidden, teacher_weight, None, teacher_bias,
+                                   weight_layout)
+  if vt != v:
+    raise ValueError(f"student and teacher must share the vocabulary, got V={v} "
+                     f"(student_weight.shape={ws.shape}) and V={vt} "
+                     f"(teacher_weight.shape={wt.shape}).")
+  if hs.shape[:-1] != ht.shape[:-1]:
+    raise ValueError(f"student_hidden and teacher_hidden must have the same tokens, got "
+                     f"student_hidden.shape={hs.shape} and teacher_hidden.shape={ht.shape}.")
+  temperature = _checks.static_number(temperature, "temperature")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be positive, got {temperature!r}.")
+  if not teacher_grad:
+    ht, wt, bt = jax.lax.stop_gradient((ht, wt, bt))
+  hs3, _, v2, n, t = F.chunk_tokens(hs, None, where, None, v, chunk_size, name)
+  ht3, _, _, _, _ = F.chunk_tokens(ht, None, where, None, v, t, name)
+  hs3 = jnp.where(v2[..., None], hs3, 0)
+  ht3 = jnp.where(v2[..., None], ht3, 0)
+  dts = (hs.dtype, ws.dtype, ht.dtype, wt.dtype)
+  acc = jnp.float64 if jnp.float64 in dts else jnp.float32
+  cfg = _PairConfig(weight_layout, F._VOCAB_SLICE, acc, float(temperature), kind, beta)
+  val = _pair_divergence((hs3, ht3), (ws, wt), (bs, bt), cfg)
+  val = jnp.where(v2, val, 0).reshape(-1)[:n]
+  count = jnp.sum(v2).astype(acc)
+  out = _checks.reduce(val, reduction, count)
+  return out.reshape(hs.shape[:-1]) if reduction == "none" else out
+
+
+def linear_kl_divergence(
+    student_hidden: ArrayLike,
+    student_weight: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_weight: ArrayLike,
+    *,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    weight_layout: str = "dv",
+    where: ArrayLike | None = None,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    teacher_grad: bool = False,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> Array:
+  r"""KL divergence between a teacher's and a student's next-token distributions, per token,
+  from both heads one ``[chunk_size, V]`` block at a time (neither head's logits are held).
+
+  With :math:`p = \mathrm{softmax}((h_t W_t + b_t)/T)` (teacher) and
+  :math:`q = \mathrm{softmax}((h_s W_s + b_s)/T)` (student):
+  ``direction="forward"`` gives :math:`D(p\|q) = \sum_v p_v (\log p_v - \log q_v)`
+  (the usual distillation loss), ``"reverse"`` gives :math:`D(q\|p)` (mode-seeking, as in
+  on-policy distillation). The student's gradient in its logits is :math:`(q - p)/T` for the
+  forward KL. No :math:`T^2` factor is applied (multiply the loss for Hinton's scaling).
+
+  Args:
+    student_hidden: ``[..., D_s]``.
+    student_weight: ``[D_s, V]`` (``weight_layout="dv"``) or ``[V, D_s]`` (``"vd"``).
+    teacher_hidden: ``[..., D_t]``, the same tokens (``D_t`` may differ from ``D_s``).
+    teacher_weight: ``[D_t, V]`` or ``[V, D_t]``, the same vocabulary.
+    student_bias, teacher_bias: optional ``[V]``.
+    weight_layout: ``"dv"`` or ``"vd"`` (both heads).
+    where: optional boolean ``[...]`` mask of tokens to keep.
+    temperature: :math:`T > 0`, a Python number (static).
+    direction: ``"forward"`` or ``"reverse"``.
+    teacher_grad: differentiate the teacher's inputs too (default: the teacher's side is
+      under ``stop_gradient``).
+    reduction: ``"mean"`` (over kept tokens; 0 if none), ``"sum"`` or ``"none"``.
+    chunk_size: tokens per block; default: a ``[chunk, V]`` float32 block of ~64 MiB.
+
+  Returns:
+    The divergence (scalar, or ``[...]`` for ``"none"``), :math:`\ge 0`; :math:`+\infty`
+    where the student masks (logit :math:`-\infty`) a class the teacher does not.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> h = jnp.ones((3, 2)); w = jnp.arange(8.0).reshape(2, 4)
+  >>> float(jxent.linear_kl_divergence(h, w, h, w))  # the same head: 0
+  0.0
+  """
+  if direction not in ("forward", "reverse"):
+    raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}.")
+  return _distill(direction, None, student_hidden, student_weight, teacher_hidden,
+                  teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+                  weight_layout=weight_layout, where=where, temperature=temperature,
+                  teacher_grad=teacher_grad, reduction=reduction, chunk_size=chunk_size,
+                  name="linear_kl_divergence")
+
+
+def linear_js_divergence(
+    student_hidden: ArrayLike,
+    student_weight: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_weight: ArrayLike,
+    *,
+    beta: float = 0.5,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    weight_layout: str = "dv",
+    where: ArrayLike | None = None,
+    temperature: float = 1.0,
+    teacher_grad: bool = False,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> Array:
+  r"""Generalised Jensen–Shannon divergence between a teacher's (:math:`p`) and a student's
+  (:math:`q`) next-token distributions, from both heads one ``[chunk_size, V]`` block at a
+  time:
+
+  .. math:: \mathrm{JS}_\beta = \beta D(p\|m) + (1-\beta) D(q\|m),
+     \qquad m = \beta p + (1-\beta) q,
+
+  as :func:`jxent.js_divergence_from_logits` on the two heads' logits (divided by
+  :math:`T`): ``beta=0.5`` is the symmetric JS divergence in :math:`[0, \log 2]`; ``beta=0``
+  and ``beta=1`` give the forward and reverse KL (Liger's ``jsd_beta`` end points).
+
+  Args:
+    student_hidden, student_weight, teacher_hidden, teacher_weight: as
+      :func:`linear_kl_divergence`.
+    beta: :math:`\beta \in [0, 1]`, a Python number (static).
+    student_bias, teacher_bias: optional ``[V]``.
+    weight_layout: ``"dv"`` or ``"vd"`` (both heads).
+    where: optional boolean ``[...]`` mask of tokens to keep.
+    temperature: :math:`T > 0`, a Python number (static).
+    teacher_grad: differentiate the teacher's inputs too.
+    reduction: ``"mean"`` (over kept tokens), ``"sum"`` or ``"none"``.
+    chunk_size: tokens per block.
+
+  Returns:
+    The divergence (scalar, or ``[...]`` for ``"none"``), finite for ``0 < beta < 1``.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> h = jnp.ones((3, 2)); w = jnp.arange(8.0).reshape(2, 4)
+  >>> float(jxent.linear_js_divergence(h, w, h, w))
+  0.0
+  """
+  beta = _checks.static_number(beta, "beta")
+  if not 0 <= beta <= 1:
+    raise ValueError(f"beta must be in [0, 1], got {beta!r}.")
+  kind = "forward" if beta == 0 else "reverse" if beta == 1 else "js"
+  return _distill(kind, beta, student_hidden, student_weight, teacher_hidden,
+                  teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+                  weight_layout=weight_layout, where=where, temperature=temperature,
+                  teacher_grad=teacher_grad, reduction=reduction, chunk_size=chunk_size,
+                  name="linear_js_divergence")

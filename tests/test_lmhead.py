@@ -307,3 +307,131 @@ def test_kl_from_logits_with_temperature_and_dense_log_probs():
   ok = np.arange(6) != 3
   np.testing.assert_allclose(np.asarray(g)[ok], g_want[ok], rtol=1e-5, atol=1e-7)
   assert np.all(np.isnan(g[3]))  # the kept label outside [0, C): NaN, loudly
+
+
+# ------------------------------------------------------------ distillation, two heads
+
+DT = 12  # the teacher's width differs from the student's (D = 16)
+HT = RNG.normal(size=(N, DT)).astype(np.float32)
+WT = (RNG.normal(size=(DT, V)) * 0.6).astype(np.float32)
+BT = (RNG.normal(size=V) * 0.3).astype(np.float32)
+
+
+def ref_pair(hs, ws, bs, ht, wt, bt, kind, beta, layout="dv", temp=TEMP):
+  """float64 per-token divergence from the dense logits, plain JAX."""
+  lq = ref_log_softmax(hs, ws, bs, layout, temp)
+  lp = ref_log_softmax(ht, wt, bt, layout, temp)
+  p, q = jnp.exp(lp), jnp.exp(lq)
+  if kind == "forward":
+    out = jnp.sum(p * (lp - lq), -1)
+  elif kind == "reverse":
+    out = jnp.sum(q * (lq - lp), -1)
+  else:
+    lm = jnp.log(beta * p + (1 - beta) * q)
+    out = beta * jnp.sum(p * (lp - lm), -1) + (1 - beta) * jnp.sum(q * (lq - lm), -1)
+  return jnp.where(MASK, out, 0)
+
+
+def fused_pair(hs, ws, bs, ht, wt, bt, kind, beta, layout="dv", **kw):
+  common = dict(student_bias=bs, teacher_bias=bt, weight_layout=layout, where=MASK,
+                temperature=TEMP, chunk_size=8, **kw)
+  if kind == "js":
+    return jxent.linear_js_divergence(hs, ws, ht, wt, beta=beta, **common)
+  return jxent.linear_kl_divergence(hs, ws, ht, wt, direction=kind, **common)
+
+
+@pytest.mark.parametrize("kind, beta, layout", [("forward", None, "dv"), ("reverse", None, "vd"),
+                                                ("js", 0.3, "dv"), ("js", 0.5, "vd")])
+def test_distillation_values_and_gradients_against_float64(kind, beta, layout, monkeypatch):
+  monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)  # one slice of 32 and one of 18
+  ws, wt = (W, WT) if layout == "dv" else (W.T, WT.T)
+  args = (H, ws, B, HT, wt, BT)
+  none = lambda *a: fused_pair(*a, kind, beta, layout, reduction="none", teacher_grad=True)
+  got = jax.jit(none)(*args)
+  with jax.enable_x64(True):
+    a64 = f64(*args)
+    want = ref_pair(*a64, kind, beta, layout)
+    cot = jnp.asarray(COT)
+    g_want = jax.grad(lambda *a: jnp.sum(cot * ref_pair(*a, kind, beta, layout)),
+                      argnums=tuple(range(6)))(*a64)
+    t = f64(*(np.cos(x) for x in args))
+    jv_want = jax.jvp(lambda *a: ref_pair(*a, kind, beta, layout), tuple(a64), tuple(t))[1]
+  want = np.asarray(want)
+  assert rel(got, want) < 1e-5
+  g = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.asarray(COT, jnp.float32) * none(*a)),
+                       argnums=tuple(range(6))))(*args)
+  for name, a, b in zip(["hs", "ws", "bs", "ht", "wt", "bt"], g, g_want):
+    assert rel(a, b) < 1e-5, name
+  jv = jax.jvp(none, args, tuple(np.cos(x).astype(np.float32) for x in args))[1]
+  assert rel(jv, jv_want) < 1e-5
+  # the teacher's side has no gradient by default; reductions over kept tokens
+  g0 = jax.grad(lambda *a: fused_pair(*a, kind, beta, layout), argnums=(0, 3, 4))(*args)
+  assert rel(g0[0], jax.grad(lambda h: jnp.sum(none(h, *args[1:])) / MASK.sum())(H)) < 1e-5
+  assert np.all(g0[1] == 0) and np.all(g0[2] == 0)
+  np.testing.assert_allclose(fused_pair(*args, kind, beta, layout), np.sum(want) / MASK.sum(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(fused_pair(*args, kind, beta, layout, reduction="sum"),
+                             np.sum(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "js"])
+def test_distillation_every_autodiff_mode_in_float64(kind):
+  # First order against finite differences in both modes; second order (Hessian-vector
+  # products, forward over reverse) against the exact dense float64 formula.
+  with jax.enable_x64(True):
+    args = tuple(f64(H[:10], W[:, :12], B[:12], HT[:10], WT[:, :12]))
+    bt = f64(BT[:12])[0]
+    mask, cot = MASK[:10], jnp.asarray(COT[:10])
+
+    def f(hs, ws, bs, ht, wt):
+      kw = dict(student_bias=bs, teacher_bias=bt, where=mask, temperature=TEMP,
+                teacher_grad=True, reduction="none", chunk_size=4)
+      if kind == "js":
+        return jnp.sum(cot * jxent.linear_js_divergence(hs, ws, ht, wt, beta=0.3, **kw))
+      return jnp.sum(cot * jxent.linear_kl_divergence(hs, ws, ht, wt, direction=kind, **kw))
+
+    def r(hs, ws, bs, ht, wt):
+      lq = jax.nn.log_softmax((hs @ ws + bs) / TEMP)
+      lp = jax.nn.log_softmax((ht @ wt + bt) / TEMP)
+      p, q = jnp.exp(lp), jnp.exp(lq)
+      if kind == "forward":
+        out = jnp.sum(p * (lp - lq), -1)
+      elif kind == "reverse":
+        out = jnp.sum(q * (lq - lp), -1)
+      else:
+        lm = jnp.log(0.3 * p + 0.7 * q)
+        out = 0.3 * jnp.sum(p * (lp - lm), -1) + 0.7 * jnp.sum(q * (lq - lm), -1)
+      return jnp.sum(cot * jnp.where(mask, out, 0))
+
+    check_grads(f, args, order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+    t = tuple(jnp.cos(a) for a in args)
+    for a, b in zip(jax.grad(f, argnums=tuple(range(5)))(*args),
+                    jax.grad(r, argnums=tuple(range(5)))(*args)):
+      assert rel(a, b) < 1e-12
+    assert rel(jax.jvp(f, args, t)[1], jax.jvp(r, args, t)[1]) < 1e-12
+    hvp = lambda fn: jax.jvp(jax.grad(fn, argnums=tuple(range(5))), args, t)[1]
+    for a, b in zip(hvp(f), hvp(r)):
+      assert rel(a, b) < 1e-12
+
+
+def test_distillation_edge_values_and_errors():
+  same = jxent.linear_js_divergence(H, W, H, W, reduction="none")
+  assert np.all(np.asarray(same) == 0)  # exactly 0, not -1e-8
+  b = np.zeros(V, np.float32)
+  b[0] = -np.inf  # the student masks class 0, which the teacher does not
+  fwd = jxent.linear_kl_divergence(H, W, HT, WT, student_bias=b, reduction="none")
+  assert np.all(np.isinf(fwd))
+  js = jxent.linear_js_divergence(H, W, HT, WT, student_bias=b, reduction="none")
+  assert np.all(np.isfinite(js)) and np.all(np.asarray(js) <= np.log(2))
+  np.testing.assert_allclose(  # the end points are the KLs
+      jxent.linear_js_divergence(H, W, HT, WT, beta=0.0),
+      jxent.linear_kl_divergence(H, W, HT, WT), rtol=1e-6)
+  np.testing.assert_allclose(
+      jxent.linear_js_divergence(H, W, HT, WT, beta=1.0),
+      jxent.linear_kl_divergence(H, W, HT, WT, direction="reverse"), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"share the vocabulary.*V=50.*V=49"):
+    jxent.linear_kl_divergence(H, W, HT, WT[:, :49])
+  with pytest.raises(ValueError, match="same tokens"):
+    jxent.linear_kl_divergence(H, W, HT[:5], WT)
+  with pytest.raises(ValueError, match="direction"):
+    jxent.linear_kl_divergence(H, W, HT, WT, direction="both")

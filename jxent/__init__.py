@@ -23,6 +23,7 @@ from jxent._lmhead import (
     linear_kl_divergence,
     linear_log_probs,
     linear_token_stats,
+    linear_topk_kl_divergence,
 )
 from jxent._probability import (
     binary_cross_entropy,
@@ -64,6 +65,7 @@ __all__ = [
     "linear_kl_divergence",
     "linear_log_probs",
     "linear_token_stats",
+    "linear_topk_kl_divergence",
     "TokenStats",
     "self_information",
     "value_checks",

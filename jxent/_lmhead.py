@@ -608,3 +608,190 @@ def linear_js_divergence(
                   weight_layout=weight_layout, where=where, temperature=temperature,
                   teacher_grad=teacher_grad, reduction=reduction, chunk_size=chunk_size,
                   name="linear_js_divergence")
+
+
+# ------------------------------------------------- distillation from a teacher's top-k
+#
+# The teacher is given as, per token, k class indices I and their log-probabilities under the
+# teacher's full distribution. The missing mass r = 1 - sum_I p_i goes to one more outcome,
+# "any other class", whose student probability is q_rest = sum_{v not in I} q_v: the loss is
+# the KL divergence between the two (k+1)-outcome distributions,
+#
+#   KL_k = sum_I p_i (log p_i - log q_i) + r (log r - log q_rest),
+#
+# which is 0 exactly when the student matches the teacher on I and on the rest's total, never
+# exceeds the full KL (coarse-graining), and equals it for k = V. The student's log q_i come
+# from the k gathered columns of W; lse and lse_rest = log sum_{v not in I} exp(z_v) from one
+# blockwise pass (the top-k columns set to -inf in each block for the second).
+
+
+def _masked_topk(z, idx, start):
+  """z with the columns idx (absolute vocabulary ids, [T, k]) of this block set to -inf."""
+  size = z.shape[-1]
+  rel = jnp.where((idx >= start) & (idx < start + size), idx - start, size)
+  rows = jnp.arange(z.shape[0])[:, None]
+  return z.at[rows, rel].set(-jnp.inf, mode="drop")
+
+
+def _lse_rows(z):
+  m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
+  m = jnp.where(jnp.isfinite(m), m, 0)
+  return m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
+
+
+def _rest_forward(h3, w, b, idx3, cfg):
+  def body(_, xs):
+    h, idx = xs
+    z = _block_logits(h, w, b, cfg)
+    return None, (_lse_rows(z), _lse_rows(_masked_topk(z, idx, 0)))
+
+  return jax.lax.scan(body, None, (h3, idx3))[1]
+
+
+@jax.custom_jvp
+def _lse_and_rest(h3, w, b, idx3, cfg):
+  """Per token: logsumexp of all logits and of those outside the token's k indices."""
+  return _rest_forward(h3, w, b, idx3, cfg)
+
+
+def _rest_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
+  del valid, v
+  idx = y  # the token's k indices ride in the labels' slot
+  lse, lse_rest = res
+  z = _block_logits(h, w, b, cfg)
+  finite = lambda a: jnp.where(jnp.isfinite(a), a, 0)[:, None]
+  p = jnp.exp(z - finite(lse))
+  p_rest = jnp.exp(_masked_topk(z, idx, start) - finite(lse_rest))
+  plain = _plain(cfg)
+  dz = jnp.zeros(z.shape, cfg.acc)
+  if dh is not None:
+    dz = dz + F._logits(dh, w, None, plain)[0]
+  if dw is not None:
+    dz = dz + F._logits(h, dw, None, plain)[0]
+  if db is not None:
+    dz = dz + db.astype(cfg.acc)
+  if cfg.temperature != 1.0:
+    dz = dz * (1.0 / cfg.temperature)
+  return jnp.sum(p * dz, axis=-1), jnp.sum(p_rest * dz, axis=-1)
+
+
+def _lse_and_rest_jvp(primals, tangents):
+  h3, w, b, idx3, cfg = primals
+  dh3, dw, db, _, _ = tangents
+  lse, lse_rest = _rest_forward(h3, w, b, idx3, cfg)
+  dh3 = dh3 if F._nonzero(dh3) else None
+  dw = dw if F._nonzero(dw) else None
+  db = db if (b is not None and F._nonzero(db)) else None
+  if dh3 is None and dw is None and db is None:
+    return (lse, lse_rest), (jnp.zeros_like(lse), jnp.zeros_like(lse_rest))
+  out = F._tokens_tangent(h3, idx3, idx3 == idx3, (lse, lse_rest), dh3, w, b, dw, db, cfg,
+                          block=_rest_block_tangent)
+  return (lse, lse_rest), tuple(out)
+
+
+_lse_and_rest.defjvp(_lse_and_rest_jvp, symbolic_zeros=True)
+
+
+def linear_topk_kl_divergence(
+    student_hidden: ArrayLike,
+    student_weight: ArrayLike,
+    teacher_indices: ArrayLike,
+    teacher_log_probs: ArrayLike,
+    *,
+    student_bias: ArrayLike | None = None,
+    weight_layout: str = "dv",
+    where: ArrayLike | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> Array:
+  r"""KL divergence from a teacher given only by its top-k log-probabilities (offline
+  distillation) to a student head, one ``[chunk_size, V]`` block at a time.
+
+  With the teacher's classes :math:`I` (``k`` per token), their log-probabilities
+  :math:`\log p_i` under the teacher's full distribution, the missing mass
+  :math:`r = 1 - \sum_{i \in I} p_i`, and the student's :math:`q = \mathrm{softmax}(
+  (h W + b) / T)` with :math:`q_{\mathrm{rest}} = \sum_{v \notin I} q_v`:
+
+  .. math:: \mathrm{KL}_k = \sum_{i \in I} p_i (\log p_i - \log q_i)
+     + r (\log r - \log q_{\mathrm{rest}}),
+
+  the KL divergence between the two distributions over :math:`k + 1` outcomes (the top-k
+  classes and "any other class"). It is 0 when the student matches the teacher on the top-k
+  classes and on the rest's total mass, never exceeds the full :math:`D(p\|q)`, and equals it
+  for :math:`k = V`. A missing mass within the rounding of the sum of :math:`k`
+  probabilities (:math:`r \le k\varepsilon`) is taken as :math:`r = 0`.
+  Differentiable with respect to the student's ``hidden``, ``weight`` and ``bias``.
+
+  Args:
+    student_hidden: ``[..., D]``.
+    student_weight: ``[D, V]`` (``weight_layout="dv"``) or ``[V, D]`` (``"vd"``).
+    teacher_indices: integer ``[..., k]`` distinct class ids per token.
+    teacher_log_probs: ``[..., k]`` the teacher's log-probabilities of those classes.
+    student_bias: optional ``[V]``.
+    weight_layout: ``"dv"`` or ``"vd"``.
+    where: optional boolean ``[...]`` mask of tokens to keep.
+    temperature: :math:`T > 0` dividing the student's logits (the teacher's log-probs are
+      used as given).
+    reduction: ``"mean"`` (over kept tokens), ``"sum"`` or ``"none"``.
+    chunk_size: tokens per block.
+
+  Returns:
+    The divergence (scalar, or ``[...]`` for ``"none"``), :math:`\ge 0`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jxent
+  >>> h = jnp.ones((2, 3)); w = jnp.zeros((3, 5))  # the student: uniform over 5
+  >>> idx = jnp.array([[0, 1], [2, 3]]); lp = jnp.log(jnp.full((2, 2), 0.2))
+  >>> round(float(jxent.linear_topk_kl_divergence(h, w, idx, lp)), 6)  # teacher uniform too
+  0.0
+  """
+  _checks.reduction(reduction)
+  hs, ws, _, bs, v = F.check_head(student_hidden, student_weight, None, student_bias,
+                                  weight_layout)
+  idx = _checks.integer(teacher_indices, "teacher_indices")
+  lpt = _checks.floating(teacher_log_probs, "teacher_log_probs")
+  batch = hs.shape[:-1]
+  if idx.ndim != len(batch) + 1 or idx.shape[:-1] != batch or lpt.shape != idx.shape:
+    raise ValueError(
+        f"teacher_indices and teacher_log_probs must be [..., k] with hidden's tokens "
+        f"{batch}, got teacher_indices.shape={idx.shape}, teacher_log_probs.shape="
+        f"{lpt.shape} and student_hidden.shape={hs.shape}.")
+  k = idx.shape[-1]
+  temperature = _checks.static_number(temperature, "temperature")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be positive, got {temperature!r}.")
+  _checks.value_check(jnp.all((idx >= 0) & (idx < v)),
+                       f"teacher_indices out of range [0, {v}).")
+  h3, _, v2, n, t = F.chunk_tokens(hs, None, where, None, v, chunk_size,
+                                   "linear_topk_kl_divergence")
+  h3 = jnp.where(v2[..., None], h3, 0)
+  pad = h3.shape[0] * t - n
+  idx2 = jnp.pad(idx.reshape(n, k).astype(jnp.int32), ((0, pad), (0, 0)))
+  idx3 = idx2.reshape(h3.shape[0], t, k)
+  acc = jnp.float64 if jnp.float64 in (hs.dtype, ws.dtype) else jnp.float32
+  cfg = _Config(weight_layout, F._VOCAB_SLICE, acc, float(temperature))
+  lse, lse_rest = _lse_and_rest(h3, ws, bs, idx3, cfg)
+  lse, lse_rest = lse.reshape(-1)[:n], lse_rest.reshape(-1)[:n]
+  # The student's logits at the k classes, from the gathered columns of W (no block).
+  h2 = h3.reshape(-1, h3.shape[-1])[:n]
+  w_i = jnp.take(ws, idx2[:n], axis=1 if weight_layout == "dv" else 0)  # [D,n,k] / [n,k,D]
+  if weight_layout == "dv":
+    z_i = jnp.einsum("nd,dnk->nk", h2, w_i, preferred_element_type=acc)
+  else:
+    z_i = jnp.einsum("nd,nkd->nk", h2, w_i, preferred_element_type=acc)
+  if bs is not None:
+    z_i = z_i + bs[idx2[:n]].astype(acc)
+  z_i = z_i / temperature
+  lpt = lpt.reshape(n, k).astype(acc)
+  p = jnp.exp(lpt)
+  top = jnp.sum(jnp.where(p > 0, p * (lpt - (z_i - lse[:, None])), 0), axis=-1)
+  # A missing mass within the rounding of a sum of k probabilities is no mass (k = V).
+  r = 1 - jnp.sum(p, axis=-1)
+  r = jnp.where(r > k * jnp.finfo(acc).eps, r, 0)
+  lq_rest = lse_rest - lse
+  rest = jnp.where(r > 0, r * (jnp.log(jnp.where(r > 0, r, 1)) - lq_rest), 0)
+  val = jnp.where(v2.reshape(-1)[:n], top + rest, 0)
+  count = jnp.sum(v2).astype(acc)
+  out = _checks.reduce(val, reduction, count)
+  return out.reshape(batch) if reduction == "none" else out

@@ -435,3 +435,70 @@ def test_distillation_edge_values_and_errors():
     jxent.linear_kl_divergence(H, W, HT[:5], WT)
   with pytest.raises(ValueError, match="direction"):
     jxent.linear_kl_divergence(H, W, HT, WT, direction="both")
+
+
+# ------------------------------------------------------------ distillation from top-k
+
+K = 5
+TEACHER_LP = np_log_softmax((HT.astype(np.float64) @ WT + BT) / TEMP)  # [N, V] full teacher
+TOPK = np.argsort(-TEACHER_LP, axis=-1)[:, :K]                # [N, K]
+TOPK_LP = np.take_along_axis(TEACHER_LP, TOPK, axis=-1)       # [N, K]
+
+
+def ref_topk(h, w, b, layout="dv", idx=TOPK, lpt=TOPK_LP):
+  """float64 KL over the k classes and "any other class", from dense student logits."""
+  lq = ref_log_softmax(h, w, b, layout, TEMP)
+  lq_i = jnp.take_along_axis(lq, jnp.asarray(idx), axis=-1)
+  others = np.ones(lq.shape, bool)
+  others[np.arange(lq.shape[0])[:, None], idx] = False
+  lq_rest = jax.nn.logsumexp(jnp.where(others, lq, -jnp.inf), axis=-1)
+  p = jnp.exp(lpt)
+  r = 1 - jnp.sum(p, -1)
+  out = jnp.sum(p * (lpt - lq_i), -1) + r * (jnp.log(r) - lq_rest)
+  return jnp.where(MASK, out, 0)
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_topk_kl_values_and_gradients_against_float64(layout, monkeypatch):
+  monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)
+  w = W if layout == "dv" else W.T
+  f = lambda h, w, b: jxent.linear_topk_kl_divergence(
+      h, w, TOPK, TOPK_LP.astype(np.float32), student_bias=b, weight_layout=layout,
+      where=MASK, temperature=TEMP, reduction="none", chunk_size=8)
+  got = jax.jit(f)(H, w, B)
+  with jax.enable_x64(True):
+    a64 = f64(H, w, B)
+    want = np.asarray(ref_topk(*a64, layout))
+    cot = jnp.asarray(COT)
+    g_want = jax.grad(lambda *a: jnp.sum(cot * ref_topk(*a, layout)), argnums=(0, 1, 2))(*a64)
+    t = f64(np.cos(H), np.sin(w), np.cos(B))
+    jv_want = jax.jvp(lambda *a: ref_topk(*a, layout), tuple(a64), tuple(t))[1]
+  assert rel(got, want) < 1e-5
+  assert np.all(np.asarray(got) >= -1e-7)
+  g = jax.grad(lambda *a: jnp.sum(jnp.asarray(COT, jnp.float32) * f(*a)),
+               argnums=(0, 1, 2))(H, w, B)
+  for a, b in zip(g, g_want):
+    assert rel(a, b) < 1e-5
+  jv = jax.jvp(f, (H, w, B), tuple(np.asarray(x, np.float32) for x in t))[1]
+  assert rel(jv, jv_want) < 1e-5
+
+
+def test_topk_kl_bounds_and_full_vocabulary():
+  with jax.enable_x64(True):
+    hs, ws, bs = f64(H, W, B)
+    full_kl = np.asarray(jxent.kl_divergence_from_logits(
+        (f64(HT)[0] @ f64(WT)[0] + f64(BT)[0]), hs @ ws + bs, temperature=TEMP))
+    for k in (1, 5, 20):
+      idx = np.argsort(-TEACHER_LP, axis=-1)[:, :k]
+      lpt = np.take_along_axis(TEACHER_LP, idx, axis=-1)
+      got = np.asarray(jxent.linear_topk_kl_divergence(
+          hs, ws, idx, lpt, student_bias=bs, temperature=TEMP, reduction="none",
+          chunk_size=8))
+      assert np.all(got >= 0) and np.all(got <= full_kl * (1 + 1e-12))  # coarse-graining
+    idx = np.argsort(-TEACHER_LP, axis=-1)  # k = V: the full KL
+    got = jxent.linear_topk_kl_divergence(
+        hs, ws, idx, np.take_along_axis(TEACHER_LP, idx, axis=-1), student_bias=bs,
+        temperature=TEMP, reduction="none", chunk_size=8)
+    np.testing.assert_allclose(got, full_kl, rtol=1e-9, atol=1e-12)
+  with pytest.raises(ValueError, match=r"teacher_indices and teacher_log_probs must be"):
+    jxent.linear_topk_kl_divergence(H, W, TOPK[:3], TOPK_LP[:3])

@@ -442,10 +442,12 @@ def _fused_sum(h3, w, b, y2, v2, scale, cfg):
 @_fused_sum.defjvp
 def _fused_sum_jvp(primals, tangents):
   h3, w, b, y2, v2, scale, cfg = primals
-  dh3, dw_t, db_t, _, _, _, dcfg = tangents
+  dh3, dw_t, db_t, _, _, dscale, dcfg = tangents
   loss, d_eps, d_zl, dh, dw, db = _grads(h3, w, b, y2, v2, scale, cfg)
   out = jnp.sum(loss * scale)
   tangent = jnp.zeros((), out.dtype)
+  if _nonzero(dscale):  # per-token weights (and a mean's weighted denominator)
+    tangent = tangent + jnp.sum(loss * dscale)
   if _nonzero(dh3):
     tangent = tangent + _dot(dh, dh3)
   if _nonzero(dw_t):
@@ -652,6 +654,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     return_lse: bool = False,
     method: str = "auto",
+    weights: ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of ``hidden @ weight (+ bias)`` without materialising the logits.
 
@@ -685,6 +688,10 @@ def linear_cross_entropy(
     return_lse: also return the per-token logsumexp ``[...]`` (differentiable).
     method: ``"auto"``, ``"forward"`` (gradients computed in the forward pass; scalar
       reductions only) or ``"recompute"``.
+    weights: optional float ``[...]`` per-token weights :math:`w_i` (differentiable):
+      ``"none"`` returns :math:`w_i \ell_i`, ``"sum"`` :math:`\sum_i w_i \ell_i` and
+      ``"mean"`` :math:`\sum_i w_i \ell_i / \sum_i w_i` over kept tokens (0 if that sum is
+      0), as PyTorch's class weights divide.
 
   Returns:
     The loss (scalar, or ``[...]`` for ``"none"``), and the logsumexp if ``return_lse``.
@@ -712,7 +719,7 @@ def linear_cross_entropy(
         hidden, weight, labels, bias=bias, weight_layout=weight_layout,
         ignore_index=ignore_index, where=where, label_smoothing=label_smoothing, z_loss=z_loss,
         logit_softcap=logit_softcap, reduction=reduction, chunk_size=chunk_size,
-        return_lse=return_lse, method=method)
+        return_lse=return_lse, method=method, weights=weights)
 
   batch_shape = hidden.shape[:-1]
   h3, y2, v2, n, t = chunk_tokens(hidden, labels, where, ignore_index, v, chunk_size,
@@ -728,14 +735,27 @@ def linear_cross_entropy(
   if method == "forward" and not scalar:
     raise ValueError("method='forward' needs a scalar loss: reduction 'mean' or 'sum' and "
                      "return_lse=False.")
+  wt = None
+  if weights is not None:
+    wt = _checks.floating(weights, "weights")
+    if wt.shape != batch_shape:
+      raise ValueError(f"weights must have hidden's shape without D, i.e. {batch_shape}, got "
+                       f"weights.shape={wt.shape}.")
+    wt = jnp.where(valid[:n], wt.reshape(n).astype(acc), 0)
+    count = jnp.sum(wt)
   if scalar and method != "recompute":
-    scale = jnp.ones((n_chunks, t), acc)
+    if wt is None:
+      scale = jnp.ones((n_chunks, t), acc)
+    else:
+      scale = jnp.pad(wt, (0, n_chunks * t - n)).reshape(n_chunks, t)
     if reduction == "mean":
-      scale = scale / jnp.maximum(count, 1)
+      scale = scale / jnp.where(count == 0, 1, count)
     return _fused_sum(h3, weight, bias, y2, v2, scale, cfg)
 
   loss, lse = _fused_tokens(h3, weight, bias, y2, v2, cfg)
   loss = loss.reshape(-1)[:n]
+  if wt is not None:
+    loss = loss * wt
   out = _checks.reduce(loss, reduction, count)
   if reduction == "none":
     out = out.reshape(batch_shape)
@@ -744,7 +764,8 @@ def linear_cross_entropy(
   return out
 
 
-def _data_parallel(hidden, weight, labels, *, where, reduction, return_lse, **options):
+def _data_parallel(hidden, weight, labels, *, where, reduction, return_lse, weights,
+                   **options):
   """``linear_cross_entropy`` of tokens laid out over explicit mesh axes: each device runs the
   chunked loss on its own tokens inside ``shard_map`` and only the scalar sum and count (for
   "mean"/"sum") cross devices. The weight and bias must be replicated."""
@@ -764,9 +785,9 @@ def _data_parallel(hidden, weight, labels, *, where, reduction, return_lse, **op
   bias = options.pop("bias")
   mask = None if where is None else jnp.asarray(where)
 
-  def local(h, w, y, b, m):
+  def local(h, w, y, b, m, tw):
     per = linear_cross_entropy(h, w, y, bias=b, where=m, reduction="none",
-                               return_lse=return_lse, **options)
+                               return_lse=return_lse, weights=tw, **options)
     if reduction == "none":
       return per
     per = per[0] if return_lse else per
@@ -774,15 +795,18 @@ def _data_parallel(hidden, weight, labels, *, where, reduction, return_lse, **op
     if options.get("ignore_index") is not None:
       keep = keep & (y != options["ignore_index"])
     total = jax.lax.psum(jnp.sum(per), axes)
-    count = jax.lax.psum(jnp.sum(keep).astype(total.dtype), axes)
-    return total if reduction == "sum" else total / jnp.maximum(count, 1)
+    kept = keep.astype(total.dtype) if tw is None else jnp.where(keep, tw, 0).astype(total.dtype)
+    count = jax.lax.psum(jnp.sum(kept), axes)
+    return total if reduction == "sum" else _checks.mean_of(total, count)
 
   out_specs = tok if reduction == "none" else P()
   if return_lse:
     out_specs = (tok, tok) if reduction == "none" else P()
     if reduction != "none":
       raise ValueError("return_lse with tokens sharded over a mesh needs reduction='none'.")
+  tw = None if weights is None else jnp.asarray(weights)
   fn = jax.shard_map(local, mesh=mesh, in_specs=(P(*batch, None), P(), tok, P(),
-                                                  None if mask is None else tok),
+                                                  None if mask is None else tok,
+                                                  None if tw is None else tok),
                      out_specs=out_specs)
-  return fn(hidden, weight, labels, bias, mask)
+  return fn(hidden, weight, labels, bias, mask, tw)

@@ -181,6 +181,16 @@ def axis_type_checks(kind):
                             argnums=(0, 1)))(hs, w, ys)
       out["fused_grad_h"] = rel(gl[0], g0[0])
       out["fused_grad_w"] = rel(gl[1], g0[1])
+      # per-token weights with the tokens over the mesh: the weighted mean and its gradients
+      tw = jnp.linspace(0.2, 1.8, y.shape[0])
+      wmean = lambda h, w, tw: jnp.sum(tw * jxent.softmax_cross_entropy_with_integer_labels(
+          h @ w, y)) / jnp.sum(tw)
+      gw = jax.jit(jax.grad(lambda h, w, tw: jxent.linear_cross_entropy(h, w, ys, weights=tw),
+                            argnums=(0, 1, 2)))(hs, w, put(tw, P("data")))
+      gw0 = jax.grad(wmean, argnums=(0, 1, 2))(h, w, tw)
+      out["fused_weights_grad_h"] = rel(gw[0], gw0[0])
+      out["fused_weights_grad_w"] = rel(gw[1], gw0[1])
+      out["fused_weights_grad_weights"] = rel(gw[2], gw0[2])
   return out
 
 

@@ -228,3 +228,35 @@ def test_bad_input():
   err, _ = jxent.checked(lambda h: jxent.linear_cross_entropy(h, W, y.at[0].set(V)))(H)
   with pytest.raises(checkify.JaxRuntimeError, match="out of range"):
     err.throw()
+
+
+@pytest.mark.parametrize("method", ["forward", "recompute"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_per_token_weights(reduction, method, impl):
+  if method == "forward" and reduction == "none":
+    pytest.skip("the forward method needs a scalar loss")
+  tw = jnp.linspace(0.1, 2.0, N) * (jnp.arange(N) % 5 != 0)  # some zero weights
+  cot = jnp.linspace(0.3, 1.3, N)
+  keep = MASK & (Y != -100)
+
+  def fused(h, w, b, tw):
+    out = jxent.linear_cross_entropy(h, w, Y, bias=b, ignore_index=-100, where=MASK,
+                                     label_smoothing=0.1, chunk_size=8, weights=tw,
+                                     reduction=reduction, method=method)
+    return jnp.sum(cot * out) if reduction == "none" else 1.7 * out
+
+  def ref(h, w, b, tw):
+    per = jxent.softmax_cross_entropy_with_integer_labels(
+        h @ w + b, Y, ignore_index=-100, where=MASK, label_smoothing=0.1) * tw
+    if reduction == "none":
+      return jnp.sum(cot * per)
+    total = jnp.sum(per)
+    return 1.7 * (total if reduction == "sum" else total / jnp.sum(jnp.where(keep, tw, 0)))
+
+  got = jax.value_and_grad(fused, argnums=(0, 1, 2, 3))(H, W, B, tw)
+  want = jax.value_and_grad(ref, argnums=(0, 1, 2, 3))(H, W, B, tw)
+  assert abs(float(got[0]) - float(want[0])) <= 1e-5 * abs(float(want[0]))
+  for g, r in zip(got[1], want[1]):
+    assert rel(g, r) < 1e-5
+  with pytest.raises(ValueError, match=r"weights must have hidden's shape.*\(3,\)"):
+    jxent.linear_cross_entropy(H, W, Y, weights=tw[:3])

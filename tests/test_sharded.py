@@ -46,7 +46,8 @@ def test_every_mesh_axis_type(worker, kind):
   want = {"vocab_parallel", "vocab_parallel_traced_options", "shard_map_fused_grad_h",
           "shard_map_fused_grad_w"}
   if kind != "classic":
-    want |= {"class_weights", "fused_grad_h", "fused_grad_w"}
+    want |= {"class_weights", "fused_grad_h", "fused_grad_w", "fused_weights_grad_h",
+             "fused_weights_grad_w", "fused_weights_grad_weights"}
   assert set(r) == want
   for key, err in r.items():
     assert err < 1e-5, (kind, key, err)

@@ -620,9 +620,9 @@ def linear_js_divergence(
 #   KL_k = sum_I p_i (log p_i - log q_i) + r (log r - log q_rest),
 #
 # which is 0 exactly when the student matches the teacher on I and on the rest's total, never
-# exceeds the full KL (coarse-graining), and equals it for k = V. The student's log q_i come
-# from the k gathered columns of W; lse and lse_rest = log sum_{v not in I} exp(z_v) from one
-# blockwise pass (the top-k columns set to -inf in each block for the second).
+# exceeds the full KL (coarse-graining), and equals it for k = V. One blockwise pass gives
+# lse, lse_rest = log sum_{v not in I} exp(z_v) (the top-k columns set to -inf in each block)
+# and the k logits z_i (gathered from the blocks: no [N, k, D] gather of W's columns).
 
 
 def _masked_topk(z, idx, start):
@@ -639,18 +639,27 @@ def _lse_rows(z):
   return m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
 
 
+def _take_topk(z, idx, start):
+  """[T, k]: z at the absolute columns idx that fall in this block, 0 elsewhere."""
+  size = z.shape[-1]
+  inside = (idx >= start) & (idx < start + size)
+  got = jnp.take_along_axis(z, jnp.clip(idx - start, 0, size - 1), axis=-1)
+  return jnp.where(inside, got, 0)
+
+
 def _rest_forward(h3, w, b, idx3, cfg):
   def body(_, xs):
     h, idx = xs
     z = _block_logits(h, w, b, cfg)
-    return None, (_lse_rows(z), _lse_rows(_masked_topk(z, idx, 0)))
+    return None, (_lse_rows(z), _lse_rows(_masked_topk(z, idx, 0)), _take_topk(z, idx, 0))
 
   return jax.lax.scan(body, None, (h3, idx3))[1]
 
 
 @jax.custom_jvp
 def _lse_and_rest(h3, w, b, idx3, cfg):
-  """Per token: logsumexp of all logits and of those outside the token's k indices."""
+  """Per token: logsumexp of all logits, of those outside the token's k indices, and the
+  logits at the k indices ([n_chunks, T, k], gathered from the blocks)."""
   return _rest_forward(h3, w, b, idx3, cfg)
 
 
@@ -672,21 +681,22 @@ def _rest_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
     dz = dz + db.astype(cfg.acc)
   if cfg.temperature != 1.0:
     dz = dz * (1.0 / cfg.temperature)
-  return jnp.sum(p * dz, axis=-1), jnp.sum(p_rest * dz, axis=-1)
+  return jnp.sum(p * dz, axis=-1), jnp.sum(p_rest * dz, axis=-1), _take_topk(dz, idx, start)
 
 
 def _lse_and_rest_jvp(primals, tangents):
   h3, w, b, idx3, cfg = primals
   dh3, dw, db, _, _ = tangents
-  lse, lse_rest = _rest_forward(h3, w, b, idx3, cfg)
+  primal = _rest_forward(h3, w, b, idx3, cfg)
   dh3 = dh3 if F._nonzero(dh3) else None
   dw = dw if F._nonzero(dw) else None
   db = db if (b is not None and F._nonzero(db)) else None
   if dh3 is None and dw is None and db is None:
-    return (lse, lse_rest), (jnp.zeros_like(lse), jnp.zeros_like(lse_rest))
-  out = F._tokens_tangent(h3, idx3, idx3 == idx3, (lse, lse_rest), dh3, w, b, dw, db, cfg,
+    return primal, tuple(jnp.zeros_like(a) for a in primal)
+  valid = jnp.ones(idx3.shape[:2], bool)
+  out = F._tokens_tangent(h3, idx3, valid, primal[:2], dh3, w, b, dw, db, cfg,
                           block=_rest_block_tangent)
-  return (lse, lse_rest), tuple(out)
+  return primal, tuple(out)
 
 
 _lse_and_rest.defjvp(_lse_and_rest_jvp, symbolic_zeros=True)
@@ -771,18 +781,8 @@ def linear_topk_kl_divergence(
   idx3 = idx2.reshape(h3.shape[0], t, k)
   acc = jnp.float64 if jnp.float64 in (hs.dtype, ws.dtype) else jnp.float32
   cfg = _Config(weight_layout, F._VOCAB_SLICE, acc, float(temperature))
-  lse, lse_rest = _lse_and_rest(h3, ws, bs, idx3, cfg)
-  lse, lse_rest = lse.reshape(-1)[:n], lse_rest.reshape(-1)[:n]
-  # The student's logits at the k classes, from the gathered columns of W (no block).
-  h2 = h3.reshape(-1, h3.shape[-1])[:n]
-  w_i = jnp.take(ws, idx2[:n], axis=1 if weight_layout == "dv" else 0)  # [D,n,k] / [n,k,D]
-  if weight_layout == "dv":
-    z_i = jnp.einsum("nd,dnk->nk", h2, w_i, preferred_element_type=acc)
-  else:
-    z_i = jnp.einsum("nd,nkd->nk", h2, w_i, preferred_element_type=acc)
-  if bs is not None:
-    z_i = z_i + bs[idx2[:n]].astype(acc)
-  z_i = z_i / temperature
+  lse, lse_rest, z_i = _lse_and_rest(h3, ws, bs, idx3, cfg)
+  lse, lse_rest, z_i = lse.reshape(-1)[:n], lse_rest.reshape(-1)[:n], z_i.reshape(-1, k)[:n]
   lpt = lpt.reshape(n, k).astype(acc)
   p = jnp.exp(lpt)
   top = jnp.sum(jnp.where(p > 0, p * (lpt - (z_i - lse[:, None])), 0), axis=-1)

@@ -1,0 +1,202 @@
+"""Every quantity of a language-model head, fused against unfused, forward+backward.
+
+    python -m benchmarks lmhead [--quick] [--reps 3]
+
+For each quantity, the scalar ``mean`` over tokens under ``jit(value_and_grad)`` with respect
+to the student's h and W: jxent's blockwise function against the same formula on the
+materialised logits (``jax.nn.log_softmax(h @ W)``; for the distillation losses both heads'
+logits, the teacher's without gradient). Reports XLA's scratch (``memory_analysis()``), the
+peak RSS of a fresh process per variant, the median of per-repetition time ratios, and the
+largest relative difference of value and gradients. Writes the "lmhead" section of
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jxent
+from benchmarks import _harness as H
+from benchmarks.fused import _rss_mib
+
+SIZES = [(4096, 512, 32768), (8192, 1024, 65536)]
+QUICK_SIZES = [(512, 64, 4096)]
+K = 64  # the teacher's top-k
+QUANTITIES = ("log_probs", "entropy", "kl", "js", "topk_kl")
+
+
+def _inputs(n, d, v):
+  rng = np.random.default_rng(0)
+  f32 = np.float32
+  return {
+      "h": jnp.asarray(rng.standard_normal((n, d), dtype=f32)),
+      "w": jnp.asarray(rng.standard_normal((d, v), dtype=f32) * d**-0.5),
+      "y": jnp.asarray(rng.integers(0, v, size=n, dtype=np.int32)),
+      "ht": jnp.asarray(rng.standard_normal((n, d), dtype=f32)),
+      "wt": jnp.asarray(rng.standard_normal((d, v), dtype=f32) * d**-0.5),
+      "idx": jnp.asarray(np.argsort(rng.standard_normal((n, 2 * K)), axis=-1)[:, :K]
+                         .astype(np.int32)),
+      "lpt": jnp.asarray(np.log(rng.dirichlet(np.ones(K + 1), size=n)[:, :K]).astype(f32)),
+  }
+
+
+DATA = ("y", "ht", "wt", "idx", "lpt")  # arguments, not constants XLA could fold
+
+
+def _dense(q):
+  """The quantity's token mean on the materialised logits (the unfused reference)."""
+
+  def f(h, w, y, ht, wt, idx, lpt):
+    lq = jax.nn.log_softmax(jnp.dot(h, w, preferred_element_type=jnp.float32))
+    if q == "log_probs":
+      return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
+    if q == "entropy":
+      return jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1))
+    if q in ("kl", "js"):
+      lp = jax.lax.stop_gradient(jax.nn.log_softmax(jnp.dot(ht, wt)))
+      p, qq = jnp.exp(lp), jnp.exp(lq)
+      if q == "kl":
+        return jnp.mean(jnp.sum(p * (lp - lq), axis=-1))
+      lm = jnp.log(0.5 * p + 0.5 * qq)
+      return jnp.mean(0.5 * jnp.sum(p * (lp - lm), -1) + 0.5 * jnp.sum(qq * (lq - lm), -1))
+    lq_i = jnp.take_along_axis(lq, idx, axis=-1)
+    others = jnp.ones(lq.shape, bool).at[jnp.arange(lq.shape[0])[:, None], idx].set(False)
+    lq_rest = jax.nn.logsumexp(jnp.where(others, lq, -jnp.inf), axis=-1)
+    p = jnp.exp(lpt)
+    r = 1 - jnp.sum(p, -1)
+    return jnp.mean(jnp.sum(p * (lpt - lq_i), -1) + r * (jnp.log(r) - lq_rest))
+
+  return f
+
+
+def _fused(q):
+
+  def f(h, w, y, ht, wt, idx, lpt):
+    if q == "log_probs":
+      return jnp.mean(jxent.linear_log_probs(h, w, y))
+    if q == "entropy":
+      return jnp.mean(jxent.linear_entropy(h, w))
+    if q == "kl":
+      return jxent.linear_kl_divergence(h, w, ht, wt)
+    if q == "js":
+      return jxent.linear_js_divergence(h, w, ht, wt)
+    return jxent.linear_topk_kl_divergence(h, w, idx, lpt)
+
+  return f
+
+
+def variants(q):
+  return {"unfused": jax.jit(jax.value_and_grad(_dense(q), argnums=(0, 1))),
+          "jxent": jax.jit(jax.value_and_grad(_fused(q), argnums=(0, 1)))}
+
+
+def _args(x):
+  return (x["h"], x["w"], *(x[k] for k in DATA))
+
+
+def rss_probe(q, name, n, d, v):
+  """Peak RSS (MiB) of one run of a variant in this fresh process, as JSON."""
+  args = _args(_inputs(n, d, v))
+  f = variants(q)[name]
+  jax.block_until_ready(f(*args))
+  base = _rss_mib("VmRSS")
+  with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+  jax.block_until_ready(f(*args))
+  print(json.dumps({"peak_mib": _rss_mib("VmHWM"), "before_mib": base}))
+
+
+def _rss(q, name, n, d, v):
+  out = subprocess.run([sys.executable, "-m", "benchmarks", "lmhead", "--rss", q, name,
+                        f"{n},{d},{v}"], capture_output=True, text=True, check=True,
+                       env=dict(os.environ))
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _rel(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+
+
+def run(sizes, reps, quantities=QUANTITIES):
+  rows = []
+  for n, d, v in sizes:
+    args = _args(_inputs(n, d, v))
+    for q in quantities:
+      fs = variants(q)
+      mem = {k: H.xla_memory(f, *args) for k, f in fs.items()}
+      outs = {k: f(*args) for k, f in fs.items()}
+      res = H.time_side_by_side({k: H.blocking(f, *args) for k, f in fs.items()},
+                                reference="unfused", warmup=1, reps=reps)
+      ref_val, (ref_dh, ref_dw) = outs["unfused"]
+      val, (dh, dw) = outs["jxent"]
+      rss = {k: _rss(q, k, n, d, v) for k in fs}
+      row = {
+          "size": f"N={n}, D={d}, V={v}", "quantity": q,
+          "ms": res["jxent"]["median_s"] * 1e3, "ms_ref": res["unfused"]["median_s"] * 1e3,
+          "ratio": res["jxent"], "temp_mib": mem["jxent"]["temp"] / 2**20,
+          "temp_ref_mib": mem["unfused"]["temp"] / 2**20,
+          "temp_frac": mem["jxent"]["temp"] / mem["unfused"]["temp"],
+          "rss": rss["jxent"]["peak_mib"] - rss["jxent"]["before_mib"],
+          "rss_ref": rss["unfused"]["peak_mib"] - rss["unfused"]["before_mib"],
+          "err": max(abs(float(val) - float(ref_val)) / max(abs(float(ref_val)), 1e-30),
+                     _rel(dh, ref_dh), _rel(dw, ref_dw)),
+      }
+      rows.append(row)
+      print(_fmt(row), flush=True)
+      del fs, outs
+  return rows
+
+
+def _fmt(r):
+  return (f"| {r['size']} | {r['quantity']} | {r['ms']:,.0f} | {r['ms_ref']:,.0f} | "
+          f"**{H.spread(r['ratio'], 3)}** | {r['temp_mib']:,.1f} | {r['temp_ref_mib']:,.0f} | "
+          f"**{100 * r['temp_frac']:.1f}%** | {r['rss']:,.0f} | {r['rss_ref']:,.0f} | "
+          f"{r['err']:.1e} |")
+
+
+def to_markdown(rows, reps):
+  return "\n".join([
+      "## Language-model head quantities (CPU, float32, forward+backward)",
+      "",
+      f"Machine: {H.machine()}. `python -m benchmarks lmhead`; the token mean of each "
+      "quantity under `jit(value_and_grad)` with respect to the student's h and W, default "
+      "chunk size, against the same formula on the materialised logits (distillation: both "
+      f"heads' logits, the teacher's without gradient; top-k: k = {K}). Median of {reps} "
+      "repetitions after warm-up, variants alternating; ratio = median of per-repetition "
+      "time ratios (min–max). Scratch: XLA's `temp_size_in_bytes`; RSS added: the peak RSS "
+      "(`VmHWM`, reset after a warm-up run) of a fresh process during one run, minus the "
+      "resident size before it. Error: largest relative difference of value, dh and dW.",
+      "",
+      "| size | quantity | jxent ms | unfused ms | time / unfused (min–max) | jxent scratch "
+      "MiB | unfused scratch MiB | scratch / unfused | jxent RSS added MiB | unfused RSS "
+      "added MiB | max rel. error |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      *[_fmt(r) for r in rows],
+  ])
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--quick", action="store_true", help="one small size; no RESULTS.md")
+  p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--rss", nargs=3, metavar=("QUANTITY", "VARIANT", "N,D,V"),
+                 help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.rss:
+    rss_probe(args.rss[0], args.rss[1], *map(int, args.rss[2].split(",")))
+    return
+  rows = run(QUICK_SIZES if args.quick else SIZES, args.reps)
+  if not args.quick:
+    H.write_section("lmhead", to_markdown(rows, args.reps))
+
+
+if __name__ == "__main__":
+  main()

@@ -144,6 +144,7 @@ def run(sizes, reps, quantities=QUANTITIES):
           "ratio": res["jxent"], "temp_mib": mem["jxent"]["temp"] / 2**20,
           "temp_ref_mib": mem["unfused"]["temp"] / 2**20,
           "temp_frac": mem["jxent"]["temp"] / mem["unfused"]["temp"],
+          "peak": rss["jxent"]["peak_mib"], "peak_ref": rss["unfused"]["peak_mib"],
           "rss": rss["jxent"]["peak_mib"] - rss["jxent"]["before_mib"],
           "rss_ref": rss["unfused"]["peak_mib"] - rss["unfused"]["before_mib"],
           "err": max(abs(float(val) - float(ref_val)) / max(abs(float(ref_val)), 1e-30),
@@ -158,8 +159,8 @@ def run(sizes, reps, quantities=QUANTITIES):
 def _fmt(r):
   return (f"| {r['size']} | {r['quantity']} | {r['ms']:,.0f} | {r['ms_ref']:,.0f} | "
           f"**{H.spread(r['ratio'], 3)}** | {r['temp_mib']:,.1f} | {r['temp_ref_mib']:,.0f} | "
-          f"**{100 * r['temp_frac']:.1f}%** | {r['rss']:,.0f} | {r['rss_ref']:,.0f} | "
-          f"{r['err']:.1e} |")
+          f"**{100 * r['temp_frac']:.1f}%** | {r['peak']:,.0f} | {r['peak_ref']:,.0f} | "
+          f"{r['rss']:,.0f} | {r['rss_ref']:,.0f} | {r['err']:.1e} |")
 
 
 def to_markdown(rows, reps):
@@ -171,14 +172,16 @@ def to_markdown(rows, reps):
       "chunk size, against the same formula on the materialised logits (distillation: both "
       f"heads' logits, the teacher's without gradient; top-k: k = {K}). Median of {reps} "
       "repetitions after warm-up, variants alternating; ratio = median of per-repetition "
-      "time ratios (min–max). Scratch: XLA's `temp_size_in_bytes`; RSS added: the peak RSS "
-      "(`VmHWM`, reset after a warm-up run) of a fresh process during one run, minus the "
-      "resident size before it. Error: largest relative difference of value, dh and dW.",
+      "time ratios (min–max). Scratch: XLA's `temp_size_in_bytes`; peak RSS: the kernel's "
+      "high-water mark (`VmHWM`, reset after a warm-up run) of a fresh process during one "
+      "run; RSS added: that peak minus the resident size before the run (near 0 when the "
+      "run reuses the warm-up's memory). Error: largest relative difference of value, dh "
+      "and dW.",
       "",
       "| size | quantity | jxent ms | unfused ms | time / unfused (min–max) | jxent scratch "
-      "MiB | unfused scratch MiB | scratch / unfused | jxent RSS added MiB | unfused RSS "
-      "added MiB | max rel. error |",
-      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "MiB | unfused scratch MiB | scratch / unfused | jxent peak RSS MiB | unfused peak RSS "
+      "MiB | jxent RSS added MiB | unfused RSS added MiB | max rel. error |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
       *[_fmt(r) for r in rows],
   ])
 

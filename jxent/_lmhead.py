@@ -60,6 +60,20 @@ def _block_logits(h, w, b, cfg):
   return z if cfg.temperature == 1.0 else z * (1.0 / cfg.temperature)
 
 
+def _tangent_logits(h, w, dh, dw, db, cfg):
+  """Tangent of one block's (tempered) logits from the tangents of h, W, b (None: zero);
+  None when all three are."""
+  plain = _plain(cfg)
+  parts = [None if dh is None else F._logits(dh, w, None, plain)[0],
+           None if dw is None else F._logits(h, dw, None, plain)[0],
+           None if db is None else db.astype(cfg.acc)]
+  parts = [a for a in parts if a is not None]
+  if not parts:
+    return None
+  dz = functools.reduce(jnp.add, parts)
+  return dz if cfg.temperature == 1.0 else dz * (1.0 / cfg.temperature)
+
+
 def _chunk_stats(z, y):
   """(lse, entropy, label logit, argmax) of one [T, V] block of logits."""
   m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
@@ -102,16 +116,7 @@ def _stats_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
   z = _block_logits(h, w, b, cfg)
   zl = z - jnp.where(jnp.isfinite(lse), lse, 0)[:, None]
   p = jnp.exp(zl)
-  plain = _plain(cfg)
-  dz = jnp.zeros(z.shape, cfg.acc)
-  if dh is not None:
-    dz = dz + F._logits(dh, w, None, plain)[0]
-  if dw is not None:
-    dz = dz + F._logits(h, dw, None, plain)[0]
-  if db is not None:
-    dz = dz + db.astype(cfg.acc)
-  if cfg.temperature != 1.0:
-    dz = dz * (1.0 / cfg.temperature)
+  dz = _tangent_logits(h, w, dh, dw, db, cfg)
   a1 = jnp.sum(p * dz, axis=-1)
   a2 = jnp.sum(jnp.where(p > 0, p * zl, 0) * dz, axis=-1)
   onehot = (jnp.arange(z.shape[-1]) + start)[None, :] == y[:, None]
@@ -400,20 +405,8 @@ def _pair_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
   lp = zt - jnp.where(jnp.isfinite(lse_t), lse_t, 0)[:, None]
   p, q = jnp.exp(lp), jnp.exp(lq)
 
-  def dlogits(hh, ww, dhh, dww, dbb):
-    plain = _plain(cfg)
-    dz = None
-    for part in ((None if dhh is None else F._logits(dhh, ww, None, plain)[0]),
-                 (None if dww is None else F._logits(hh, dww, None, plain)[0]),
-                 (None if dbb is None else dbb.astype(cfg.acc))):
-      if part is not None:
-        dz = part if dz is None else dz + part
-    if dz is not None and cfg.temperature != 1.0:
-      dz = dz * (1.0 / cfg.temperature)
-    return dz
-
-  dzs = dlogits(hs, ws, dhs, dws, dbs)
-  dzt = dlogits(ht, wt, dht, dwt, dbt)
+  dzs = _tangent_logits(hs, ws, dhs, dws, dbs, cfg)
+  dzt = _tangent_logits(ht, wt, dht, dwt, dbt, cfg)
   out = jnp.zeros(lse_s.shape, cfg.acc)
   if cfg.kind == "forward":
     if dzs is not None:
@@ -671,16 +664,7 @@ def _rest_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
   finite = lambda a: jnp.where(jnp.isfinite(a), a, 0)[:, None]
   p = jnp.exp(z - finite(lse))
   p_rest = jnp.exp(_masked_topk(z, idx, start) - finite(lse_rest))
-  plain = _plain(cfg)
-  dz = jnp.zeros(z.shape, cfg.acc)
-  if dh is not None:
-    dz = dz + F._logits(dh, w, None, plain)[0]
-  if dw is not None:
-    dz = dz + F._logits(h, dw, None, plain)[0]
-  if db is not None:
-    dz = dz + db.astype(cfg.acc)
-  if cfg.temperature != 1.0:
-    dz = dz * (1.0 / cfg.temperature)
+  dz = _tangent_logits(h, w, dh, dw, db, cfg)
   return jnp.sum(p * dz, axis=-1), jnp.sum(p_rest * dz, axis=-1), _take_topk(dz, idx, start)
 
 

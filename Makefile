@@ -26,7 +26,7 @@ demo: $(VENV)/.demo-installed
 	$(PY) -m jxent demo
 
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist loadgroup -q
 
 # The documentation site (docs/_build/html), warnings as errors.
 docs: $(VENV)/.docs-installed

@@ -17,7 +17,6 @@ from jxent import grads
 
 
 def main(verbose: bool = True) -> dict:
-  np.set_printoptions(precision=4, suppress=True)
   # The single-label example: frog / mouse / cat, true class "mouse", prediction [0.3, 0.6, 0.1].
   logits = jnp.log(jnp.array([0.3, 0.6, 0.1]))
   label = jnp.array([0.0, 1.0, 0.0])
@@ -36,17 +35,18 @@ def main(verbose: bool = True) -> dict:
   ce_wrong = float(grads.sigmoid_binary_cross_entropy_grad(wrong, jnp.ones(1))[0])
   mse_wrong = float(grads.sigmoid_mse_grad(wrong, jnp.ones(1))[0])
   if verbose:
-    print("softmax CE, prediction [0.3, 0.6, 0.1], label [0, 1, 0]")
-    print(f"  jax.grad          {np.asarray(autodiff)}")
-    print(f"  y_hat - y         {np.asarray(formula)}")
-    print("sigmoid BCE, prediction [0.1, 0.7, 0.8], label [0, 1, 1]")
-    print(f"  jax.grad          {np.asarray(bce_autodiff)}")
-    print(f"  s - y             {np.asarray(bce_formula)}")
-    print("MSE 1/2 (s - y)^2 on the same sigmoids")
-    print(f"  jax.grad          {np.asarray(mse_autodiff)}")
-    print(f"  (s - y) s (1 - s) {np.asarray(mse_formula)}")
-    print(f"confidently wrong (z = -6, y = 1): CE gradient {ce_wrong:+.4f}, "
-          f"MSE gradient {mse_wrong:+.6f} ({abs(ce_wrong / mse_wrong):.0f}x smaller)")
+    with np.printoptions(precision=4, suppress=True):  # this printout only
+      print("softmax CE, prediction [0.3, 0.6, 0.1], label [0, 1, 0]")
+      print(f"  jax.grad          {np.asarray(autodiff)}")
+      print(f"  y_hat - y         {np.asarray(formula)}")
+      print("sigmoid BCE, prediction [0.1, 0.7, 0.8], label [0, 1, 1]")
+      print(f"  jax.grad          {np.asarray(bce_autodiff)}")
+      print(f"  s - y             {np.asarray(bce_formula)}")
+      print("MSE 1/2 (s - y)^2 on the same sigmoids")
+      print(f"  jax.grad          {np.asarray(mse_autodiff)}")
+      print(f"  (s - y) s (1 - s) {np.asarray(mse_formula)}")
+      print(f"confidently wrong (z = -6, y = 1): CE gradient {ce_wrong:+.4f}, "
+            f"MSE gradient {mse_wrong:+.6f} ({abs(ce_wrong / mse_wrong):.0f}x smaller)")
   return {
       "softmax_max_diff": float(jnp.max(jnp.abs(autodiff - formula))),
       "bce_max_diff": float(jnp.max(jnp.abs(bce_autodiff - bce_formula))),

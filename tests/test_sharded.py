@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# One worker process runs this module under pytest-xdist (make test: --dist loadgroup), so the
+# module's 8-device subprocess (its fixture) runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("sharded")
+
 HERE = Path(__file__).resolve().parent
 # The workers run as scripts: the repository goes on their path, whether or not jxent is
 # installed in this interpreter.

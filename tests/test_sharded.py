@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-# One worker process runs this module under pytest-xdist (make test: --dist loadgroup), so the
-# module's 8-device subprocess (its fixture) runs once, not once per worker.
+# One worker process runs this module under pytest-xdist (make test: --dist loadgroup), and
+# its 8-device subprocess is a session fixture: it runs once, not once per worker or per visit.
 pytestmark = pytest.mark.xdist_group("sharded")
 
 HERE = Path(__file__).resolve().parent
@@ -24,7 +24,7 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, also when xdist interleaves modules
 def worker():
   out = subprocess.run([sys.executable, str(HERE / "_sharded_worker.py")], capture_output=True,
                        text=True, timeout=600, env=ENV)

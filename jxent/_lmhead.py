@@ -159,6 +159,13 @@ def _prepare(hidden, weight, labels, bias, weight_layout, where, temperature, ch
   return h3, weight, bias, y2, v2, v, cfg, unflat
 
 
+def _label_log_probs(z_y, lse, y2, v2, v):
+  """Flat [N]: z_y - lse on kept tokens, 0 on dropped ones, NaN for a kept label outside
+  [0, V)."""
+  _, bad = R.split_labels(y2, v2, v)
+  return R.poison_rows(jnp.where(v2, z_y - lse, 0).reshape(-1), bad.reshape(-1))
+
+
 def linear_log_probs(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -205,9 +212,7 @@ def linear_log_probs(
                                               where, temperature, chunk_size,
                                               "linear_log_probs")
   lse, _, z_y = _head_stats(h3, w, b, y2, cfg)
-  _, bad = R.split_labels(y2, v2, v)
-  out = R.poison_rows(jnp.where(v2, z_y - lse, 0).reshape(-1), bad.reshape(-1))
-  return unflat(out)
+  return unflat(_label_log_probs(z_y, lse, y2, v2, v))
 
 
 def linear_entropy(
@@ -317,8 +322,7 @@ def linear_token_stats(
   keep = lambda a: unflat(jnp.where(v2, a, 0))
   logp = None
   if labels is not None:
-    _, bad = R.split_labels(y2, v2, v)
-    logp = unflat(R.poison_rows(jnp.where(v2, z_y - lse, 0).reshape(-1), bad.reshape(-1)))
+    logp = unflat(_label_log_probs(z_y, lse, y2, v2, v))
   return TokenStats(keep(lse), keep(ent), keep(am), logp)
 
 

@@ -90,11 +90,17 @@ def _masked_tangent(z, y, pw, keep, dz, dy, dpw):
   return t if keep is None else jnp.where(keep, t, 0)
 
 
+def _masked_tangent_sum(*args):
+  return jnp.sum(_masked_tangent(*args))
+
+
 def _bce_total_rule(primals, tangents):
   z, y, pw, keep = primals
   dz, dy, dpw, _ = _drop_zeros(tangents)
-  t = jax.checkpoint(_masked_tangent)(z, y, pw, keep, dz, dy, dpw)
-  return bce_total(z, y, pw, keep), jnp.sum(t)
+  # The sum is inside the checkpoint: reverse mode then passes the scalar cotangent into the
+  # recomputation, not its [N, C] broadcast (which a checkpoint's barrier would write out).
+  t = jax.checkpoint(_masked_tangent_sum)(z, y, pw, keep, dz, dy, dpw)
+  return bce_total(z, y, pw, keep), t
 
 
 bce.defjvp(_bce_rule, symbolic_zeros=True)

@@ -91,24 +91,25 @@ def test_values_and_gradients_against_float64(name, layout, monkeypatch):
   assert rel(jv, jv_want) < 1e-5
 
 
-@pytest.mark.parametrize("name", list(PAIRS))
-def test_every_autodiff_mode_to_second_order_in_float64(name):
+# One at temperature 1: there (on XLA:CPU) the logits' max is exactly one of the logits, the
+# case where a shift taken under stop_gradient loses the top term's second derivative.
+@pytest.mark.parametrize("name,temp", [("log_probs", TEMP), ("entropy", 1.0)])
+def test_every_autodiff_mode_to_second_order_in_float64(name, temp):
   # First order against finite differences in both modes; first and second order (gradient,
   # jvp, Hessian-vector product) against the exact dense float64 formula.
-  fused, ref = PAIRS[name]
   with jax.enable_x64(True):
     args = tuple(f64(H[:10], W[:, :12], B[:12]))
     mask, cot = MASK[:10], jnp.asarray(COT[:10])
     y = Y[:10] % 12
     if name == "log_probs":
       f = lambda h, w, b: jnp.sum(cot * jxent.linear_log_probs(
-          h, w, y, bias=b, where=mask, temperature=TEMP, chunk_size=4))
+          h, w, y, bias=b, where=mask, temperature=temp, chunk_size=4))
       r = lambda h, w, b: jnp.sum(cot * jnp.where(mask, jnp.take_along_axis(
-          ref_log_softmax(h, w, b, "dv", TEMP), jnp.asarray(y)[:, None], axis=-1)[:, 0], 0))
+          ref_log_softmax(h, w, b, "dv", temp), jnp.asarray(y)[:, None], axis=-1)[:, 0], 0))
     else:
       f = lambda h, w, b: jnp.sum(cot * jxent.linear_entropy(
-          h, w, bias=b, where=mask, temperature=TEMP, chunk_size=4))
-      r = lambda h, w, b: jnp.sum(cot * ref_entropy(h, w, b, mask=mask))
+          h, w, bias=b, where=mask, temperature=temp, chunk_size=4))
+      r = lambda h, w, b: jnp.sum(cot * ref_entropy(h, w, b, temp=temp, mask=mask))
     check_grads(f, args, order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
     t = tuple(jnp.cos(a) for a in args)
     for a, b in zip(jax.grad(f, argnums=(0, 1, 2))(*args), jax.grad(r, argnums=(0, 1, 2))(*args)):

@@ -118,3 +118,53 @@ def test_example_multilabel():
 def test_example_flax_digits():
   r = _example("flax_mnist_like").main(epochs=8, verbose=False)
   assert r["test_accuracy"] > 0.93, r
+
+
+def _np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_example_distill_soft_targets_beat_hard_ones():
+  d = _example("distill")
+  r = d.main(teacher_steps=500, student_steps=400, tokens=20_000, verbose=False)
+  # Each reported perplexity, recomputed in float64 NumPy from the returned parameters on the
+  # held-out split (the model's forward written out here, not the example's code).
+  ctx, y = r["held_out"]
+
+  def ppl(p):
+    e = p["embed"].astype(np.float64)[ctx].reshape(len(y), -1)
+    h = np.tanh(e @ p["mix_w"] + p["mix_b"])
+    logp = _np_log_softmax(h @ p["head_w"] + p["head_b"])
+    return float(np.exp(-logp[np.arange(len(y)), y].mean()))
+
+  assert abs(ppl(r["params"]["teacher"]) / r["teacher_perplexity"] - 1) < 1e-4
+  for name, v in r["student_perplexity"].items():
+    assert abs(ppl(r["params"][name]) / v - 1) < 1e-4, name
+  # The source's entropy rate, against the held-out text's own NLL under the true chain.
+  probs, rate = d.markov_source(0)
+  assert abs(np.log(r["best_possible_perplexity"]) - rate) < 1e-9
+  true_nll = -np.log(probs[ctx[:, 0], ctx[:, 1], y]).mean()
+  assert abs(true_nll - rate) < 0.05
+  # The outcome: the teacher learns the text; the whole distribution (KL) teaches the small
+  # student best, the bounded JS less, the teacher's argmax worst (an overconfident student).
+  s = r["student_perplexity"]
+  best = r["best_possible_perplexity"]
+  assert best < r["teacher_perplexity"] < 1.4 * best
+  assert s["forward KL"] < s["JS (beta=0.5)"] < s["CE on teacher argmax"]
+  assert s["forward KL"] < 2 * r["teacher_perplexity"]
+  assert s["CE on teacher argmax"] > 2 * s["forward KL"]
+
+
+def test_example_policy_gradient_learns_the_rule():
+  pg = _example("policy_gradient")
+  r = pg.main(steps=120, verbose=False)
+  # The reward and entropy curves: from near chance (1/16 per token) and near log 16 to a
+  # rewarded, nearly deterministic policy.
+  assert r["reward"][:5].mean() < 0.35 and r["reward"][-10:].mean() > 0.85
+  assert r["entropy"][:5].mean() > 1.5 and r["entropy"][-10:].mean() < 0.5
+  # The learned policy, decoded greedily in NumPy from its parameters, follows the rule.
+  start = np.arange(pg.VOCAB)
+  tokens = pg.greedy(r["params"], start)
+  prev = np.concatenate([start[:, None], tokens[:, :-1]], axis=1)
+  assert ((tokens == (prev + pg.STEP) % pg.VOCAB).mean()) > 0.85

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from jxent import _checks
@@ -279,9 +278,11 @@ def plog_p_over_m(logp: Array, logq: Array, beta: float) -> Array:
   nonzero = logp != -jnp.inf
   lp = jnp.where(nonzero, logp, 0)
   d = logq - lp
-  big = d > 30  # (1 - beta) expm1(d) overflows soon after; there log1p(.) = log(1-beta) + d
+  # (1 - beta) expm1(d) overflows soon after d = 30; there log1p(.) = log(1 - beta) + d.
+  # beta may be an array (one per row) and then may be 1, where m = p and the term is 0.
+  big = jnp.logical_and(d > 30, beta < 1)
   small = -jnp.log1p((1 - beta) * jnp.expm1(jnp.where(big, 0, d)))
-  r = jnp.where(big, -(np.log1p(-beta) + jnp.where(big, d, 0)), small)
+  r = jnp.where(big, -(jnp.log1p(-jnp.where(big, beta, 0)) + jnp.where(big, d, 0)), small)
   return jnp.where(nonzero, jnp.exp(lp) * r, 0)
 
 

@@ -365,8 +365,9 @@ def _block_log_softmax(z):
   return z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True))
 
 
-def _pair_chunk(zs, zt, cfg):
-  """(divergence, residuals) per token of one full [T, V] block of each head."""
+def _pair_chunk(zs, zt, cfg, beta=None):
+  """(divergence, residuals) per token of one full [T, V] block of each head; for the JS
+  divergence ``beta`` may be given per token ([T], instead of ``cfg.beta``)."""
   lq = _block_log_softmax(zs)
   lp = _block_log_softmax(zt)
   p, q = jnp.exp(lp), jnp.exp(lq)
@@ -379,27 +380,29 @@ def _pair_chunk(zs, zt, cfg):
   if cfg.kind == "reverse":
     kl = jnp.sum(_xlogx_diff(q, lq, lp), axis=-1)
     return kl, (lse_s, lse_t, kl)
-  b = cfg.beta
-  kl_pm = jnp.sum(plog_p_over_m(lp, lq, b), axis=-1)
-  kl_qm = jnp.sum(plog_p_over_m(lq, lp, 1 - b), axis=-1)
-  return b * kl_pm + (1 - b) * kl_qm, (lse_s, lse_t, (kl_pm, kl_qm))
+  b = jnp.full(lse_s.shape, cfg.beta, cfg.acc) if beta is None else beta
+  kl_pm = jnp.sum(plog_p_over_m(lp, lq, b[:, None]), axis=-1)
+  kl_qm = jnp.sum(plog_p_over_m(lq, lp, 1 - b[:, None]), axis=-1)
+  return b * kl_pm + (1 - b) * kl_qm, (lse_s, lse_t, (kl_pm, kl_qm, b))
 
 
-def _pair_forward(h3, w, b, cfg):
+def _pair_forward(h3, w, b, cfg, beta3=None):
   (hs3, ht3), (ws, wt), (bs, bt) = h3, w, b
 
   def body(_, xs):
-    hs, ht = xs
+    hs, ht, beta = xs
     zs = _block_logits(hs, ws, bs, cfg)
     zt = _block_logits(ht, wt, bt, cfg)
-    return None, _pair_chunk(zs, zt, cfg)
+    return None, _pair_chunk(zs, zt, cfg, beta)
 
-  return jax.lax.scan(body, None, (hs3, ht3))[1]
+  return jax.lax.scan(body, None, (hs3, ht3, beta3))[1]
 
 
 @jax.custom_jvp
-def _pair_divergence(h3, w, b, cfg):
-  return _pair_forward(h3, w, b, cfg)[0]
+def _pair_divergence(h3, w, b, cfg, beta3=None):
+  """Per-token divergence [n_chunks, T]; ``beta3`` ([n_chunks, T]) gives the JS divergence a
+  weight per token (differentiable: d JS_beta / d beta = KL(p||m) - KL(q||m))."""
+  return _pair_forward(h3, w, b, cfg, beta3)[0]
 
 
 def _pair_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
@@ -427,32 +430,36 @@ def _pair_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
     if dzt is not None:
       out = out + jnp.sum((p - q) * dzt, axis=-1)
   else:
-    beta = cfg.beta
-    kl_pm, kl_qm = val
+    kl_pm, kl_qm, beta = val
+    kl_pm, kl_qm, beta = kl_pm[:, None], kl_qm[:, None], beta[:, None]
     if dzs is not None:
-      out = out + (1 - beta) * jnp.sum(
-          (plog_p_over_m(lq, lp, 1 - beta) - q * kl_qm[:, None]) * dzs, axis=-1)
+      out = out + (1 - beta[:, 0]) * jnp.sum(
+          (plog_p_over_m(lq, lp, 1 - beta) - q * kl_qm) * dzs, axis=-1)
     if dzt is not None:
-      out = out + beta * jnp.sum(
-          (plog_p_over_m(lp, lq, beta) - p * kl_pm[:, None]) * dzt, axis=-1)
+      out = out + beta[:, 0] * jnp.sum(
+          (plog_p_over_m(lp, lq, beta) - p * kl_pm) * dzt, axis=-1)
   return (out,)
 
 
 def _pair_divergence_jvp(primals, tangents):
-  h3, w, b, cfg = primals
-  dh3, dw, db, _ = tangents
-  val, res = _pair_forward(h3, w, b, cfg)
+  h3, w, b, cfg, beta3 = primals
+  dh3, dw, db, _, dbeta3 = tangents
+  val, res = _pair_forward(h3, w, b, cfg, beta3)
+  d_beta = None
+  if beta3 is not None and F._nonzero(dbeta3):
+    kl_pm, kl_qm, _ = res[2]
+    d_beta = (kl_pm - kl_qm) * dbeta3
   nz = lambda t, x=True: t if (x and F._nonzero(t)) else None
   dh3 = tuple(nz(t) for t in dh3)
   dw = tuple(nz(t) for t in dw)
   db = tuple(nz(t, x is not None) for t, x in zip(db, b))
   if all(t is None for t in dh3 + dw + db):
-    return val, jnp.zeros_like(val)
+    return val, jnp.zeros_like(val) if d_beta is None else d_beta
   nc, t = val.shape
   dummy = jnp.zeros((nc, t), jnp.int32)
   (out,) = F._tokens_tangent(h3, dummy, dummy == 0, res, dh3, w, b, dw, db, cfg,
                              block=_pair_block_tangent)
-  return val, out
+  return val, out if d_beta is None else out + d_beta
 
 
 _pair_divergence.defjvp(_pair_divergence_jvp, symbolic_zeros=True)
@@ -460,7 +467,9 @@ _pair_divergence.defjvp(_pair_divergence_jvp, symbolic_zeros=True)
 
 def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher_weight, *,
              student_bias, teacher_bias, weight_layout, where, temperature, teacher_grad,
-             reduction, chunk_size, name):
+             reduction, chunk_size, name, beta_tokens=None):
+  """The two-head divergence per token, reduced; ``beta_tokens`` ([...], the tokens' shape)
+  gives the JS divergence one weight per token (kind "js")."""
   _checks.reduction(reduction)
   hs, ws, _, bs, v = F.check_head(student_hidden, student_weight, None, student_bias,
                                   weight_layout)
@@ -485,7 +494,11 @@ def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher
   dts = (hs.dtype, ws.dtype, ht.dtype, wt.dtype)
   acc = jnp.float64 if jnp.float64 in dts else jnp.float32
   cfg = _PairConfig(weight_layout, F._VOCAB_SLICE, acc, float(temperature), kind, beta)
-  val = _pair_divergence((hs3, ht3), (ws, wt), (bs, bt), cfg)
+  beta3 = None
+  if beta_tokens is not None:
+    beta3 = jnp.pad(beta_tokens.reshape(-1).astype(acc), (0, hs3.shape[0] * t - n))
+    beta3 = beta3.reshape(hs3.shape[0], t)
+  val = _pair_divergence((hs3, ht3), (ws, wt), (bs, bt), cfg, beta3)
   val = jnp.where(v2, val, 0).reshape(-1)[:n]
   count = jnp.sum(v2).astype(acc)
   out = _checks.reduce(val, reduction, count)

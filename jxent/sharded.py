@@ -37,6 +37,13 @@ from jax.typing import ArrayLike
 
 from jxent import _checks
 from jxent._fused import linear_cross_entropy
+from jxent._sharded_head import (
+    vocab_parallel_linear_entropy,
+    vocab_parallel_linear_js_divergence,
+    vocab_parallel_linear_kl_divergence,
+    vocab_parallel_linear_log_probs,
+    vocab_parallel_linear_token_stats,
+)
 
 # A mesh axis name, or several (as shard_map and lax collectives accept).
 AxisName = Hashable | tuple[Hashable, ...]
@@ -45,6 +52,11 @@ __all__ = [
     "make_vocab_parallel_loss",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_entropy",
+    "vocab_parallel_linear_js_divergence",
+    "vocab_parallel_linear_kl_divergence",
+    "vocab_parallel_linear_log_probs",
+    "vocab_parallel_linear_token_stats",
 ]
 
 

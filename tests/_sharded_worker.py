@@ -86,6 +86,7 @@ def main():
   result["logits_elements"] = {str(v): N * v for v in (256, 1024)}
   result["axis_types"] = {k: axis_type_checks(k) for k in ("explicit", "auto", "classic")}
   result["property"] = sharded_equals_unsharded()
+  result["head"] = head_quantities()
   print(json.dumps(result))
 
 
@@ -191,6 +192,99 @@ def axis_type_checks(kind):
       out["fused_weights_grad_h"] = rel(gw[0], gw0[0])
       out["fused_weights_grad_w"] = rel(gw[1], gw0[1])
       out["fused_weights_grad_weights"] = rel(gw[2], gw0[2])
+  return out
+
+
+def head_quantities():
+  """The vocab-parallel head quantities against the unsharded functions, in float64 on a
+  (data=2, model=4) mesh: values, gradients in every float argument under a non-uniform
+  cotangent, Hessian-vector products, and the collectives of a distillation step."""
+  from jax.sharding import AxisType
+  from jax.sharding import PartitionSpec as P
+
+  out = {}
+  sh = jxent.sharded
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  tok, col, vec = P("data"), P(None, "model"), P("model")
+  with jax.enable_x64(True):
+    k = jax.random.split(jax.random.PRNGKey(3), 8)
+    n, d, dt, v = 12, 5, 3, 32
+    h = jax.random.normal(k[0], (n, d), jnp.float64)
+    w = jax.random.normal(k[1], (d, v), jnp.float64)
+    b = jax.random.normal(k[2], (v,), jnp.float64)
+    ht = jax.random.normal(k[3], (n, dt), jnp.float64)
+    wt = 2 * jax.random.normal(k[4], (dt, v), jnp.float64)
+    y = jax.random.randint(k[5], (n,), 0, v)
+    mask = jax.random.uniform(k[6], (n,)) > 0.2
+    cot = jax.random.uniform(k[7], (n,), jnp.float64, 0.5, 1.5)
+    kw = dict(temperature=0.8)  # both forms
+    kin = dict(kw, axis_name="model", chunk_size=4)  # the sharded form
+    pair = dict(teacher_grad=True, reduction="none")
+
+    def smap(f, specs, out_specs=tok):
+      return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=out_specs)
+
+    one = (tok, col, vec, tok, tok)  # h, w, b, y, mask
+    two = (tok, col, vec, tok, col, tok)  # h, w, b, ht, wt, mask
+    cases = {
+        "log_probs": (
+            smap(lambda h, w, b, y, m: sh.vocab_parallel_linear_log_probs(
+                h, w, y, bias=b, where=m, **kin), one),
+            lambda h, w, b, y, m: jxent.linear_log_probs(h, w, y, bias=b, where=m, **kw),
+            (h, w, b), (y, mask)),
+        "entropy": (
+            smap(lambda h, w, b, y, m: sh.vocab_parallel_linear_entropy(
+                h, w, bias=b, where=m, **kin), one),
+            lambda h, w, b, y, m: jxent.linear_entropy(h, w, bias=b, where=m, **kw),
+            (h, w, b), (y, mask)),
+    }
+    for name, extra in (("kl_forward", {}), ("kl_reverse", {"direction": "reverse"})):
+      cases[name] = (
+          smap(lambda h, w, b, ht, wt, m, e=extra: sh.vocab_parallel_linear_kl_divergence(
+              h, w, ht, wt, student_bias=b, where=m, **pair, **e, **kin), two),
+          lambda h, w, b, ht, wt, m, e=extra: jxent.linear_kl_divergence(
+              h, w, ht, wt, student_bias=b, where=m, **pair, **e, **kw),
+          (h, w, b, ht, wt), (mask,))
+    cases["js"] = (
+        smap(lambda h, w, b, ht, wt, m: sh.vocab_parallel_linear_js_divergence(
+            h, w, ht, wt, student_bias=b, where=m, beta=0.3, **pair, **kin), two),
+        lambda h, w, b, ht, wt, m: jxent.linear_js_divergence(
+            h, w, ht, wt, student_bias=b, where=m, beta=0.3, **pair, **kw),
+        (h, w, b, ht, wt), (mask,))
+    for name, (f, ref, args, rest) in cases.items():
+      # One compiled program per case: value, gradient (and for JS a Hessian-vector
+      # product) of the sharded and of the unsharded function.
+      def both(args, rest, f=f, ref=ref, name=name):
+        res = []
+        for g in (f, ref):
+          loss = lambda *a, g=g: jnp.sum(cot * g(*a, *rest))
+          grads = jax.grad(loss, tuple(range(len(args))))(*args)
+          hvp = ()
+          if name in ("entropy", "js"):
+            t = tuple(jnp.cos(a) for a in args)
+            hvp = jax.jvp(jax.grad(loss, (0, 1)), args, t)[1]
+          res.append((g(*args, *rest), grads, hvp))
+        return res
+
+      (val, grads, hvp), (val0, grads0, hvp0) = jax.jit(both)(args, rest)
+      out[name] = rel(val, val0)
+      for i, (a, c) in enumerate(zip(grads, grads0)):
+        out[f"{name}_grad{i}"] = rel(a, c)
+      for i, (a, c) in enumerate(zip(hvp, hvp0)):
+        out[f"{name}_hvp{i}"] = rel(a, c)
+    stats = smap(lambda h, w, b, y, m: sh.vocab_parallel_linear_token_stats(
+        h, w, y, bias=b, where=m, **kin), one,
+        out_specs=jxent.TokenStats(tok, tok, tok, tok))(h, w, b, y, mask)
+    want = jxent.linear_token_stats(h, w, y, bias=b, where=mask, **kw)
+    for field, a, c in zip(want._fields, stats, want):
+      out[f"stats_{field}"] = rel(a.astype(jnp.float64), c.astype(jnp.float64))
+  # The collectives of a distillation step (float32, V = 1024 over 4 shards).
+  kl = smap(lambda h, w, ht, wt: sh.vocab_parallel_linear_kl_divergence(
+      h, w, ht, wt, axis_name="model", chunk_size=4, reduction="none"), (tok, col, tok, col))
+  hb, wb = jnp.ones((16, 8)), jnp.ones((8, 1024))
+  txt = jax.jit(jax.grad(lambda h, w: kl(h, w, h, w).mean(), argnums=(0, 1))).lower(
+      hb, wb).compile().as_text()
+  out["comm"] = collectives(txt)
   return out
 
 

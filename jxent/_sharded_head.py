@@ -1,0 +1,356 @@
+"""Vocab-parallel information quantities of a language-model head (``jxent.sharded``).
+
+Each device of the mesh axis ``axis_name`` holds the columns ``[k V_l, (k + 1) V_l)`` of the
+output projection. On its slice it runs the chunked head functions of ``_lmhead`` (one
+``[chunk, V_l]`` block of logits at a time, their own derivative rules), which give per token
+the slice's logsumexp ``L_k``, the entropy ``H_k`` of the softmax restricted to the slice and
+the label's logit. The exact quantities over the whole vocabulary follow from ``[N]``
+statistics by the chain rules of a distribution split into parts: with ``pi_k = exp(L_k - L)``
+the mass of part k,
+
+    L = log sum_k exp(L_k),   H = sum_k pi_k H_k - sum_k pi_k log pi_k,
+    KL(p || q) = sum_k pi^p_k KL(p_k || q_k) + KL(pi^p || pi^q),
+
+(p_k, q_k the distributions restricted to part k). Only ``[N]`` vectors cross devices (max,
+sums); the derivatives are JAX's own through the collectives and the local rules, so every
+autodiff mode of the local functions carries over.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jxent import _checks
+from jxent import _lmhead as L
+
+Array = jax.Array
+
+
+def _offset(v_local: int, axis_name):
+  return jax.lax.axis_index(axis_name) * v_local
+
+
+def _local_vocab(weight, layout):
+  if layout not in ("dv", "vd"):
+    raise ValueError(f"weight_layout must be 'dv' or 'vd', got {layout!r}.")
+  weight = _checks.as_array(weight, "weight")
+  if weight.ndim != 2:
+    raise ValueError(f"weight must be 2-D (this shard's columns), got shape {weight.shape}.")
+  return weight.shape[1] if layout == "dv" else weight.shape[0]
+
+
+def _global_lse(lse_k, axis_name):
+  """(L, pi_k): the logsumexp over the axis and this shard's share of the mass."""
+  m = jax.lax.pmax(jax.lax.stop_gradient(lse_k), axis_name)
+  m = jnp.where(jnp.isfinite(m), m, 0)
+  e = jnp.exp(lse_k - m)
+  s = jax.lax.psum(e, axis_name)
+  return m + jnp.log(s), e / s
+
+
+def _xlogy_share(pi, log_pi):
+  """pi log pi with 0 where pi = 0 (a shard without mass)."""
+  return jnp.where(pi > 0, pi * jnp.where(pi > 0, log_pi, 0), 0)
+
+
+def _local_stats(hidden, weight, labels, bias, layout, where, temperature, chunk_size, name,
+                 *, axis_name):
+  """Per token [N] (flat, kept tokens): this shard's (L_k, H_k, label logit or 0, label here),
+  differentiable; plus the kept mask, the token count and the unflattening function."""
+  v_l = _local_vocab(weight, layout)
+  local = None
+  if labels is not None:
+    labels = _checks.integer(labels, "labels")
+    local = labels - _offset(v_l, axis_name).astype(labels.dtype)
+  clipped = None if local is None else jnp.clip(local, 0, v_l - 1)
+  h3, w, b, y2, v2, _, cfg, unflat = L._prepare(hidden, weight, clipped, bias, layout, where,
+                                                temperature, chunk_size, name)
+  lse, ent, z_y = L._head_stats(h3, w, b, y2, cfg)
+  n = int(np.prod(jnp.shape(hidden)[:-1], dtype=np.int64))
+  flat = lambda a: a.reshape(-1)[:n]
+  kept = flat(v2)
+  here = None
+  if local is not None:
+    lf = local.reshape(-1)
+    here = (lf >= 0) & (lf < v_l) & kept
+  return flat(lse), flat(ent), flat(z_y), here, kept, unflat, v_l
+
+
+def _check_global_labels(labels, kept, vocab):
+  """NaN factor for a kept label outside [0, V) (and the checkify value check)."""
+  y = labels.reshape(-1)
+  bad = kept & ((y < 0) | (y >= vocab))
+  _checks.value_check(~jnp.any(bad), f"labels out of range [0, {vocab}) for some kept token.")
+  return jnp.where(bad, jnp.nan, 1.0)  # (promoted to the output's float dtype)
+
+
+def vocab_parallel_linear_log_probs(
+    hidden: ArrayLike, weight: ArrayLike, labels: ArrayLike, *, axis_name,
+    bias: ArrayLike | None = None, weight_layout: str = "dv", where: ArrayLike | None = None,
+    temperature: float = 1.0, chunk_size: int | None = None) -> Array:
+  r""":func:`jxent.linear_log_probs` with the vocabulary split over ``axis_name``; call
+  inside ``jax.shard_map``.
+
+  ``log p_y = z_y - L`` with :math:`L = \log \sum_k e^{L_k}` from each shard's logsumexp
+  :math:`L_k`; two ``[N]`` all-reduces (max and sum) and one for the label's logit.
+
+  Args:
+    hidden: ``[..., D]``, replicated over ``axis_name``.
+    weight: this shard's ``[D, V_local]`` (``"dv"``) or ``[V_local, D]`` (``"vd"``).
+    labels: global integer ids ``[...]``.
+    axis_name: the mesh axis (or axes) the vocabulary is split over.
+    bias: this shard's ``[V_local]``, optional.
+    weight_layout, where, temperature, chunk_size: as :func:`jxent.linear_log_probs`.
+
+  Returns:
+    ``[...]`` log-probabilities over the whole vocabulary (the same on every shard).
+  """
+  lse_k, _, z_y, here, kept, unflat, v_l = _local_stats(
+      hidden, weight, labels, bias, weight_layout, where, temperature, chunk_size,
+      "vocab_parallel_linear_log_probs", axis_name=axis_name)
+  lse, _ = _global_lse(lse_k, axis_name)
+  z_y = jax.lax.psum(jnp.where(here, z_y, 0), axis_name)
+  vocab = v_l * jax.lax.axis_size(axis_name)
+  out = jnp.where(kept, z_y - lse, 0) * _check_global_labels(labels, kept, vocab)
+  return unflat(out)
+
+
+def vocab_parallel_linear_entropy(
+    hidden: ArrayLike, weight: ArrayLike, *, axis_name, bias: ArrayLike | None = None,
+    weight_layout: str = "dv", where: ArrayLike | None = None, temperature: float = 1.0,
+    chunk_size: int | None = None) -> Array:
+  r""":func:`jxent.linear_entropy` with the vocabulary split over ``axis_name``; call inside
+  ``jax.shard_map``.
+
+  .. math:: H = \sum_k \pi_k H_k - \sum_k \pi_k \log \pi_k, \qquad \pi_k = e^{L_k - L},
+
+  from each shard's logsumexp :math:`L_k` and the entropy :math:`H_k` of the softmax
+  restricted to its slice (the chain rule of entropy): ``[N]`` all-reduces only.
+
+  Args:
+    hidden, weight, axis_name, bias: as :func:`vocab_parallel_linear_log_probs`.
+    weight_layout, where, temperature, chunk_size: as :func:`jxent.linear_entropy`.
+
+  Returns:
+    ``[...]`` entropies over the whole vocabulary, in nats.
+  """
+  lse_k, ent_k, _, _, kept, unflat, _ = _local_stats(
+      hidden, weight, None, bias, weight_layout, where, temperature, chunk_size,
+      "vocab_parallel_linear_entropy", axis_name=axis_name)
+  lse, pi = _global_lse(lse_k, axis_name)
+  ent = jax.lax.psum(jnp.where(pi > 0, pi * ent_k, 0) - _xlogy_share(pi, lse_k - lse),
+                     axis_name)
+  return unflat(jnp.where(kept, ent, 0))
+
+
+def vocab_parallel_linear_token_stats(
+    hidden: ArrayLike, weight: ArrayLike, labels: ArrayLike | None = None, *, axis_name,
+    bias: ArrayLike | None = None, weight_layout: str = "dv", where: ArrayLike | None = None,
+    temperature: float = 1.0, chunk_size: int | None = None) -> L.TokenStats:
+  """:func:`jxent.linear_token_stats` with the vocabulary split over ``axis_name``; call
+  inside ``jax.shard_map``. The argmax is the global index of the largest logit (the
+  smallest such index on ties, as ``jnp.argmax``). Not differentiable.
+
+  Args:
+    hidden, weight, labels, axis_name, bias: as :func:`vocab_parallel_linear_log_probs`
+      (``labels`` optional).
+    weight_layout, where, temperature, chunk_size: as :func:`jxent.linear_token_stats`.
+  """
+  hidden, weight, bias = jax.lax.stop_gradient((hidden, weight, bias))
+  v_l = _local_vocab(weight, weight_layout)
+  local_y = None
+  if labels is not None:
+    labels = _checks.integer(labels, "labels")
+    local_y = labels - _offset(v_l, axis_name).astype(labels.dtype)
+  # This shard's own statistics in one pass (labels clipped into the slice: their local
+  # log-probability is used only where the label is here).
+  s = L.linear_token_stats(hidden, weight, None if local_y is None else
+                           jnp.clip(local_y, 0, v_l - 1), bias=bias,
+                           weight_layout=weight_layout, where=where, temperature=temperature,
+                           chunk_size=chunk_size)
+  shape = s.logsumexp.shape
+  kept = jnp.ones(shape, bool) if where is None else jnp.asarray(where)
+  flat = lambda a: a.reshape(-1)
+  lse_k, ent_k, kept = flat(s.logsumexp), flat(s.entropy), flat(kept)
+  lse, pi = _global_lse(lse_k, axis_name)
+  ent = jax.lax.psum(jnp.where(pi > 0, pi * ent_k, 0) - _xlogy_share(pi, lse_k - lse),
+                     axis_name)
+  # The global argmax: the largest of the shards' maxima, the smallest index among ties.
+  top = flat(s.argmax)
+  zmax = _local_max_logit(hidden, weight, bias, weight_layout, temperature, top)
+  best = jax.lax.pmax(zmax, axis_name)
+  big = jnp.iinfo(jnp.int32).max
+  idx = jnp.where(zmax == best, top + _offset(v_l, axis_name), big).astype(jnp.int32)
+  am = jax.lax.pmin(idx, axis_name)
+  keep = lambda a: jnp.where(kept, a, 0).reshape(shape)
+  logp = None
+  if labels is not None:
+    lf = flat(local_y)
+    here = (lf >= 0) & (lf < v_l) & kept
+    z_y = jax.lax.psum(jnp.where(here, flat(s.label_log_prob) + lse_k, 0), axis_name)
+    vocab = v_l * jax.lax.axis_size(axis_name)
+    logp = keep((z_y - lse) * _check_global_labels(labels, kept, vocab))
+  return L.TokenStats(keep(lse), keep(ent), keep(am), logp)
+
+
+def _local_max_logit(hidden, weight, bias, layout, temperature, top):
+  """The (tempered) logit of this shard's argmax column, [N]: one gathered column per token."""
+  h = hidden.reshape(-1, hidden.shape[-1])
+  w_top = jnp.take(weight, top, axis=1).T if layout == "dv" else jnp.take(weight, top, axis=0)
+  acc = jnp.float64 if jnp.float64 in (h.dtype, weight.dtype) else jnp.float32
+  z = jnp.sum(h.astype(acc) * w_top.astype(acc), axis=-1)
+  if bias is not None:
+    z = z + jnp.asarray(bias)[top].astype(acc)
+  return z / temperature
+
+
+def _check_pair(student_hidden, teacher_hidden, student_weight, teacher_weight, layout):
+  vs, vt = _local_vocab(student_weight, layout), _local_vocab(teacher_weight, layout)
+  if vs != vt:
+    raise ValueError(f"student and teacher must share the vocabulary slice, got V_local={vs} "
+                     f"and {vt}.")
+  hs = jnp.shape(student_hidden)
+  ht = jnp.shape(teacher_hidden)
+  if hs[:-1] != ht[:-1]:
+    raise ValueError(f"student_hidden and teacher_hidden must have the same tokens, got "
+                     f"student_hidden.shape={hs} and teacher_hidden.shape={ht}.")
+
+
+def vocab_parallel_linear_kl_divergence(
+    student_hidden: ArrayLike, student_weight: ArrayLike, teacher_hidden: ArrayLike,
+    teacher_weight: ArrayLike, *, axis_name, student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None, weight_layout: str = "dv",
+    where: ArrayLike | None = None, temperature: float = 1.0, direction: str = "forward",
+    teacher_grad: bool = False, reduction: str = "mean",
+    chunk_size: int | None = None) -> Array:
+  r""":func:`jxent.linear_kl_divergence` with the vocabulary split over ``axis_name`` (both
+  heads the same way); call inside ``jax.shard_map``.
+
+  By the chain rule of the KL divergence over the shards,
+
+  .. math:: D(p\|q) = \sum_k \pi^p_k D(p_k\|q_k) + \sum_k \pi^p_k \log(\pi^p_k / \pi^q_k),
+
+  with :math:`p_k, q_k` the distributions restricted to shard k (the local fused KL) and
+  :math:`\pi_k` their shards' masses (from the local logsumexps): ``[N]`` all-reduces only.
+  Each shard passes over its slice of both heads three times (the divergence and the two
+  logsumexps, each with its own derivative rule).
+
+  Args:
+    student_hidden, teacher_hidden: ``[..., D_s]`` and ``[..., D_t]``, replicated over
+      ``axis_name``.
+    student_weight, teacher_weight: this shard's slices of the two projections.
+    axis_name: the mesh axis (or axes) the vocabulary is split over.
+    student_bias, teacher_bias, weight_layout, where, temperature, direction, teacher_grad,
+      reduction, chunk_size: as :func:`jxent.linear_kl_divergence` (``"mean"`` over kept
+      tokens, the same on every shard of the axis).
+  """
+  if direction not in ("forward", "reverse"):
+    raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}.")
+  _checks.reduction(reduction)
+  _check_pair(student_hidden, teacher_hidden, student_weight, teacher_weight, weight_layout)
+  if not teacher_grad:
+    teacher_hidden, teacher_weight, teacher_bias = jax.lax.stop_gradient(
+        (teacher_hidden, teacher_weight, teacher_bias))
+  common = dict(weight_layout=weight_layout, where=where, temperature=temperature,
+                chunk_size=chunk_size)
+  kl_k = L.linear_kl_divergence(student_hidden, student_weight, teacher_hidden,
+                                teacher_weight, student_bias=student_bias,
+                                teacher_bias=teacher_bias, direction=direction,
+                                teacher_grad=True, reduction="none", **common).reshape(-1)
+  name = "vocab_parallel_linear_kl_divergence"
+  ls_k, _, _, _, kept, unflat, _ = _local_stats(
+      student_hidden, student_weight, None, student_bias, weight_layout, where, temperature,
+      chunk_size, name, axis_name=axis_name)
+  lt_k = _local_stats(teacher_hidden, teacher_weight, None, teacher_bias, weight_layout,
+                      where, temperature, chunk_size, name, axis_name=axis_name)[0]
+  ls, pi_s = _global_lse(ls_k, axis_name)
+  lt, pi_t = _global_lse(lt_k, axis_name)
+  log_s, log_t = ls_k - ls, lt_k - lt
+  if direction == "forward":
+    pi, log_a, log_b = pi_t, log_t, log_s
+  else:
+    pi, log_a, log_b = pi_s, log_s, log_t
+  part = jnp.where(pi > 0, pi * kl_k, 0) + _xlogy_share(pi, log_a - jnp.where(pi > 0, log_b, 0))
+  kl = jnp.where(kept, jax.lax.psum(part, axis_name), 0)
+  out = _checks.reduce(kl, reduction, jnp.sum(kept).astype(kl.dtype))
+  return unflat(out) if reduction == "none" else out
+
+
+def vocab_parallel_linear_js_divergence(
+    student_hidden: ArrayLike, student_weight: ArrayLike, teacher_hidden: ArrayLike,
+    teacher_weight: ArrayLike, *, axis_name, beta: float = 0.5,
+    student_bias: ArrayLike | None = None, teacher_bias: ArrayLike | None = None,
+    weight_layout: str = "dv", where: ArrayLike | None = None, temperature: float = 1.0,
+    teacher_grad: bool = False, reduction: str = "mean",
+    chunk_size: int | None = None) -> Array:
+  r""":func:`jxent.linear_js_divergence` with the vocabulary split over ``axis_name``; call
+  inside ``jax.shard_map``.
+
+  With :math:`\mu_k = eta \pi^p_k + (1-eta) \pi^q_k` the mixture's mass on shard k and
+  :math:`eta_k = eta \pi^p_k / \mu_k`, the mixture restricted to shard k is the
+  :math:`eta_k`-mixture of :math:`p_k` and :math:`q_k`, and
+
+  .. math:: \mathrm{JS}_eta(p, q) = \sum_k \mu_k \mathrm{JS}_{eta_k}(p_k, q_k)
+     + \mathrm{JS}_eta(\pi^p, \pi^q),
+
+  the local divergence taking a weight per token (differentiable in it): ``[N]``
+  all-reduces only. ``beta=0`` and ``beta=1`` give the forward and reverse KL
+  (:func:`vocab_parallel_linear_kl_divergence`).
+
+  Args:
+    student_hidden, student_weight, teacher_hidden, teacher_weight, axis_name, student_bias,
+      teacher_bias, weight_layout, where, temperature, teacher_grad, reduction, chunk_size:
+      as :func:`vocab_parallel_linear_kl_divergence`.
+    beta: :math:`eta \in [0, 1]`, a Python number (static).
+  """
+  beta = _checks.static_number(beta, "beta")
+  if not 0 <= beta <= 1:
+    raise ValueError(f"beta must be in [0, 1], got {beta!r}.")
+  pair = dict(student_bias=student_bias, teacher_bias=teacher_bias,
+              weight_layout=weight_layout, where=where, temperature=temperature,
+              teacher_grad=teacher_grad, reduction=reduction, chunk_size=chunk_size)
+  if beta in (0, 1):
+    return vocab_parallel_linear_kl_divergence(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, axis_name=axis_name,
+        direction="forward" if beta == 0 else "reverse", **pair)
+  _checks.reduction(reduction)
+  _check_pair(student_hidden, teacher_hidden, student_weight, teacher_weight, weight_layout)
+  if not teacher_grad:
+    teacher_hidden, teacher_weight, teacher_bias = jax.lax.stop_gradient(
+        (teacher_hidden, teacher_weight, teacher_bias))
+  name = "vocab_parallel_linear_js_divergence"
+  ls_k, _, _, _, kept, unflat, _ = _local_stats(
+      student_hidden, student_weight, None, student_bias, weight_layout, where, temperature,
+      chunk_size, name, axis_name=axis_name)
+  lt_k = _local_stats(teacher_hidden, teacher_weight, None, teacher_bias, weight_layout,
+                      where, temperature, chunk_size, name, axis_name=axis_name)[0]
+  ls, pi_s = _global_lse(ls_k, axis_name)
+  lt, pi_t = _global_lse(lt_k, axis_name)
+  log_s, log_t = ls_k - ls, lt_k - lt
+  mu = beta * pi_t + (1 - beta) * pi_s
+  log_mu = jnp.logaddexp(np.log(beta) + log_t, np.log1p(-beta) + log_s)
+  beta_k = jnp.where(mu > 0, beta * pi_t / jnp.where(mu > 0, mu, 1), beta)
+  shape = jnp.shape(student_hidden)[:-1]
+  js_k = L._distill(
+      "js", None, student_hidden, student_weight, teacher_hidden, teacher_weight,
+      student_bias=student_bias, teacher_bias=teacher_bias, weight_layout=weight_layout,
+      where=where, temperature=temperature, teacher_grad=True, reduction="none",
+      chunk_size=chunk_size, name=name, beta_tokens=beta_k.reshape(shape)).reshape(-1)
+  part = (jnp.where(mu > 0, mu * js_k, 0)
+          + beta * _xlogy_share(pi_t, log_t - jnp.where(pi_t > 0, log_mu, 0))
+          + (1 - beta) * _xlogy_share(pi_s, log_s - jnp.where(pi_s > 0, log_mu, 0)))
+  js = jnp.where(kept, jax.lax.psum(part, axis_name), 0)
+  out = _checks.reduce(js, reduction, jnp.sum(kept).astype(js.dtype))
+  return unflat(out) if reduction == "none" else out
+
+
+__all__ = [
+    "vocab_parallel_linear_entropy",
+    "vocab_parallel_linear_js_divergence",
+    "vocab_parallel_linear_kl_divergence",
+    "vocab_parallel_linear_log_probs",
+    "vocab_parallel_linear_token_stats",
+]

@@ -655,6 +655,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     method: str = "auto",
     weights: ArrayLike | None = None,
+    class_weights: ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of ``hidden @ weight (+ bias)`` without materialising the logits.
 
@@ -692,6 +693,15 @@ def linear_cross_entropy(
       ``"none"`` returns :math:`w_i \ell_i`, ``"sum"`` :math:`\sum_i w_i \ell_i` and
       ``"mean"`` :math:`\sum_i w_i \ell_i / \sum_i w_i` over kept tokens (0 if that sum is
       0), as PyTorch's class weights divide.
+    class_weights: optional float ``[V]`` weights :math:`c_v` (differentiable), with the
+      dense loss's semantics (PyTorch's ``weight``): per token
+      :math:`(1-\varepsilon) c_y (-\log p_y) + \tfrac{\varepsilon}{V} \sum_v c_v (-\log p_v)
+      + z_{\text{loss}} \mathrm{lse}^2`, and ``"mean"`` divides by :math:`\sum_i c_{y_i}`
+      over kept tokens (times ``weights`` when both are given). Without smoothing and z-loss
+      they are per-token weights :math:`c_{y_i}` (every method); with either, the loss is
+      formed from the per-token NLL and logsumexp (the recompute method) and, with
+      smoothing, :math:`\sum_v c_v z_v = h \cdot (W c) + b \cdot c`, which
+      ``logit_softcap`` would make non-linear (that combination raises).
 
   Returns:
     The loss (scalar, or ``[...]`` for ``"none"``), and the logsumexp if ``return_lse``.
@@ -713,6 +723,13 @@ def linear_cross_entropy(
       raise ValueError(f"logit_softcap must be positive, got {logit_softcap!r}.")
   acc = jnp.float64 if jnp.float64 in (hidden.dtype, weight.dtype) else jnp.float32
   opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
+
+  if class_weights is not None:
+    return _with_class_weights(
+        hidden, weight, labels, class_weights, opts, v, acc, bias=bias,
+        weight_layout=weight_layout, ignore_index=ignore_index, where=where,
+        logit_softcap=logit_softcap, reduction=reduction, chunk_size=chunk_size,
+        return_lse=return_lse, method=method, weights=weights)
 
   if explicitly_sharded(hidden) or explicitly_sharded(labels):
     return _data_parallel(
@@ -762,6 +779,48 @@ def linear_cross_entropy(
   if return_lse:
     return out, lse.reshape(-1)[:n].reshape(batch_shape)
   return out
+
+
+def _with_class_weights(hidden, weight, labels, class_weights, opts, v, acc, *, bias,
+                        weight_layout, ignore_index, where, logit_softcap, reduction,
+                        chunk_size, return_lse, method, weights):
+  """``linear_cross_entropy`` with ``class_weights``, from the unweighted fused loss."""
+  from jxent._softmax import class_weights_array  # (the dense loss's check and dtype)
+
+  cw = class_weights_array(class_weights, v, acc)
+  keep = jnp.ones(labels.shape, bool) if where is None else jnp.asarray(where)
+  if ignore_index is not None:
+    keep = keep & (labels != ignore_index)
+  c_y = jnp.where(keep, R.take_weights(cw, jnp.clip(labels, 0, v - 1)), 0)
+  tw = c_y if weights is None else c_y * _checks.floating(weights, "weights").astype(acc)
+  common = dict(bias=bias, weight_layout=weight_layout, ignore_index=ignore_index,
+                where=where, logit_softcap=logit_softcap, chunk_size=chunk_size)
+  eps, zl = opts.label_smoothing, opts.z_loss
+  if eps is None and zl is None:
+    # The class weights are then per-token weights c_y, and the mean divides by their sum.
+    return linear_cross_entropy(hidden, weight, labels, reduction=reduction,
+                                return_lse=return_lse, method=method, weights=tw, **common)
+  if eps is not None and logit_softcap is not None:
+    raise ValueError("linear_cross_entropy with class_weights, label_smoothing and "
+                     "logit_softcap together is not supported: the smoothing term needs the "
+                     "class-weighted sum of the capped logits, which is not linear in h.")
+  nll, lse = linear_cross_entropy(hidden, weight, labels, reduction="none", return_lse=True,
+                                  method="recompute", **common)
+  loss = nll * c_y if eps is None else (1 - eps) * c_y * nll
+  if eps is not None:
+    # (eps / V) sum_v c_v (lse - z_v), with sum_v c_v z_v = h . (W c) + b . c.
+    wc = (jnp.dot(weight.astype(acc), cw) if weight_layout == "dv"
+          else jnp.dot(cw, weight.astype(acc)))
+    s_z = jnp.dot(jnp.where(keep[..., None], hidden, 0).astype(acc), wc)
+    if bias is not None:
+      s_z = s_z + jnp.dot(jnp.asarray(bias).astype(acc), cw)
+    loss = loss + jnp.where(keep, (eps / v) * (jnp.sum(cw) * lse - s_z), 0)
+  if zl is not None:
+    loss = loss + jnp.where(keep, zl * lse * lse, 0)
+  if weights is not None:
+    loss = loss * _checks.floating(weights, "weights").astype(acc)
+  out = _checks.reduce(loss, reduction, jnp.sum(tw))
+  return (out, lse) if return_lse else out
 
 
 def _data_parallel(hidden, weight, labels, *, where, reduction, return_lse, weights,

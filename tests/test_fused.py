@@ -260,3 +260,53 @@ def test_per_token_weights(reduction, method, impl):
     assert rel(g, r) < 1e-5
   with pytest.raises(ValueError, match=r"weights must have hidden's shape.*\(3,\)"):
     jxent.linear_cross_entropy(H, W, Y, weights=tw[:3])
+
+
+@pytest.mark.parametrize("options", ["plain", "smooth_zloss"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_class_weights_against_float64_formula(options, reduction):
+  # PyTorch's weighted (and smoothed) cross-entropy written out in float64, independently of
+  # jxent: (1 - eps) c_y (lse - z_y) + eps / V sum_v c_v (lse - z_v) + zl lse^2 per kept token;
+  # "mean" divides by sum_i c_{y_i} (times the per-token weights). Gradients in h, W, b, the
+  # class weights, the per-token weights and (when on) the smoothing and z-loss coefficients,
+  # under a non-uniform cotangent, with "vd" layout.
+  smooth = options == "smooth_zloss"
+  with jax.enable_x64(True):
+    h, w, b = (x.astype(jnp.float64) for x in (H, W.T, B))
+    cw = jnp.linspace(0.2, 2.0, V, dtype=jnp.float64)
+    tw = jnp.linspace(0.5, 1.5, N, dtype=jnp.float64)
+    keep = MASK & (Y != -100)
+    cot = jnp.linspace(0.3, 1.3, N, dtype=jnp.float64)
+    eps0, zl0 = (0.15, 2e-3) if smooth else (0.0, 0.0)
+
+    def fused(h, w, b, cw, tw, eps, zl):
+      out = jxent.linear_cross_entropy(
+          h, w, Y, bias=b, weight_layout="vd", ignore_index=-100, where=MASK,
+          class_weights=cw, weights=tw, label_smoothing=eps if smooth else 0.0,
+          z_loss=zl if smooth else 0.0, reduction=reduction, chunk_size=8)
+      return jnp.sum(cot * out) if reduction == "none" else 1.7 * out
+
+    def ref(h, w, b, cw, tw, eps, zl):
+      z = h @ w.T + b
+      lse = jnp.log(jnp.sum(jnp.exp(z - z.max(1, keepdims=True)), 1)) + z.max(1)
+      y = jnp.clip(Y, 0, V - 1)
+      nlp = lse[:, None] - z  # -log p, [N, V]
+      per = ((1 - eps) * cw[y] * nlp[jnp.arange(N), y] + eps / V * (nlp @ cw)
+             + zl * lse ** 2)
+      per = jnp.where(keep, per * tw, 0)
+      if reduction == "none":
+        return jnp.sum(cot * per)
+      return 1.7 * jnp.sum(per) / jnp.sum(jnp.where(keep, cw[y] * tw, 0))
+
+    args = (h, w, b, cw, tw, jnp.float64(eps0), jnp.float64(zl0))
+    argn = tuple(range(7 if smooth else 5))
+    got = jax.value_and_grad(fused, argn)(*args)
+    want = jax.value_and_grad(ref, argn)(*args)
+    assert abs(float(got[0]) - float(want[0])) <= 1e-12 * abs(float(want[0]))
+    for i, (g, r) in enumerate(zip(got[1], want[1])):
+      assert rel(g, r) < 1e-11, i
+  with pytest.raises(ValueError, match=r"class_weights must have shape \(50,\)"):
+    jxent.linear_cross_entropy(H, W, Y, class_weights=jnp.ones(3))
+  with pytest.raises(ValueError, match="logit_softcap together is not supported"):
+    jxent.linear_cross_entropy(H, W, Y, class_weights=jnp.ones(V), label_smoothing=0.1,
+                               logit_softcap=5.0)

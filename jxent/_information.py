@@ -33,12 +33,38 @@ from jxent import _checks
 Array = jax.Array
 
 
+@jax.custom_jvp
 def _xlogy(x: Array, y: Array) -> Array:
-  """x * log(y) with 0 where x == 0 (and a zero gradient there, for both x and y), unless y
-  is NaN: a NaN stays NaN."""
+  """x * log(y) with 0 where x == 0, unless y is NaN: a NaN stays NaN.
+
+  Derivatives: in x, log y (also where x == 0: the slope of a target's zero entry is finite
+  wherever y > 0); in y, x / y (0 where x == 0, where the function is 0 for every y). At
+  x == y == 0 (``0 log 0`` of an entropy) the slope in x is taken as 0; its true value is
+  -inf."""
   nonzero = x != 0
   safe_y = jnp.where(nonzero, y, 1)
   return jnp.where(nonzero, x * jnp.log(safe_y), jnp.where(jnp.isnan(y), jnp.nan, 0))
+
+
+def _xlogy_jvp(primals, tangents):
+  x, y = primals
+  dx, dy = tangents
+  out = _xlogy(x, y)
+  nonzero = x != 0
+  terms = []
+  if _checks.nonzero_tangent(dx):  # (a zero tangent adds nothing, not 0 * -inf)
+    pos = y > 0
+    slope_x = jnp.where(pos, jnp.log(jnp.where(pos, y, 1)),
+                        jnp.where(nonzero, -jnp.inf, jnp.where(jnp.isnan(y), jnp.nan, 0)))
+    terms.append(slope_x * dx)
+  if _checks.nonzero_tangent(dy):
+    terms.append(jnp.where(nonzero, x / jnp.where(nonzero, y, 1), 0) * dy)
+  if not terms:
+    return out, jnp.zeros_like(out)
+  return out, jnp.broadcast_to(sum(terms[1:], terms[0]), out.shape).astype(out.dtype)
+
+
+_xlogy.defjvp(_xlogy_jvp, symbolic_zeros=True)
 
 
 def _invalid_rows(p: Array, axis: int | None) -> Array:
@@ -170,7 +196,9 @@ def kl_divergence(p: ArrayLike, q: ArrayLike, *, axis: int = -1,
   Returns:
     The shape of ``p`` without ``axis``. Non-negative; 0 iff ``p == q``;
     ``+inf`` where some ``p_i > 0`` has ``q_i = 0``. Terms with ``p_i = 0``
-    contribute 0 to the value and to the gradient whatever ``q_i`` is.
+    contribute 0 to the value and to the gradient in ``q`` whatever ``q_i`` is; the slope
+    in such a ``p_i`` is the cross-entropy term's, :math:`-\log q_i` (that of
+    :math:`p_i \log p_i`, :math:`-\infty` in truth, is taken as 0 there).
 
   >>> import jax.numpy as jnp
   >>> import jxent
@@ -195,7 +223,9 @@ def cross_entropy(p: ArrayLike, q: ArrayLike, *, axis: int = -1,
 
   Returns:
     The shape of ``p`` without ``axis``; ``+inf`` where some ``p_i > 0`` has
-    ``q_i = 0``; terms with ``p_i = 0`` contribute nothing.
+    ``q_i = 0``; terms with ``p_i = 0`` contribute nothing to the value or to the gradient
+    in ``q``. The gradient in ``p`` is :math:`-\log q_i`, at ``p_i = 0`` too (a one-hot
+    target's zero entries have a slope).
 
   >>> import jax.numpy as jnp
   >>> import jxent

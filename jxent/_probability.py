@@ -70,7 +70,10 @@ def binary_cross_entropy(probs: ArrayLike, labels: ArrayLike, *, where: ArrayLik
   The multi-label textbook formula; for training prefer
   :func:`sigmoid_binary_cross_entropy` on logits. PyTorch clamps the logs at
   -100; jxent returns the true value, ``+inf`` where :math:`\hat y` is 0 or 1
-  against a target that disagrees, and 0 for the terms whose weight is 0.
+  against a target that disagrees, and 0 for the terms whose weight is 0. The slope in the
+  labels is :math:`\log((1-\hat y)/\hat y)` for :math:`0 < \hat y < 1`, hard labels
+  included; in :math:`\hat y` it is :math:`(1-y)/(1-\hat y) - y/\hat y` with the term of
+  a zero weight left out (so 1 at :math:`\hat y = y = 0`).
 
   Args:
     probs: predicted probabilities in [0, 1], any shape.

@@ -103,7 +103,10 @@ def vocab_parallel_linear_log_probs(
     labels: global integer ids ``[...]``.
     axis_name: the mesh axis (or axes) the vocabulary is split over.
     bias: this shard's ``[V_local]``, optional.
-    weight_layout, where, temperature, chunk_size: as :func:`jxent.linear_log_probs`.
+    weight_layout: ``"dv"`` or ``"vd"``.
+    where: optional boolean ``[...]`` mask of tokens to keep.
+    temperature: :math:`T > 0`, a Python number (static).
+    chunk_size: tokens per block of the local function.
 
   Returns:
     ``[...]`` log-probabilities over the whole vocabulary (the same on every shard).
@@ -131,8 +134,14 @@ def vocab_parallel_linear_entropy(
   restricted to its slice (the chain rule of entropy): ``[N]`` all-reduces only.
 
   Args:
-    hidden, weight, axis_name, bias: as :func:`vocab_parallel_linear_log_probs`.
-    weight_layout, where, temperature, chunk_size: as :func:`jxent.linear_entropy`.
+    hidden: ``[..., D]``, replicated over ``axis_name``.
+    weight: this shard's ``[D, V_local]`` (``"dv"``) or ``[V_local, D]`` (``"vd"``).
+    axis_name: the mesh axis (or axes) the vocabulary is split over.
+    bias: this shard's ``[V_local]``, optional.
+    weight_layout: ``"dv"`` or ``"vd"``.
+    where: optional boolean ``[...]`` mask of tokens to keep.
+    temperature: :math:`T > 0`, a Python number (static).
+    chunk_size: tokens per block of the local function.
 
   Returns:
     ``[...]`` entropies over the whole vocabulary, in nats.
@@ -155,9 +164,15 @@ def vocab_parallel_linear_token_stats(
   smallest such index on ties, as ``jnp.argmax``). Not differentiable.
 
   Args:
-    hidden, weight, labels, axis_name, bias: as :func:`vocab_parallel_linear_log_probs`
-      (``labels`` optional).
-    weight_layout, where, temperature, chunk_size: as :func:`jxent.linear_token_stats`.
+    hidden: ``[..., D]``, replicated over ``axis_name``.
+    weight: this shard's ``[D, V_local]`` (``"dv"``) or ``[V_local, D]`` (``"vd"``).
+    labels: optional global integer ids ``[...]``.
+    axis_name: the mesh axis (or axes) the vocabulary is split over.
+    bias: this shard's ``[V_local]``, optional.
+    weight_layout: ``"dv"`` or ``"vd"``.
+    where: optional boolean ``[...]`` mask of tokens to keep.
+    temperature: :math:`T > 0`, a Python number (static).
+    chunk_size: tokens per block of the local function.
   """
   hidden, weight, bias = jax.lax.stop_gradient((hidden, weight, bias))
   v_l = _local_vocab(weight, weight_layout)
@@ -243,9 +258,15 @@ def vocab_parallel_linear_kl_divergence(
       ``axis_name``.
     student_weight, teacher_weight: this shard's slices of the two projections.
     axis_name: the mesh axis (or axes) the vocabulary is split over.
-    student_bias, teacher_bias, weight_layout, where, temperature, direction, teacher_grad,
-      reduction, chunk_size: as :func:`jxent.linear_kl_divergence` (``"mean"`` over kept
-      tokens, the same on every shard of the axis).
+    student_bias: this shard's ``[V_local]``, optional.
+    teacher_bias: this shard's ``[V_local]``, optional.
+    weight_layout: ``"dv"`` or ``"vd"`` (both heads).
+    where: optional boolean ``[...]`` mask of tokens to keep.
+    temperature: :math:`T > 0`, a Python number (static).
+    direction: ``"forward"`` (:math:`D(p\|q)`) or ``"reverse"`` (:math:`D(q\|p)`).
+    teacher_grad: differentiate the teacher's inputs too.
+    reduction: ``"mean"`` (over this device's kept tokens), ``"sum"`` or ``"none"``.
+    chunk_size: tokens per block of the local functions.
   """
   if direction not in ("forward", "reverse"):
     raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}.")
@@ -289,22 +310,32 @@ def vocab_parallel_linear_js_divergence(
   r""":func:`jxent.linear_js_divergence` with the vocabulary split over ``axis_name``; call
   inside ``jax.shard_map``.
 
-  With :math:`\mu_k = eta \pi^p_k + (1-eta) \pi^q_k` the mixture's mass on shard k and
-  :math:`eta_k = eta \pi^p_k / \mu_k`, the mixture restricted to shard k is the
-  :math:`eta_k`-mixture of :math:`p_k` and :math:`q_k`, and
+  With :math:`\mu_k = \beta \pi^p_k + (1-\beta) \pi^q_k` the mixture's mass on shard k and
+  :math:`\beta_k = \beta \pi^p_k / \mu_k`, the mixture restricted to shard k is the
+  :math:`\beta_k`-mixture of :math:`p_k` and :math:`q_k`, and
 
-  .. math:: \mathrm{JS}_eta(p, q) = \sum_k \mu_k \mathrm{JS}_{eta_k}(p_k, q_k)
-     + \mathrm{JS}_eta(\pi^p, \pi^q),
+  .. math:: \mathrm{JS}_\beta(p, q) = \sum_k \mu_k \mathrm{JS}_{\beta_k}(p_k, q_k)
+     + \mathrm{JS}_\beta(\pi^p, \pi^q),
 
   the local divergence taking a weight per token (differentiable in it): ``[N]``
   all-reduces only. ``beta=0`` and ``beta=1`` give the forward and reverse KL
   (:func:`vocab_parallel_linear_kl_divergence`).
 
   Args:
-    student_hidden, student_weight, teacher_hidden, teacher_weight, axis_name, student_bias,
-      teacher_bias, weight_layout, where, temperature, teacher_grad, reduction, chunk_size:
-      as :func:`vocab_parallel_linear_kl_divergence`.
-    beta: :math:`eta \in [0, 1]`, a Python number (static).
+    student_hidden: ``[..., D_s]``, replicated over ``axis_name``.
+    student_weight: this shard's slice of the student's projection.
+    teacher_hidden: ``[..., D_t]``, replicated over ``axis_name``.
+    teacher_weight: this shard's slice of the teacher's projection.
+    axis_name: the mesh axis (or axes) the vocabulary is split over.
+    beta: :math:`\beta \in [0, 1]`, a Python number (static).
+    student_bias: this shard's ``[V_local]``, optional.
+    teacher_bias: this shard's ``[V_local]``, optional.
+    weight_layout: ``"dv"`` or ``"vd"`` (both heads).
+    where: optional boolean ``[...]`` mask of tokens to keep.
+    temperature: :math:`T > 0`, a Python number (static).
+    teacher_grad: differentiate the teacher's inputs too.
+    reduction: ``"mean"`` (over this device's kept tokens), ``"sum"`` or ``"none"``.
+    chunk_size: tokens per block of the local functions.
   """
   beta = _checks.static_number(beta, "beta")
   if not 0 <= beta <= 1:

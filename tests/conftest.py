@@ -1,9 +1,19 @@
 """The worker scripts run in subprocesses of test_sharded.py; pytest must not import them.
+Under pytest-xdist the 8-device one starts in the background as soon as the first worker
+has collected, so that it runs beside the other tests rather than holding a worker.
 
 Float32 matrix products in full float32 on every platform (on NVIDIA GPUs JAX's default
 lets them round their inputs to TensorFloat-32, 10 mantissa bits), so that the float32
 references and tolerances of the tests mean the same thing there as on CPU.
 """
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
 
 import jax
 import pytest
@@ -26,3 +36,43 @@ def impl(request, monkeypatch):
     yield request.param
 
 collect_ignore = ["_sharded_worker.py", "_multihost_worker.py", "fixtures/make_torch_reference.py"]
+
+
+HERE = Path(__file__).resolve().parent
+# The workers run as scripts: the repository goes on their path, whether or not jxent is
+# installed in this interpreter.
+WORKER_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p))
+
+
+def run_sharded_worker() -> dict:
+  out = subprocess.run([sys.executable, str(HERE / "_sharded_worker.py")], capture_output=True,
+                       text=True, timeout=900, env=WORKER_ENV)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sharded_result_path(config) -> Path | None:
+  """Where the background 8-device worker leaves its result in this xdist run (None without
+  xdist): a file named by the run's id, which every xdist worker shares."""
+  run = getattr(config, "workerinput", {}).get("testrunuid")
+  return None if run is None else Path(tempfile.gettempdir()) / f"jxent-sharded-{run}.json"
+
+
+def pytest_collection_finish(session):
+  path = sharded_result_path(session.config)
+  if path is None or session.config.workerinput.get("workerid") != "gw0":
+    return
+  if not any(item.path.name == "test_sharded.py" for item in session.items):
+    return
+
+  def run():
+    try:
+      text = json.dumps({"ok": run_sharded_worker()})
+    except BaseException as e:  # noqa: BLE001 - handed to the tests that need it
+      text = json.dumps({"error": f"{type(e).__name__}: {e}"})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+  threading.Thread(target=run, daemon=True).start()

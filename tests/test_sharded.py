@@ -9,13 +9,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import conftest
 import pytest
 
-# This module's tests go to one xdist worker where the scheduler allows (make test:
-# --dist loadgroup); its 8-device subprocess runs once per session in any case (the fixture).
-pytestmark = pytest.mark.xdist_group("sharded")
+# The 8-device subprocess runs once per session: under xdist it starts in the background
+# after collection (conftest.py) and the fixture waits for its result.
 
 HERE = Path(__file__).resolve().parent
 # The workers run as scripts: the repository goes on their path, whether or not jxent is
@@ -24,31 +25,18 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p))
 
 
-def _run_worker():
-  out = subprocess.run([sys.executable, str(HERE / "_sharded_worker.py")], capture_output=True,
-                       text=True, timeout=600, env=ENV)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="session")
-def worker(tmp_path_factory, request):
-  # Once per test session, also when xdist hands this module's tests to several workers
-  # (they share the parent of their base temporary directories): the first to take the
-  # lock runs the 8-device subprocess and leaves its result for the others.
-  if not hasattr(request.config, "workerinput"):
-    return _run_worker()
-  import fcntl
-
-  root = tmp_path_factory.getbasetemp().parent
-  with open(root / "sharded_worker.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    cache = root / "sharded_worker.json"
-    if cache.exists():
-      return json.loads(cache.read_text())
-    result = _run_worker()
-    cache.write_text(json.dumps(result))
-    return result
+def worker(request):
+  path = conftest.sharded_result_path(request.config)
+  if path is None:  # without xdist: run it here
+    return conftest.run_sharded_worker()
+  deadline = time.monotonic() + 900
+  while not path.exists():  # started in the background by the first xdist worker
+    assert time.monotonic() < deadline, "the 8-device worker did not finish"
+    time.sleep(0.5)
+  result = json.loads(path.read_text())
+  assert "ok" in result, result.get("error")
+  return result["ok"]
 
 
 @pytest.mark.parametrize("mesh", ["1x8", "2x4", "8x1"])

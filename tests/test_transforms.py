@@ -158,6 +158,50 @@ def test_gradients_in_every_float_argument_match_the_formula():
   check_grads(f, args, order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
 
 
+def test_focal_and_probability_losses_in_every_argument_against_formulas():
+  # Sigmoid focal loss with soft labels, alpha, gamma and an elementwise `where`, "mean":
+  # alpha_t (1 - p_t)^gamma BCE(z, y) over the kept entries, in logits and labels.
+  z, y = jnp.asarray(Z), jnp.asarray(T)
+  keep = jnp.asarray(RNG.uniform(size=(N, C)) > 0.3)
+  cot = jnp.asarray(RNG.uniform(0.5, 1.5, size=(N, C)))
+
+  def focal_ref(z, y):
+    p = jax.nn.sigmoid(z)
+    p_t = p * y + (1 - p) * (1 - y)
+    a_t = 0.3 * y + 0.7 * (1 - y)
+    bce = y * jax.nn.softplus(-z) + (1 - y) * jax.nn.softplus(z)
+    return jnp.sum(jnp.where(keep, cot * a_t * (1 - p_t) ** 1.5 * bce, 0)) / jnp.sum(keep)
+
+  f = lambda z, y: jxent.sigmoid_focal_loss(z, y, alpha=0.3, gamma=1.5, where=keep,
+                                            reduction="none")
+  focal = lambda z, y: jnp.sum(jnp.where(keep, cot * f(z, y), 0)) / jnp.sum(keep)
+  np.testing.assert_allclose(focal(z, y), focal_ref(z, y), rtol=1e-12)
+  for a, b in zip(jax.grad(focal, (0, 1))(z, y), jax.grad(focal_ref, (0, 1))(z, y)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+  mean = jxent.sigmoid_focal_loss(z, y, alpha=0.3, gamma=1.5, where=keep, reduction="mean")
+  np.testing.assert_allclose(mean, jnp.sum(jnp.where(keep, f(z, y), 0)) / jnp.sum(keep),
+                             rtol=1e-12)
+  # binary_cross_entropy on probabilities, interior and boundary points (p = 0 or 1 against
+  # the agreeing label: loss 0, slope (1 - y)/(1 - p) - y/p taken with 0 log 0 = 0).
+  p = jnp.array([0.0, 1.0, 0.3, 0.9, 0.5])
+  t = jnp.array([0.0, 1.0, 0.25, 1.0, 0.0])
+  c = jnp.array([0.7, 1.3, 0.9, 1.1, 0.6])
+  bce = lambda p, t: jnp.sum(c * jxent.binary_cross_entropy(p, t))
+  np.testing.assert_allclose(jxent.binary_cross_entropy(p, t),
+                             [0, 0, -(0.25 * np.log(0.3) + 0.75 * np.log(0.7)),
+                              -np.log(0.9), -np.log(0.5)], rtol=1e-12)
+  gp = jax.grad(bce)(p, t)
+  want = c * np.array([1.0, -1.0, 0.75 / 0.7 - 0.25 / 0.3, -1 / 0.9, 1 / 0.5])
+  np.testing.assert_allclose(gp, want, rtol=1e-12)
+  # In the labels, log(1 - p) - log p wherever 0 < p < 1, hard labels (0, 1) included.
+  gt = jax.grad(lambda t: jnp.sum(c[2:] * jxent.binary_cross_entropy(p[2:], t)))(t[2:])
+  np.testing.assert_allclose(gt, c[2:] * np.log((1 - p[2:]) / p[2:]), rtol=1e-12)
+  # Cross-entropy of distributions: the slope in a target's zero entry is -log q there.
+  q = jnp.array([0.2, 0.5, 0.3])
+  g = jax.grad(lambda t: jxent.cross_entropy(t, q))(jnp.array([0.0, 1.0, 0.0]))
+  np.testing.assert_allclose(g, -np.log([0.2, 0.5, 0.3]), rtol=1e-12)
+
+
 def test_fused_gradients_in_every_argument_match_unfused():
   rng = np.random.default_rng(0)
   h, w, b = rng.normal(size=(7, 4)), rng.normal(size=(4, 9)), rng.normal(size=9)

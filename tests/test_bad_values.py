@@ -13,6 +13,7 @@ Every case runs eagerly and under jit.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from functools import partial
 
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import jxent
+from jxent import _checks
 
 N, C = 4, 5
 RNG = np.random.default_rng(17)
@@ -44,11 +46,19 @@ def log_softmax64(z):
   return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
-def vocab_parallel(z, y, **kw):
+@functools.cache
+def _vocab_parallel(options, checks):
+  # One compiled function per set of options (eager shard_map would compile every call) and
+  # per value-check state (read when the function is traced).
+  del checks
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
-  f = jax.shard_map(partial(jxent.sharded.vocab_parallel_cross_entropy, axis_name="model", **kw),
-                    mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P())
-  return f(z, y)
+  return jax.jit(jax.shard_map(
+      partial(jxent.sharded.vocab_parallel_cross_entropy, axis_name="model", **dict(options)),
+      mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P()))
+
+
+def vocab_parallel(z, y, **kw):
+  return _vocab_parallel(tuple(sorted(kw.items())), _checks._VALUE_CHECKS.get())(z, y)
 
 
 INT_LOSSES = {

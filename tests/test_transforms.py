@@ -86,7 +86,10 @@ FAST = {"int", "int-mean", "soft", "soft-sum", "bce", "bce-mean", "focal"}
                          # the reference's; its forward is checked in test_fused)
                          + [("fused-forward", "accelerator")])
 def test_all_autodiff_modes_to_second_order(name, impl, monkeypatch):
-  f = LOSSES[name]
+  # Under jit (each transformation traced once and compiled, not run op by op); a fresh
+  # function, so that no compiled program of another implementation is reused.
+  loss = LOSSES[name]
+  f = jax.jit(lambda z: loss(z))
   z = jnp.asarray(Z)
   if impl == "accelerator":  # vocabulary blocks of 4 columns: one full block and a remainder
     monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: 4)

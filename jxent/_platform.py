@@ -28,7 +28,9 @@ IMPLEMENTATIONS = ("reference", "cpu", "accelerator")
 def use_implementation(name: str):
   """Within this context (at trace time), every jxent function uses its ``name`` form
   (``"reference"``, ``"cpu"`` or ``"accelerator"``; a function without that form uses its
-  reference), whatever the platform: how the tests run each implementation on CPU."""
+  reference), whatever the platform: how the tests run each implementation on CPU. It is
+  read when a function is traced: a ``jax.jit`` function already compiled for the same
+  argument shapes keeps its program (jit a fresh function inside the context)."""
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {name!r}.")
   token = _FORCE.set(name)

@@ -58,8 +58,9 @@ def _xlogy_share(pi, log_pi):
 
 def _local_stats(hidden, weight, labels, bias, layout, where, temperature, chunk_size, name,
                  *, axis_name):
-  """Per token [N] (flat, kept tokens): this shard's (L_k, H_k, label logit or 0, label here),
-  differentiable; plus the kept mask, the token count and the unflattening function."""
+  """Per token, flat [N]: this shard's L_k, H_k and label logit (differentiable), where the
+  label falls in this shard (None without labels) and the kept mask; then the unflattening
+  function and V_local."""
   v_l = _local_vocab(weight, layout)
   local = None
   if labels is not None:
@@ -111,6 +112,7 @@ def vocab_parallel_linear_log_probs(
   Returns:
     ``[...]`` log-probabilities over the whole vocabulary (the same on every shard).
   """
+  labels = _checks.integer(labels, "labels")
   lse_k, _, z_y, here, kept, unflat, v_l = _local_stats(
       hidden, weight, labels, bias, weight_layout, where, temperature, chunk_size,
       "vocab_parallel_linear_log_probs", axis_name=axis_name)
@@ -234,6 +236,23 @@ def _check_pair(student_hidden, teacher_hidden, student_weight, teacher_weight, 
                      f"student_hidden.shape={hs} and teacher_hidden.shape={ht}.")
 
 
+def _two_heads(hs, ws, bs, ht, wt, bt, layout, where, temperature, teacher_grad, reduction,
+               chunk_size, name, axis_name):
+  """The distillation forms' common part: checks, the teacher under stop_gradient unless
+  ``teacher_grad``, and per token each head's (log pi_k, pi_k) on this shard."""
+  _checks.reduction(reduction)
+  _check_pair(hs, ht, ws, wt, layout)
+  if not teacher_grad:
+    ht, wt, bt = jax.lax.stop_gradient((ht, wt, bt))
+  ls_k, _, _, _, kept, unflat, _ = _local_stats(hs, ws, None, bs, layout, where, temperature,
+                                                chunk_size, name, axis_name=axis_name)
+  lt_k = _local_stats(ht, wt, None, bt, layout, where, temperature, chunk_size, name,
+                      axis_name=axis_name)[0]
+  ls, pi_s = _global_lse(ls_k, axis_name)
+  lt, pi_t = _global_lse(lt_k, axis_name)
+  return (hs, ws, bs, ht, wt, bt), (ls_k - ls, pi_s), (lt_k - lt, pi_t), kept, unflat
+
+
 def vocab_parallel_linear_kl_divergence(
     student_hidden: ArrayLike, student_weight: ArrayLike, teacher_hidden: ArrayLike,
     teacher_weight: ArrayLike, *, axis_name, student_bias: ArrayLike | None = None,
@@ -270,26 +289,15 @@ def vocab_parallel_linear_kl_divergence(
   """
   if direction not in ("forward", "reverse"):
     raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}.")
-  _checks.reduction(reduction)
-  _check_pair(student_hidden, teacher_hidden, student_weight, teacher_weight, weight_layout)
-  if not teacher_grad:
-    teacher_hidden, teacher_weight, teacher_bias = jax.lax.stop_gradient(
-        (teacher_hidden, teacher_weight, teacher_bias))
-  common = dict(weight_layout=weight_layout, where=where, temperature=temperature,
-                chunk_size=chunk_size)
-  kl_k = L.linear_kl_divergence(student_hidden, student_weight, teacher_hidden,
-                                teacher_weight, student_bias=student_bias,
-                                teacher_bias=teacher_bias, direction=direction,
-                                teacher_grad=True, reduction="none", **common).reshape(-1)
-  name = "vocab_parallel_linear_kl_divergence"
-  ls_k, _, _, _, kept, unflat, _ = _local_stats(
-      student_hidden, student_weight, None, student_bias, weight_layout, where, temperature,
-      chunk_size, name, axis_name=axis_name)
-  lt_k = _local_stats(teacher_hidden, teacher_weight, None, teacher_bias, weight_layout,
-                      where, temperature, chunk_size, name, axis_name=axis_name)[0]
-  ls, pi_s = _global_lse(ls_k, axis_name)
-  lt, pi_t = _global_lse(lt_k, axis_name)
-  log_s, log_t = ls_k - ls, lt_k - lt
+  heads, (log_s, pi_s), (log_t, pi_t), kept, unflat = _two_heads(
+      student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+      teacher_bias, weight_layout, where, temperature, teacher_grad, reduction, chunk_size,
+      "vocab_parallel_linear_kl_divergence", axis_name)
+  hs, ws, bs, ht, wt, bt = heads
+  kl_k = L.linear_kl_divergence(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt,
+                                direction=direction, teacher_grad=True,
+                                reduction="none", weight_layout=weight_layout, where=where,
+                                temperature=temperature, chunk_size=chunk_size).reshape(-1)
   if direction == "forward":
     pi, log_a, log_b = pi_t, log_t, log_s
   else:
@@ -347,23 +355,16 @@ def vocab_parallel_linear_js_divergence(
     return vocab_parallel_linear_kl_divergence(
         student_hidden, student_weight, teacher_hidden, teacher_weight, axis_name=axis_name,
         direction="forward" if beta == 0 else "reverse", **pair)
-  _checks.reduction(reduction)
-  _check_pair(student_hidden, teacher_hidden, student_weight, teacher_weight, weight_layout)
-  if not teacher_grad:
-    teacher_hidden, teacher_weight, teacher_bias = jax.lax.stop_gradient(
-        (teacher_hidden, teacher_weight, teacher_bias))
   name = "vocab_parallel_linear_js_divergence"
-  ls_k, _, _, _, kept, unflat, _ = _local_stats(
-      student_hidden, student_weight, None, student_bias, weight_layout, where, temperature,
-      chunk_size, name, axis_name=axis_name)
-  lt_k = _local_stats(teacher_hidden, teacher_weight, None, teacher_bias, weight_layout,
-                      where, temperature, chunk_size, name, axis_name=axis_name)[0]
-  ls, pi_s = _global_lse(ls_k, axis_name)
-  lt, pi_t = _global_lse(lt_k, axis_name)
-  log_s, log_t = ls_k - ls, lt_k - lt
+  heads, (log_s, pi_s), (log_t, pi_t), kept, unflat = _two_heads(
+      student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+      teacher_bias, weight_layout, where, temperature, teacher_grad, reduction, chunk_size,
+      name, axis_name)
   mu = beta * pi_t + (1 - beta) * pi_s
   log_mu = jnp.logaddexp(np.log(beta) + log_t, np.log1p(-beta) + log_s)
   beta_k = jnp.where(mu > 0, beta * pi_t / jnp.where(mu > 0, mu, 1), beta)
+  student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, \
+      teacher_bias = heads
   shape = jnp.shape(student_hidden)[:-1]
   js_k = L._distill(
       "js", None, student_hidden, student_weight, teacher_hidden, teacher_weight,

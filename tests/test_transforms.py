@@ -402,3 +402,63 @@ def test_value_checks_do_not_break_serialization():
   err, _ = jxent.checked(jxent.softmax_cross_entropy_with_integer_labels)(
       jnp.asarray(Z), jnp.asarray(np.where(np.arange(N) == 0, C, Y)))
   assert "out of range" in str(err.get())
+
+
+def test_information_quantities_in_every_argument_against_numpy_formulas():
+  # Values and gradients (non-uniform cotangents) of the information functions against
+  # formulas written here in NumPy/JAX float64, options included: temperature (traced, also
+  # differentiated), beta, base, where, reductions.
+  z, z2 = jnp.asarray(Z), jnp.asarray(RNG.normal(size=(N, C)))
+  p, q = jax.nn.softmax(z), jax.nn.softmax(z2)
+  t = jnp.asarray(T)
+  cot = jnp.asarray(COT)
+  temp = 0.7
+
+  def lsm(x, tau):
+    x = x / tau
+    return x - jax.scipy.special.logsumexp(x, axis=-1, keepdims=True)
+
+  def kl_ref(zp, zq, tau):
+    lp, lq = lsm(zp, tau), lsm(zq, tau)
+    return jnp.sum(cot * jnp.sum(jnp.exp(lp) * (lp - lq), -1))
+
+  def js_ref(zp, zq, tau, beta=0.3):
+    lp, lq = lsm(zp, tau), lsm(zq, tau)
+    m = beta * jnp.exp(lp) + (1 - beta) * jnp.exp(lq)
+    return jnp.sum(cot * (beta * jnp.sum(jnp.exp(lp) * (lp - jnp.log(m)), -1)
+                          + (1 - beta) * jnp.sum(jnp.exp(lq) * (lq - jnp.log(m)), -1)))
+
+  def lp_ref(zz, tau):
+    return jnp.sum(cot * jnp.where(KEEP, lsm(zz, tau)[jnp.arange(N), Y], 0))
+
+  pairs = {
+      "kl_from_logits": (lambda a, b, tau: jnp.sum(cot * jxent.kl_divergence_from_logits(
+          a, b, temperature=tau)), kl_ref, (z, z2, temp)),
+      "js_from_logits": (lambda a, b, tau: jnp.sum(cot * jxent.js_divergence_from_logits(
+          a, b, beta=0.3, temperature=tau)), js_ref, (z, z2, temp)),
+      "log_probs": (lambda a, tau: jnp.sum(cot * jxent.log_probs(
+          a, jnp.asarray(Y), where=KEEP, temperature=tau)), lp_ref, (z, temp)),
+      "entropy_bits": (lambda a: jnp.sum(cot * jxent.entropy(a, base=2)),
+                       lambda a: jnp.sum(cot * -jnp.sum(a * jnp.log2(a), -1)), (p,)),
+      "js": (lambda a, b: jnp.sum(cot * jxent.js_divergence(a, b)),
+             lambda a, b: jnp.sum(cot * (0.5 * jnp.sum(a * jnp.log(2 * a / (a + b)), -1)
+                                         + 0.5 * jnp.sum(b * jnp.log(2 * b / (a + b)), -1))),
+             (p, q)),
+      "binary_entropy": (lambda a: jnp.sum(cot[:, None] * jxent.binary_entropy(a)),
+                         lambda a: jnp.sum(cot[:, None] * -(a * jnp.log(a) + (1 - a)
+                                                            * jnp.log(1 - a))), (q,)),
+      "self_information_bits": (lambda a: jnp.sum(cot[:, None] * jxent.self_information(
+          a, base=2)), lambda a: jnp.sum(cot[:, None] * -jnp.log2(a)), (q,)),
+      "categorical_mean": (lambda a, b: jxent.categorical_cross_entropy(
+          a, b, where=KEEP, reduction="mean"),
+          lambda a, b: jnp.sum(jnp.where(KEEP, -jnp.sum(b * jnp.log(a), -1), 0)) / KEEP.sum(),
+          (q, t)),
+      "mse_where": (lambda a, b: jxent.mean_squared_error(a, b, where=jnp.asarray(B) > 0.5),
+                    lambda a, b: jnp.sum(jnp.where(jnp.asarray(B) > 0.5, (a - b) ** 2, 0))
+                    / jnp.sum(jnp.asarray(B) > 0.5), (q, p)),
+  }
+  for name, (f, ref, args) in pairs.items():
+    np.testing.assert_allclose(f(*args), ref(*args), rtol=1e-12, err_msg=name)
+    argn = tuple(range(len(args)))
+    for i, (a, b) in enumerate(zip(jax.grad(f, argn)(*args), jax.grad(ref, argn)(*args))):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=f"{name} d{i}")

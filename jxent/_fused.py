@@ -699,7 +699,8 @@ def linear_cross_entropy(
       + z_{\text{loss}} \mathrm{lse}^2`, and ``"mean"`` divides by :math:`\sum_i c_{y_i}`
       over kept tokens (times ``weights`` when both are given). Without smoothing and z-loss
       they are per-token weights :math:`c_{y_i}` (every method); with either, the loss is
-      formed from the per-token NLL and logsumexp (the recompute method) and, with
+      formed from the per-token NLL and logsumexp (the recompute method; ``"forward"``
+      raises) and, with
       smoothing, :math:`\sum_v c_v z_v = h \cdot (W c) + b \cdot c`, which
       ``logit_softcap`` would make non-linear (that combination raises).
 
@@ -788,6 +789,9 @@ def _with_class_weights(hidden, weight, labels, class_weights, opts, v, acc, *, 
   from jxent._softmax import class_weights_array  # (the dense loss's check and dtype)
 
   cw = class_weights_array(class_weights, v, acc)
+  if weights is not None and jnp.shape(weights) != labels.shape:
+    raise ValueError(f"weights must have hidden's shape without D, i.e. {labels.shape}, got "
+                     f"weights.shape={jnp.shape(weights)}.")
   keep = jnp.ones(labels.shape, bool) if where is None else jnp.asarray(where)
   if ignore_index is not None:
     keep = keep & (labels != ignore_index)
@@ -804,6 +808,10 @@ def _with_class_weights(hidden, weight, labels, class_weights, opts, v, acc, *, 
     raise ValueError("linear_cross_entropy with class_weights, label_smoothing and "
                      "logit_softcap together is not supported: the smoothing term needs the "
                      "class-weighted sum of the capped logits, which is not linear in h.")
+  if method == "forward":
+    raise ValueError("method='forward' with class_weights needs label_smoothing=0 and "
+                     "z_loss=0 (with either, the loss is formed from the per-token NLL and "
+                     "logsumexp of the recompute method).")
   nll, lse = linear_cross_entropy(hidden, weight, labels, reduction="none", return_lse=True,
                                   method="recompute", **common)
   loss = nll * c_y if eps is None else (1 - eps) * c_y * nll

@@ -307,6 +307,12 @@ def test_class_weights_against_float64_formula(options, reduction):
       assert rel(g, r) < 1e-11, i
   with pytest.raises(ValueError, match=r"class_weights must have shape \(50,\)"):
     jxent.linear_cross_entropy(H, W, Y, class_weights=jnp.ones(3))
+  with pytest.raises(ValueError, match="method='forward' with class_weights"):
+    jxent.linear_cross_entropy(H, W, Y, class_weights=jnp.ones(V), z_loss=1e-3,
+                               method="forward")
+  with pytest.raises(ValueError, match=r"weights must have hidden's shape.*\(37,\)"):
+    jxent.linear_cross_entropy(H, W, Y, class_weights=jnp.ones(V), z_loss=1e-3,
+                               weights=jnp.ones(3))
   with pytest.raises(ValueError, match="logit_softcap together is not supported"):
     jxent.linear_cross_entropy(H, W, Y, class_weights=jnp.ones(V), label_smoothing=0.1,
                                logit_softcap=5.0)

@@ -41,6 +41,7 @@ from jax.typing import ArrayLike
 from jxent import _checks
 from jxent import _reference as R
 from jxent._platform import dispatch, explicitly_sharded
+from jxent._softmax import class_weights_array
 
 Array = jax.Array
 
@@ -786,9 +787,7 @@ def _with_class_weights(hidden, weight, labels, class_weights, opts, v, acc, *, 
                         weight_layout, ignore_index, where, logit_softcap, reduction,
                         chunk_size, return_lse, method, weights):
   """``linear_cross_entropy`` with ``class_weights``, from the unweighted fused loss."""
-  from jxent._softmax import class_weights_array  # (the dense loss's check and dtype)
-
-  cw = class_weights_array(class_weights, v, acc)
+  cw = class_weights_array(class_weights, v, acc)  # the dense loss's check and dtype
   if weights is not None and jnp.shape(weights) != labels.shape:
     raise ValueError(f"weights must have hidden's shape without D, i.e. {labels.shape}, got "
                      f"weights.shape={jnp.shape(weights)}.")

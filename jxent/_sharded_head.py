@@ -80,12 +80,12 @@ def _local_stats(hidden, weight, labels, bias, layout, where, temperature, chunk
   return flat(lse), flat(ent), flat(z_y), here, kept, unflat, v_l
 
 
-def _check_global_labels(labels, kept, vocab):
-  """NaN factor for a kept label outside [0, V) (and the checkify value check)."""
-  y = labels.reshape(-1)
-  bad = kept & ((y < 0) | (y >= vocab))
-  _checks.value_check(~jnp.any(bad), f"labels out of range [0, {vocab}) for some kept token.")
-  return jnp.where(bad, jnp.nan, 1.0)  # (promoted to the output's float dtype)
+def poison_out_of_range(out, labels, kept, vocab):
+  """``out`` with NaN where a kept label is outside [0, V) (also through the factor, the
+  gradient), and the checkify value check; ``labels`` and ``kept`` of ``out``'s shape."""
+  bad = kept & ((labels < 0) | (labels >= vocab))
+  _checks.value_check(~jnp.any(bad), f"labels out of range [0, {vocab}) for some kept example.")
+  return out * jnp.where(bad, jnp.nan, 1).astype(out.dtype)
 
 
 def vocab_parallel_linear_log_probs(
@@ -119,7 +119,7 @@ def vocab_parallel_linear_log_probs(
   lse, _ = _global_lse(lse_k, axis_name)
   z_y = jax.lax.psum(jnp.where(here, z_y, 0), axis_name)
   vocab = v_l * jax.lax.axis_size(axis_name)
-  out = jnp.where(kept, z_y - lse, 0) * _check_global_labels(labels, kept, vocab)
+  out = poison_out_of_range(jnp.where(kept, z_y - lse, 0), labels.reshape(-1), kept, vocab)
   return unflat(out)
 
 
@@ -209,7 +209,7 @@ def vocab_parallel_linear_token_stats(
     here = (lf >= 0) & (lf < v_l) & kept
     z_y = jax.lax.psum(jnp.where(here, flat(s.label_log_prob) + lse_k, 0), axis_name)
     vocab = v_l * jax.lax.axis_size(axis_name)
-    logp = keep((z_y - lse) * _check_global_labels(labels, kept, vocab))
+    logp = keep(poison_out_of_range(z_y - lse, labels.reshape(-1), kept, vocab))
   return L.TokenStats(keep(lse), keep(ent), keep(am), logp)
 
 

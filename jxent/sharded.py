@@ -37,6 +37,7 @@ from jax.typing import ArrayLike
 
 from jxent import _checks
 from jxent._fused import linear_cross_entropy
+from jxent._sharded_head import poison_out_of_range as _poison_out_of_range
 from jxent._sharded_head import (
     vocab_parallel_linear_entropy,
     vocab_parallel_linear_js_divergence,
@@ -139,13 +140,6 @@ def _local_lse(z):
   s = jnp.sum(jnp.exp(z - m[..., None]), axis=-1)
   has_mass = s > 0
   return jnp.where(has_mass, m + jnp.log(jnp.where(has_mass, s, 1)), -jnp.inf)
-
-
-def _poison_out_of_range(loss, labels, valid, vocab):
-  """NaN loss, and through the factor a NaN gradient row, for a kept label outside [0, V)."""
-  bad = valid & ((labels < 0) | (labels >= vocab))
-  _checks.value_check(~jnp.any(bad), f"labels out of range [0, {vocab}) for some kept example.")
-  return loss * jnp.where(bad, jnp.nan, 1).astype(loss.dtype)
 
 
 def vocab_parallel_linear_cross_entropy(hidden: ArrayLike, weight: ArrayLike,

@@ -5,7 +5,6 @@ The device count has to be fixed before JAX starts, so the checks run in subproc
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,10 +18,6 @@ import pytest
 # after collection (conftest.py) and the fixture waits for its result.
 
 HERE = Path(__file__).resolve().parent
-# The workers run as scripts: the repository goes on their path, whether or not jxent is
-# installed in this interpreter.
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p))
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +91,7 @@ def test_two_processes_with_jax_distributed():
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, str(HERE / "_multihost_worker.py"), str(i), port],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=ENV)
+                            env=conftest.WORKER_ENV)
            for i in range(2)]
   outs = []
   for p in procs:

@@ -15,8 +15,9 @@ dense losses:
    per-repetition time ratios with their min–max;
 3. the fused linear cross-entropy, bfloat16, weight [V, D], at Cut Cross-Entropy's Gemma-2
    shape (N=8192, D=2304, V=256000) and at (8192, 4096, 128256), forward+backward with
-   respect to h and W: jxent (default chunk and 1024 tokens) against unfused JAX, Cut
-   Cross-Entropy and Liger; time ratios as above and peak device memory (JAX:
+   respect to h and W: jxent (default block, a 256 MiB block, and with Cut Cross-Entropy's
+   gradient filter for bfloat16) against unfused JAX, Cut Cross-Entropy (filtered, its
+   default, and exact) and Liger; time ratios as above and peak device memory (JAX:
    ``peak_bytes_in_use`` of a fresh process per variant; PyTorch: ``max_memory_allocated``
    after a reset), minus the inputs;
 4. writes the tables with the device, driver and library versions: the "gpu" section of
@@ -191,6 +192,28 @@ def _dense_inputs(kind, n, c, dtype):
   return draw(jax.random.PRNGKey(0))
 
 
+def xla_costs(shape, out_dir: Path | None) -> list[str]:
+  """XLA's cost analysis ("bytes accessed") of each dense loss's compiled forward+backward,
+  jxent and Optax, float32 at ``shape``, as markdown rows; the optimized HLO of both soft-label
+  programs goes to ``out_dir`` when given."""
+  n, c = shape
+  rows = []
+  for kind in ("int", "soft", "bce"):
+    z, y = _dense_inputs(kind, n, c, jnp.float32)
+    cost = {}
+    for name, f in zip(("jxent", "Optax"), _dense_jax(kind, grad=True)):
+      compiled = f.lower(z, y).compile()
+      ca = compiled.cost_analysis()
+      ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+      cost[name] = float(ca.get("bytes accessed", float("nan")))
+      if out_dir is not None and kind == "soft":
+        (out_dir / f"soft_{name.lower()}.hlo.txt").write_text(compiled.as_text())
+    rows.append(f"| [{n}, {c}] | float32 | {kind} | {cost['jxent'] / 1e9:.3g} | "
+                f"{cost['Optax'] / 1e9:.3g} | {cost['jxent'] / cost['Optax']:.2f} |")
+    del z, y
+  return rows
+
+
 def _dense_torch(torch, kind: str, grad: bool):
   F = torch.nn.functional
 
@@ -347,7 +370,9 @@ def _fused_inputs(n, d, v):
   return jax.device_put(h), jax.device_put(w), jax.device_put(y)
 
 
-FUSED_JAX = ("jxent", f"jxent block={BIG_BLOCK_MIB}MiB", "unfused JAX")
+# "filtered": Cut Cross-Entropy's default gradient filter for bfloat16 (eps(bf16) / 32).
+FILTER_EPS = 2.0**-12
+FUSED_JAX = ("jxent", "jxent filtered", f"jxent block={BIG_BLOCK_MIB}MiB", "unfused JAX")
 
 
 def _fused_jax(name: str, y):
@@ -358,7 +383,9 @@ def _fused_jax(name: str, y):
       old = _fused._ACCEL_BLOCK_BYTES
       _fused._ACCEL_BLOCK_BYTES = block or old
       try:
-        return jxent.linear_cross_entropy(h, w, y, weight_layout="vd")
+        return jxent.linear_cross_entropy(
+            h, w, y, weight_layout="vd",
+            gradient_filter=FILTER_EPS if name.endswith("filtered") else None)
       finally:
         _fused._ACCEL_BLOCK_BYTES = old
   else:  # the unfused reference: [N, V] logits in float32
@@ -480,6 +507,14 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
              "vs jxent": _ratio(times, "jxent", name) if name != "jxent" else None,
              "peak": mem[name].get("peak"), "xla": mem[name].get("xla"),
              "loss err": abs(loss - ref) / abs(ref)}
+      if name == "jxent filtered":  # how far the filtered dW is from the exact one
+        exact, got = outs["unfused JAX"][1][1], outs[name][1][1]
+        err = jnp.max(jnp.abs(got.astype(jnp.float32) - exact.astype(jnp.float32)))
+        row["note"] = (f"dW max abs. diff / max abs. dW: "
+                       f"{float(err / jnp.max(jnp.abs(exact.astype(jnp.float32)))):.1e}")
+      if name == "cut-cross-entropy" and "jxent filtered" in times:
+        r = _ratio(times, "jxent filtered", name)
+        row["note"] = f"jxent filtered / this: {_fmt_ratio(r)}"
       rows.append(row)
       print(_fused_line(row), flush=True)
     del h, w, y, fns, outs
@@ -496,13 +531,14 @@ def _fused_line(r) -> str:
     return f"| {r['size']} | {r.get('variant', '—')} | — | — | — | — | — | — | {r['note']} |"
   return (f"| {r['size']} | {r['variant']} | {r['ms']:,.1f} | {_fmt_ratio(r['vs unfused'])} | "
           f"{_fmt_ratio(r['vs jxent'])} | {_mib(r['peak'])} | {_mib(r['xla'])} | "
-          f"{r['loss err']:.1e} | |")
+          f"{r['loss err']:.1e} | {r.get('note', '')} |")
 
 
 # ---------------------------------------------------------------------------- report
 
 
-def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=()) -> str:
+def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=(),
+                cost_rows=()) -> str:
   out = ["## On an accelerator: jxent against Optax, PyTorch, Cut Cross-Entropy and Liger", "",
          env, "",
          f"`python -m benchmarks gpu {' '.join(argv)}`. Ratios: median of per-repetition time "
@@ -526,6 +562,12 @@ def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=()
           "| XLA MiB | loss rel. diff | note |",
           "|---|---|---:|---:|---:|---:|---:|---:|---|",
           *[_fused_line(r) for r in fused_rows]]
+  if cost_rows:
+    out += ["", "XLA's cost analysis of the dense losses' compiled forward+backward "
+            "(`jax.jit(jax.value_and_grad(loss)).lower(z, y).compile().cost_analysis()"
+            "[\"bytes accessed\"]`, mean reduction):", "",
+            "| shape | dtype | loss | jxent GB | Optax GB | jxent / Optax |",
+            "|---|---|---|---:|---:|---:|", *cost_rows]
   if errors:
     out += ["", "Steps that failed:", "", *[f"- {e}" for e in errors]]
   return "\n".join(out)
@@ -543,7 +585,9 @@ def main(argv=None):
                  "smoke: tests/test_information.py); none to skip")
   p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
   p.add_argument("--steps", default="tests,fused,dense", help="comma-separated subset of "
-                 "tests,fused,dense (default: all; only a full run writes RESULTS.md)")
+                 "tests,fused,dense,cost (default: the first three; only a run of those "
+                 "three at least writes RESULTS.md); cost: XLA's bytes accessed of the dense "
+                 "losses, and their soft-label HLO beside --out")
   p.add_argument("--dense-shapes", help="e.g. 16384x128256,8192x50304 (default: both)")
   p.add_argument("--tests-share", type=float, default=0.4,
                  help="share of the budget the suite may take (default 0.4)")
@@ -567,10 +611,11 @@ def main(argv=None):
   # share of the budget), then the fused loss (the anchors' comparison), then the dense
   # losses with the rest. The markdown is rewritten after every step, so a run stopped from
   # outside still leaves its tables.
-  tests, dense_rows, fused_rows, errors = None, [], [], []
+  tests, dense_rows, fused_rows, errors, cost_rows = None, [], [], [], []
 
   def write():
-    text = to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors)
+    text = to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors,
+                       cost_rows)
     if args.out:
       args.out.write_text(text + "\n")
     return text
@@ -599,10 +644,13 @@ def main(argv=None):
   if "dense" in steps:
     step("dense", lambda: dense(dense_shapes, budget, reps, inner, not args.no_compile,
                                 dense_rows))
+  if "cost" in steps:
+    step("cost", lambda: cost_rows.extend(xla_costs(
+        dense_shapes[0], args.out.parent if args.out else None)))
   text = write()
   if args.out:
     print(f"wrote {args.out}")
-  if not args.smoke and steps == {"tests", "fused", "dense"} and not args.dense_shapes:
+  if not args.smoke and {"tests", "fused", "dense"} <= steps and not args.dense_shapes:
     H.write_section("gpu", text)
 
 

@@ -74,12 +74,14 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["eps", "zl"],
-                   meta_fields=["softcap", "layout", "vocab_slice", "acc", "accel_block"])
+                   meta_fields=["softcap", "layout", "vocab_slice", "acc", "accel_block",
+                                "filter_eps"])
 class _Config:
-  def __init__(self, eps, zl, softcap, layout, vocab_slice, acc, accel_block=0):
+  def __init__(self, eps, zl, softcap, layout, vocab_slice, acc, accel_block=0,
+               filter_eps=None):
     self.eps, self.zl, self.softcap = eps, zl, softcap
     self.layout, self.vocab_slice, self.acc = layout, vocab_slice, acc
-    self.accel_block = accel_block
+    self.accel_block, self.filter_eps = accel_block, filter_eps
 
 
 def _logits(h, w, b, cfg):
@@ -208,6 +210,103 @@ def _dh(dz, w, cfg):
   return jnp.dot(dz, wf, preferred_element_type=cfg.acc)
 
 
+# ------------------------------------------------------------------------ gradient filter
+#
+# With ``gradient_filter=eps`` (Cut Cross-Entropy's ``filter_eps``) a block of logits whose
+# softmax entries are all below eps skips its two backward products: it keeps its label and
+# smoothing terms (exact, O(T·D): a gather of the labels' weight columns, a scatter-add into
+# their dW columns, a column sum) and drops its softmax terms, each below eps times the
+# token's cotangent. A block is a [T, vocab_slice] slice of a token chunk (reference,
+# XLA:CPU) or an [N, vocabulary block] block (GPU, TPU).
+
+
+def _block_products(dz, hl, w_j, cfg, low):
+  """dz W_j^T ([T, D]) and h^T dz (the block's dW columns), operands in ``low``."""
+  dzl, wl = dz.astype(low), w_j.astype(low)
+  if cfg.layout == "dv":
+    dh = jax.lax.dot_general(dzl, wl, (((1,), (1,)), ((), ())), preferred_element_type=cfg.acc)
+    return dh, jnp.dot(hl.T, dzl, preferred_element_type=cfg.acc)
+  return jnp.dot(dzl, wl, preferred_element_type=cfg.acc), jnp.dot(
+      dzl.T, hl, preferred_element_type=cfg.acc)
+
+
+def _label_terms(dh, h, tanh, y, valid, g, w_j, start, v, cfg):
+  """One block's gradient without its softmax terms: -a_i at the label (times the softcap's
+  slope there) and -s_i (smoothing) everywhere: (dh + its share, dW columns, db columns)."""
+  size = w_j.shape[1] if cfg.layout == "dv" else w_j.shape[0]
+  a = jnp.where(valid, g, 0).astype(cfg.acc)
+  s = None
+  if cfg.eps is not None:
+    s = a * (cfg.eps / v)
+    a = a * (1 - cfg.eps)
+  local = y - start
+  inside = valid & (local >= 0) & (local < size)
+  li = jnp.clip(local, 0, size - 1)
+  c = jnp.where(inside, -a, 0)
+  if tanh is not None:
+    t_y = jnp.take_along_axis(tanh, li[:, None], axis=1)[:, 0]
+    c = c * (1 - t_y * t_y)
+  axis = 1 if cfg.layout == "dv" else 0
+  w_y = jnp.take(w_j, li, axis=axis).astype(cfg.acc)
+  dh = dh + c[:, None] * (w_y.T if cfg.layout == "dv" else w_y)
+  hf = h.astype(cfg.acc)
+  idx = jnp.where(inside, local, size)  # out of range: dropped by the scatter
+  rows = _varying_like(jnp.zeros((size, h.shape[-1]), cfg.acc), h, w_j, g, y, valid)
+  rows = rows.at[idx].add(c[:, None] * hf, mode="drop")
+  db = _varying_like(jnp.zeros((size,), cfg.acc), h, w_j, g, y, valid)
+  db = db.at[idx].add(c, mode="drop")
+  if s is not None:  # (smoothing with a softcap is refused up front: not uniform then)
+    dh = dh - s[:, None] * jnp.sum(w_j.astype(cfg.acc), axis=axis)[None, :]
+    rows = rows - jnp.sum(s[:, None] * hf, axis=0)[None, :]
+    db = db - jnp.sum(s)
+  return dh, (rows.T if cfg.layout == "dv" else rows), db
+
+
+def _filtered_block(dh, h, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, bias):
+  """(dh + the block's share, its dW columns, its db columns or None) for the logits ``z``
+  of the columns ``start:start + size``, skipping the backward products when every softmax
+  entry of the block is below ``cfg.filter_eps`` (a NaN or a bad label never skips)."""
+  lse_f = jnp.where(jnp.isfinite(lse), lse, 0)
+  top = jnp.max(jnp.where(valid[:, None], z - lse_f[:, None], -jnp.inf))
+  _, bad = R.split_labels(y, valid, v)
+  keep = ~(jnp.exp(top) < cfg.filter_eps) | jnp.any(bad)
+
+  def full(dh):
+    dz = _chunk_dlogits(z, tanh, lse, y, valid, g, None, cfg, start, v)
+    dh_j, dw_j = _block_products(dz, hl, w_j, cfg, low)
+    db_j = jnp.sum(dz, axis=0) if bias else None
+    return dh + dh_j, dw_j, db_j
+
+  def sparse(dh):
+    dh, dw_j, db_j = _label_terms(dh, h, tanh, y, valid, g, w_j, start, v, cfg)
+    return dh, dw_j, (db_j if bias else None)
+
+  return jax.lax.cond(keep, full, sparse, dh)
+
+
+def _filtered_slices(h, y, valid, g, z, tanh, lse, w, dw, db, cfg):
+  """A token chunk's dh, and dW and db updated, one vocabulary slice at a time through
+  ``_filtered_block`` (the filtered form of ``_chunk_dlogits``, ``_dh`` and
+  ``_accumulate_dw``)."""
+  v = z.shape[-1]
+  axis = 1 if cfg.layout == "dv" else 0
+  hf = h.astype(cfg.acc)
+  dh0 = _varying_like(jnp.zeros(h.shape, cfg.acc), h, w, g, y, valid)
+
+  def fn(carry, start, size):
+    dh, dw, db = carry
+    dh, dw_j, db_j = _filtered_block(
+        dh, h, hf, jax.lax.dynamic_slice_in_dim(z, start, size, 1),
+        _cut(tanh, start, size, 1), lse, y, valid, g, _cut(w, start, size, axis), start, v,
+        cfg, cfg.acc, db is not None)
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, _cut(dw, start, size, axis) + dw_j, start, axis)
+    if db is not None:
+      db = jax.lax.dynamic_update_slice_in_dim(db, _cut(db, start, size, 0) + db_j, start, 0)
+    return dh, dw, db
+
+  return _vocab_loop(fn, (dh0, dw, db), v, min(cfg.vocab_slice, v))
+
+
 def _forward_losses(h3, w, b, y2, v2, cfg):
   """Per-token losses, logsumexps and option slopes, [n_chunks, T]: token chunks (reference,
   XLA:CPU) or vocabulary blocks over all tokens (GPU, TPU)."""
@@ -269,6 +368,9 @@ def _token_chunks_grads(h3, w, b, y2, v2, g_loss, cfg):
     h = jnp.where(valid[:, None], h, 0)
     z, tanh = _logits(h, w, b, cfg)
     loss, lse, d_eps, d_zl = _chunk_loss(z, y, valid, cfg, _label_logits(h, w, b, y, cfg))
+    if cfg.filter_eps is not None:
+      dh, dw, db = _filtered_slices(h, y, valid, gl, z, tanh, lse, w, dw, db, cfg)
+      return (dw, db), (loss, d_eps, d_zl, dh.astype(h.dtype))
     dz = _chunk_dlogits(z, tanh, lse, y, valid, gl, None, cfg)
     dh = _dh(dz, w, cfg).astype(h.dtype)
     dw = _accumulate_dw(dw, h, dz, cfg)
@@ -389,19 +491,17 @@ def _vocab_blocks_grads(h3, w, b, y2, v2, g_loss, cfg):
     dh, dw, db = carry
     w_j = _cut(w, start, size, axis)
     z, tanh = _logits(h, w_j, _cut(b, start, size, 0), cfg)
-    dz = _chunk_dlogits(z, tanh, lse, y, valid, g, None, cfg, start, v)
-    dzl, wl = dz.astype(low), w_j.astype(low)
-    if cfg.layout == "dv":
-      dh = dh + jax.lax.dot_general(dzl, wl, (((1,), (1,)), ((), ())),
-                                    preferred_element_type=cfg.acc)
-      dw_j = jnp.dot(hl.T, dzl, preferred_element_type=cfg.acc)
+    if cfg.filter_eps is not None:
+      dh, dw_j, db_j = _filtered_block(dh, h, hl, z, tanh, lse, y, valid, g, w_j, start, v,
+                                       cfg, low, db is not None)
     else:
-      dh = dh + jnp.dot(dzl, wl, preferred_element_type=cfg.acc)
-      dw_j = jnp.dot(dzl.T, hl, preferred_element_type=cfg.acc)
+      dz = _chunk_dlogits(z, tanh, lse, y, valid, g, None, cfg, start, v)
+      dh_j, dw_j = _block_products(dz, hl, w_j, cfg, low)
+      dh = dh + dh_j
+      db_j = None if db is None else jnp.sum(dz, axis=0)
     dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(w.dtype), start, axis)
     if db is not None:
-      db = jax.lax.dynamic_update_slice_in_dim(
-          db, jnp.sum(dz, axis=0).astype(b.dtype), start, 0)
+      db = jax.lax.dynamic_update_slice_in_dim(db, db_j.astype(b.dtype), start, 0)
     return dh, dw, db
 
   dh, dw, db = _vocab_loop(block, init, v, min(cfg.accel_block, v))
@@ -657,6 +757,7 @@ def linear_cross_entropy(
     method: str = "auto",
     weights: ArrayLike | None = None,
     class_weights: ArrayLike | None = None,
+    gradient_filter: float | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   r"""Cross-entropy of ``hidden @ weight (+ bias)`` without materialising the logits.
 
@@ -704,6 +805,17 @@ def linear_cross_entropy(
       raises) and, with
       smoothing, :math:`\sum_v c_v z_v = h \cdot (W c) + b \cdot c`, which
       ``logit_softcap`` would make non-linear (that combination raises).
+    gradient_filter: None (exact gradients) or ``eps`` in (0, 1): an approximate gradient
+      that skips the backward products of every block of logits whose softmax entries are
+      all below ``eps`` (Cut Cross-Entropy's ``filter_eps``; its default for bfloat16 is
+      ``2**-12``). Such a block keeps its label and smoothing terms exactly and drops its
+      softmax terms, each under ``eps`` times the token's cotangent. Blocks are
+      ``[chunk_size, 1024]`` on CPU and ``[N, vocabulary block]`` (all tokens) on GPU/TPU, so
+      a block is skipped only where no token in it gives any of its classes ``eps``: on
+      random logits over a large vocabulary nearly all are; on a trained model's, the rare
+      classes' blocks. The loss is exact; every derivative mode uses the filtered gradient.
+      Needs the forward method (a ``"mean"`` or ``"sum"`` loss, no ``return_lse``); not
+      with ``label_smoothing`` and ``logit_softcap`` together.
 
   Returns:
     The loss (scalar, or ``[...]`` for ``"none"``), and the logsumexp if ``return_lse``.
@@ -725,15 +837,20 @@ def linear_cross_entropy(
       raise ValueError(f"logit_softcap must be positive, got {logit_softcap!r}.")
   acc = jnp.float64 if jnp.float64 in (hidden.dtype, weight.dtype) else jnp.float32
   opts = _checks.CEOptions.make(label_smoothing, z_loss, acc)
+  filter_eps = _filter_eps(gradient_filter, opts, softcap, method, reduction, return_lse)
 
   if class_weights is not None:
     return _with_class_weights(
         hidden, weight, labels, class_weights, opts, v, acc, bias=bias,
         weight_layout=weight_layout, ignore_index=ignore_index, where=where,
         logit_softcap=logit_softcap, reduction=reduction, chunk_size=chunk_size,
-        return_lse=return_lse, method=method, weights=weights)
+        return_lse=return_lse, method=method, weights=weights, gradient_filter=filter_eps)
 
   if explicitly_sharded(hidden) or explicitly_sharded(labels):
+    if filter_eps is not None:
+      raise ValueError("gradient_filter is not supported with tokens laid out over an "
+                       "explicit mesh (each device's loss there is per token); call "
+                       "linear_cross_entropy inside shard_map instead.")
     return _data_parallel(
         hidden, weight, labels, bias=bias, weight_layout=weight_layout,
         ignore_index=ignore_index, where=where, label_smoothing=label_smoothing, z_loss=z_loss,
@@ -747,7 +864,7 @@ def linear_cross_entropy(
   valid = v2.reshape(-1)
 
   cfg = _Config(opts.label_smoothing, opts.z_loss, softcap, weight_layout, _VOCAB_SLICE, acc,
-                accelerator_vocab_block(n_chunks * t, v))
+                accelerator_vocab_block(n_chunks * t, v), filter_eps)
   count = jnp.sum(valid).astype(acc)
 
   scalar = reduction in ("mean", "sum") and not return_lse
@@ -783,9 +900,25 @@ def linear_cross_entropy(
   return out
 
 
+def _filter_eps(gradient_filter, opts, softcap, method, reduction, return_lse):
+  """The checked ``gradient_filter`` (a Python float or None)."""
+  if gradient_filter is None:
+    return None
+  eps = _checks.static_number(gradient_filter, "gradient_filter")
+  if not 0 < eps < 1:
+    raise ValueError(f"gradient_filter must be in (0, 1) or None, got {gradient_filter!r}.")
+  if method == "recompute" or reduction == "none" or return_lse:
+    raise ValueError("gradient_filter needs the forward method: reduction 'mean' or 'sum', "
+                     "return_lse=False and method 'auto' or 'forward'.")
+  if opts.label_smoothing is not None and softcap is not None:
+    raise ValueError("gradient_filter with label_smoothing and logit_softcap together is not "
+                     "supported (the smoothing term of a skipped block is then not uniform).")
+  return float(eps)
+
+
 def _with_class_weights(hidden, weight, labels, class_weights, opts, v, acc, *, bias,
                         weight_layout, ignore_index, where, logit_softcap, reduction,
-                        chunk_size, return_lse, method, weights):
+                        chunk_size, return_lse, method, weights, gradient_filter):
   """``linear_cross_entropy`` with ``class_weights``, from the unweighted fused loss."""
   cw = class_weights_array(class_weights, v, acc)  # the dense loss's check and dtype
   if weights is not None and jnp.shape(weights) != labels.shape:
@@ -802,7 +935,11 @@ def _with_class_weights(hidden, weight, labels, class_weights, opts, v, acc, *, 
   if eps is None and zl is None:
     # The class weights are then per-token weights c_y, and the mean divides by their sum.
     return linear_cross_entropy(hidden, weight, labels, reduction=reduction,
-                                return_lse=return_lse, method=method, weights=tw, **common)
+                                return_lse=return_lse, method=method, weights=tw,
+                                gradient_filter=gradient_filter, **common)
+  if gradient_filter is not None:
+    raise ValueError("gradient_filter with class_weights needs label_smoothing=0 and "
+                     "z_loss=0 (with either, the loss takes the recompute method).")
   if eps is not None and logit_softcap is not None:
     raise ValueError("linear_cross_entropy with class_weights, label_smoothing and "
                      "logit_softcap together is not supported: the smoothing term needs the "

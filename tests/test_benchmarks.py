@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -12,7 +14,8 @@ def test_gpu_benchmark_smoke(tmp_path):
   out = tmp_path / "gpu.md"
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks", "gpu", "--smoke", "--out", str(out),
-       "--tests", "tests/test_information.py::test_entropy_axis", "--no-compile"],
+       "--tests", "tests/test_information.py::test_entropy_axis", "--no-compile",
+       "--steps", "tests,fused,dense,cost"],
       capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   text = out.read_text()
@@ -21,10 +24,11 @@ def test_gpu_benchmark_smoke(tmp_path):
                            capture_output=True, text=True, check=True).stdout.strip()
   assert f"Device: {backend}" in text
   assert re.search(r"Test suite on the device: 1 passed in \d+ s \(exit status 0\)", text)
-  rows = [ln for ln in text.splitlines() if ln.startswith("| [64, 1000] |")]
-  assert len(rows) == 2 * 3 * 2  # dtypes x losses x passes
-  for ln in rows:
-    cells = [c.strip() for c in ln.strip("|").split("|")]
+  rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in text.splitlines()
+          if ln.startswith("| [64, 1000] |")]
+  dense, cost = [r for r in rows if len(r) == 11], [r for r in rows if len(r) == 6]
+  assert len(dense) == 2 * 3 * 2  # dtypes x losses x passes
+  for cells in dense:
     jx_ms, opt_ms = float(cells[4]), float(cells[5])
     assert jx_ms > 0 and opt_ms > 0
     ratio = re.match(r"\*\*([\d.]+) \(([\d.]+)–([\d.]+)\)\*\*", cells[7])
@@ -36,3 +40,12 @@ def test_gpu_benchmark_smoke(tmp_path):
   assert {"jxent", "unfused JAX"} <= set(fused)
   err = float(fused["jxent"].strip("|").split("|")[7])
   assert err < 1e-2
+  # The filtered gradient: the same loss, and its distance from the exact dW reported.
+  cells = [c.strip() for c in fused["jxent filtered"].strip("|").split("|")]
+  assert float(cells[7]) < 1e-2
+  assert 0 <= float(cells[8].rsplit(":", 1)[1]) < 0.5
+  # XLA's bytes accessed of each dense loss, jxent and Optax, and the soft-label programs.
+  assert [c[2] for c in cost] == ["int", "soft", "bce"]
+  for c in cost:
+    assert float(c[5]) == pytest.approx(float(c[3]) / float(c[4]), rel=0.05, abs=0.01)
+  assert "HloModule" in (tmp_path / "soft_jxent.hlo.txt").read_text()

@@ -316,3 +316,122 @@ def test_class_weights_against_float64_formula(options, reduction):
   with pytest.raises(ValueError, match="logit_softcap together is not supported"):
     jxent.linear_cross_entropy(H, W, Y, class_weights=jnp.ones(V), label_smoothing=0.1,
                                logit_softcap=5.0)
+
+
+FILTER_CASES = {
+    "plain": dict(),
+    "options": dict(ignore_index=-100, where=MASK, label_smoothing=0.2, z_loss=1e-2),
+    "softcap": dict(ignore_index=-100, logit_softcap=4.0),
+}
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("case", list(FILTER_CASES))
+def test_gradient_filter_against_float64_formula(monkeypatch, case, layout, impl):
+  # The filtered gradient written out in float64 with NumPy: the exact dz = coef p - a onehot
+  # - s (times the softcap's slope), with coef p set to 0 in every block whose softmax entries
+  # (kept tokens) are all below eps. Blocks: 8-token chunks x 16 columns on CPU, all tokens x
+  # 16 columns in the accelerator form. Columns 16-31 and 32-47 are made quiet by their bias,
+  # labels 20 and 30 fall in them; eps is 0.7x the largest softmax entry of columns 32-47, so
+  # that one of their blocks is just kept (a threshold off by 2x fails). Non-uniform per-token
+  # weights and a factor 0.7 make the cotangent; value, dh, dW and db at 1e-10.
+  monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)
+  opts = dict(FILTER_CASES[case])
+  softcap = opts.pop("logit_softcap", None)
+  with jax.enable_x64(True):
+    h, w, b = (np.asarray(x, np.float64) for x in (H, W, B))
+    b = b.copy()
+    b[16:32] -= 12.0
+    b[32:48] -= 7.0
+    y = np.asarray(Y).copy()
+    y[[0, 5]] = [20, 30]
+    y = y if "ignore_index" in opts else np.clip(y, 0, V - 1)
+    tw = np.linspace(0.5, 1.5, N)
+    wl = w if layout == "dv" else w.T
+    keep = np.ones(N, bool) if "where" not in opts else np.asarray(MASK).copy()
+    if "ignore_index" in opts:
+      keep &= y != -100
+    yc = np.clip(y, 0, V - 1)
+    pre = h @ w + b
+    z = pre if softcap is None else softcap * np.tanh(pre / softcap)
+    m = z.max(1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(1, keepdims=True)))[:, 0]
+    p = np.exp(z - lse[:, None])
+    eps_f = 0.7 * float(np.where(keep[:, None], p, 0)[:, 32:48].max())
+
+    def fused(h, w, b):
+      return 0.7 * jxent.linear_cross_entropy(
+          h, w, jnp.asarray(y), bias=b, weight_layout=layout, chunk_size=8,
+          logit_softcap=softcap, weights=jnp.asarray(tw), reduction="sum",
+          gradient_filter=eps_f, **opts)
+
+    got = jax.value_and_grad(fused, argnums=(0, 1, 2))(
+        jnp.asarray(h), jnp.asarray(wl), jnp.asarray(b))
+
+    es, zl = opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0)
+    g = 0.7 * tw * keep
+    nll = lse - z[np.arange(N), yc]
+    per = (1 - es) * nll + es * (lse - z.mean(1)) + zl * lse**2
+    loss = np.sum(g * per)
+    a, s = g * (1 - es), g * es / V
+    coefp = (a + s * V + 2 * zl * lse * g)[:, None] * p
+    rows = [np.arange(N)] if impl == "accelerator" else [
+        np.arange(i, min(i + 8, N)) for i in range(0, N, 8)]
+    skipped = 0
+    for r in rows:
+      for c0 in range(0, V, 16):
+        blk = np.ix_(r, np.arange(c0, min(c0 + 16, V)))
+        kept_p = np.where(keep[r][:, None], p[blk], 0)
+        if kept_p.max() < eps_f:
+          coefp[blk] = 0
+          skipped += 1
+    assert skipped >= 1
+    onehot = np.arange(V)[None, :] == yc[:, None]
+    dz = coefp - a[:, None] * onehot - s[:, None]
+    if softcap is not None:
+      dz = dz * (1 - np.tanh(pre / softcap) ** 2)
+    hz = np.where(keep[:, None], h, 0)
+    want = (dz @ w.T, hz.T @ dz, dz.sum(0))
+    want = (want[0], want[1] if layout == "dv" else want[1].T, want[2])
+    assert abs(float(got[0]) - loss) <= 1e-12 * abs(loss)
+    exact = jax.grad(lambda h, w, b: 0.7 * jxent.linear_cross_entropy(
+        h, w, jnp.asarray(y), bias=b, weight_layout=layout, chunk_size=8,
+        logit_softcap=softcap, weights=jnp.asarray(tw), reduction="sum", **opts),
+        argnums=(0, 1, 2))(jnp.asarray(h), jnp.asarray(wl), jnp.asarray(b))
+    for gg, ww, ex in zip(got[1], want, exact):
+      assert rel(gg, jnp.asarray(ww)) < 1e-10
+      assert rel(ex, jnp.asarray(ww)) > 1e-8  # the skipped block's terms are visible
+
+
+def test_gradient_filter_options(impl):
+  f = lambda h, w, eps: jxent.linear_cross_entropy(h, w, Y, ignore_index=-100,
+                                                   gradient_filter=eps)
+  exact = jax.grad(f, argnums=(0, 1))(H, W, None)
+  # A threshold no softmax entry is below skips nothing: the exact gradient (and the loss).
+  tiny = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)(H, W, 1e-30)
+  assert float(tiny[0]) == pytest.approx(float(f(H, W, None)), rel=1e-6)
+  for a, b in zip(tiny[1], exact):
+    assert rel(a, b) < 1e-5
+  # With class weights (per-token weights c_y) and under jvp as well.
+  cw = jnp.linspace(0.5, 1.5, V)
+  t = (jnp.cos(H), jnp.sin(W))
+  fw = lambda h, w: jxent.linear_cross_entropy(h, w, Y, ignore_index=-100, class_weights=cw,
+                                               gradient_filter=1e-30)
+  ref = lambda h, w: jxent.linear_cross_entropy(h, w, Y, ignore_index=-100, class_weights=cw)
+  out, tan = jax.jvp(fw, (H, W), t)
+  out_r, tan_r = jax.jvp(ref, (H, W), t)
+  assert float(tan) == pytest.approx(float(tan_r), rel=1e-5)
+  for kw, msg in [(dict(reduction="none"), "needs the forward method"),
+                  (dict(return_lse=True), "needs the forward method"),
+                  (dict(method="recompute"), "needs the forward method"),
+                  (dict(label_smoothing=0.1, logit_softcap=3.0), "label_smoothing and "
+                   "logit_softcap"),
+                  (dict(class_weights=cw, z_loss=1e-3), "gradient_filter with class_weights")]:
+    with pytest.raises(ValueError, match=msg):
+      jxent.linear_cross_entropy(H, W, jnp.clip(Y, 0, V - 1), gradient_filter=1e-3, **kw)
+  for bad in (0.0, 1.0, -1e-3):
+    with pytest.raises(ValueError, match=r"gradient_filter must be in \(0, 1\)"):
+      jxent.linear_cross_entropy(H, W, jnp.clip(Y, 0, V - 1), gradient_filter=bad)
+  with pytest.raises(TypeError, match="gradient_filter must be a static"):
+    jax.jit(lambda e: jxent.linear_cross_entropy(H, W, jnp.clip(Y, 0, V - 1),
+                                                 gradient_filter=e))(1e-3)

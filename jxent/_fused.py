@@ -148,29 +148,40 @@ def _finish_loss(nll, lse, smooth, valid, cfg):
   return loss, lse, d_eps, d_zl
 
 
-def _chunk_dlogits(z, tanh, lse, y, valid, g_loss, g_lse, cfg, start=0, v=None):
-  """d(sum_i g_i loss_i + g_lse_i lse_i) / d(pre-softcap logits) for one block.
-
-  The block may be the columns ``start:start + z.shape[-1]`` of a vocabulary of ``v``.
-  """
-  v = z.shape[-1] if v is None else v
-  p = jnp.exp(z - jnp.where(jnp.isfinite(lse), lse, 0)[:, None])
+def _softmax_coef(lse, valid, g_loss, g_lse, cfg, v):
+  """Per token: the coefficient of softmax(z) in the logits' gradient, the label's ``a``
+  and the smoothing's uniform ``s`` (None without smoothing)."""
   a = jnp.where(valid, g_loss, 0)
-  coef = a
-  shift = 0.0
+  coef, s = a, None
   if cfg.eps is not None:
     s = a * (cfg.eps / v)
     a = a * (1 - cfg.eps)
     coef = a + s * v
-    shift = s[:, None]
   if cfg.zl is not None:
     coef = coef + jnp.where(valid, 2 * cfg.zl * lse * g_loss, 0)
   if g_lse is not None:
     coef = coef + g_lse
+  return coef, a, s
+
+
+def _chunk_dlogits(z, tanh, lse, y, valid, g_loss, g_lse, cfg, start=0, v=None,
+                   label_terms=True):
+  """d(sum_i g_i loss_i + g_lse_i lse_i) / d(pre-softcap logits) for one block.
+
+  The block may be the columns ``start:start + z.shape[-1]`` of a vocabulary of ``v``.
+  ``label_terms=False`` leaves out the label's -a_i and the smoothing's -s_i (the gradient
+  filter adds them apart, ``_label_terms``).
+  """
+  v = z.shape[-1] if v is None else v
+  p = jnp.exp(z - jnp.where(jnp.isfinite(lse), lse, 0)[:, None])
+  coef, a, s = _softmax_coef(lse, valid, g_loss, g_lse, cfg, v)
+  shift = 0.0 if s is None else s[:, None]
   onehot = (jnp.arange(z.shape[-1]) + start)[None, :] == y[:, None]
   # onehot * a rather than a select against 0: XLA hoists the broadcast 0 out of the scan
   # and keeps it as a [T, V] buffer.
-  dz = coef[:, None] * p - onehot.astype(p.dtype) * a[:, None] - shift
+  dz = coef[:, None] * p
+  if label_terms:
+    dz = dz - onehot.astype(p.dtype) * a[:, None] - shift
   if tanh is not None:
     dz = dz * (1 - tanh * tanh)
   # A kept label outside [0, V) gets a NaN row (a [T] vector broadcast, no [T, V] constant).
@@ -213,11 +224,13 @@ def _dh(dz, w, cfg):
 # ------------------------------------------------------------------------ gradient filter
 #
 # With ``gradient_filter=eps`` (Cut Cross-Entropy's ``filter_eps``) a block of logits whose
-# softmax entries are all below eps skips its two backward products: it keeps its label and
-# smoothing terms (exact, O(T·D): a gather of the labels' weight columns, a scatter-add into
-# their dW columns, a column sum) and drops its softmax terms, each below eps times the
-# token's cotangent. A block is a [T, vocab_slice] slice of a token chunk (reference,
-# XLA:CPU) or an [N, vocabulary block] block (GPU, TPU).
+# softmax entries are all below eps skips its two backward products and contributes nothing;
+# a kept block contributes its softmax terms coef_i p_ij. The label and smoothing terms
+# (-a_i at y_i, -s_i everywhere) of every block are added once, apart, in O(N·D): a gather of
+# the labels' weight rows, a scatter-add into their dW rows, a column sum. The skipped
+# softmax terms are each below eps times the token's coefficient. A block is a [T,
+# vocab_slice] slice of a token chunk (reference, XLA:CPU) or an [N, vocabulary block] block
+# (GPU, TPU).
 
 
 def _block_products(dz, hl, w_j, cfg, low):
@@ -230,81 +243,147 @@ def _block_products(dz, hl, w_j, cfg, low):
       dzl.T, hl, preferred_element_type=cfg.acc)
 
 
-def _label_terms(dh, h, tanh, y, valid, g, w_j, start, v, cfg):
-  """One block's gradient without its softmax terms: -a_i at the label (times the softcap's
-  slope there) and -s_i (smoothing) everywhere: (dh + its share, dW columns, db columns)."""
-  size = w_j.shape[1] if cfg.layout == "dv" else w_j.shape[0]
+# The accelerator form's blocks hold all N tokens: too coarse to find a block with no entry
+# above eps (on random bfloat16 logits at N=8192, V=256000, every [8192, 4096] block has about
+# 67 entries of at least 2^-12). There the filter looks at tiles of _FILTER_TILE [tokens,
+# classes], as Cut Cross-Entropy's kernel does with its [128, 256]-ish tiles: when at most
+# 1/_FILTER_TILES_KEPT of a block's tiles have an entry of at least eps, only those tiles'
+# products are computed (gathered into batched [tile] products, scatter-added into dh and the
+# block's dW columns); with more, the whole block's. A loud tile mostly holds one loud entry,
+# so small tiles compute less: 0.8% of the entries at [64, 64] there, against 6.5% at
+# [128, 256]; each computed tile gathers [64, D] of h and of W.
+_FILTER_TILE = (64, 64)
+_FILTER_TILES_KEPT = 64
+
+
+def _filtered_block(dh, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, bias,
+                    tiles=False):
+  """(dh + the block's softmax share, its dW columns, its db columns or None) for the logits
+  ``z`` of the columns ``start:start + size``: zeros when every softmax entry of the block is
+  below ``cfg.filter_eps``, with ``tiles`` only the tiles holding an entry of at least eps when
+  they are few; a NaN or a bad label always takes the whole block."""
+  lse_f = jnp.where(jnp.isfinite(lse), lse, 0)
+  rel = jnp.where(valid[:, None], z - lse_f[:, None], -jnp.inf)  # log softmax, kept tokens
+  _, bad = R.split_labels(y, valid, v)
+  n, size = z.shape
+  d = hl.shape[-1]
+  shape = (d, size) if cfg.layout == "dv" else (size, d)
+  coef = _softmax_coef(lse, valid, g, None, cfg, v)[0]
+
+  def full(dh):
+    dz = _chunk_dlogits(z, tanh, lse, y, valid, g, None, cfg, start, v, label_terms=False)
+    dh_j, dw_j = _block_products(dz, hl, w_j, cfg, low)
+    return dh + dh_j, dw_j, (jnp.sum(dz, axis=0) if bias else None)
+
+  def zeros(*s):
+    return _varying_like(jnp.zeros(s, cfg.acc), dh, hl, w_j, z)
+
+  def skip(dh):
+    return dh, zeros(*shape), (zeros(size) if bias else None)
+
+  tb, tv = _FILTER_TILE
+  nt, vt = n // tb, size // tv
+  k = nt * vt // _FILTER_TILES_KEPT
+  if not (tiles and n % tb == 0 and size % tv == 0 and k >= 1):
+    top = jnp.max(rel)
+    keep = ~(jnp.exp(top) < cfg.filter_eps) | jnp.any(bad)
+    return jax.lax.cond(keep, full, skip, dh)
+
+  tile_top = jnp.max(rel.reshape(nt, tb, vt, tv), axis=(1, 3))  # [nt, vt]
+  loud = ~(jnp.exp(tile_top) < cfg.filter_eps)
+  count = jnp.sum(loud)
+  whole = jnp.any(bad) | jnp.isnan(jnp.max(tile_top)) | (count > k)
+
+  def sparse(dh):
+    flat = jnp.nonzero(loud.reshape(-1), size=k, fill_value=0)[0]
+    used = jnp.arange(k) < count  # the padding tiles contribute 0
+    ti, tj = flat // vt, flat % vt
+    zt = z.reshape(nt, tb, vt, tv)[ti, :, tj, :]  # [k, tb, tv]
+    rows = ti[:, None] * tb + jnp.arange(tb)[None, :]  # [k, tb]
+    dz = coef[rows][..., None] * jnp.exp(zt - lse_f[rows][..., None])
+    if tanh is not None:  # the cap's slope, from the capped logits: tanh = z / cap
+      t = zt / cfg.softcap
+      dz = dz * (1 - t * t)
+    dz = jnp.where(used[:, None, None], dz, 0)
+    ht = hl.reshape(nt, tb, d)[ti]  # [k, tb, d]
+    if cfg.layout == "dv":
+      wt = jnp.moveaxis(w_j.reshape(d, vt, tv)[:, tj, :], 0, -1)  # [k, tv, d]
+    else:
+      wt = w_j.reshape(vt, tv, d)[tj]
+    dzl = dz.astype(low)
+    dh_t = jnp.einsum("kab,kbd->kad", dzl, wt.astype(low), preferred_element_type=cfg.acc)
+    dw_t = jnp.einsum("kab,kad->kbd", dzl, ht, preferred_element_type=cfg.acc)
+    dh = dh.reshape(nt, tb, d).at[ti].add(dh_t).reshape(n, d)
+    dw_j = zeros(vt, tv, d).at[tj].add(dw_t).reshape(size, d)
+    db_j = zeros(vt, tv).at[tj].add(jnp.sum(dz, axis=1)).reshape(size) if bias else None
+    return dh, (dw_j.T if cfg.layout == "dv" else dw_j), db_j
+
+  mode = jnp.where(whole, 2, jnp.where(count == 0, 0, 1))
+  return jax.lax.switch(mode, (skip, sparse, full), dh)
+
+
+def _label_terms(h, y, valid, g, w, z_y, v, cfg):
+  """The label and smoothing terms of the gradient over the whole vocabulary: ``(dh [T, D],
+  put)`` where ``put(dw, db)`` adds them to dW and db (a scatter-add of the T label rows and,
+  with smoothing, one row broadcast over all classes)."""
   a = jnp.where(valid, g, 0).astype(cfg.acc)
   s = None
   if cfg.eps is not None:
     s = a * (cfg.eps / v)
     a = a * (1 - cfg.eps)
-  local = y - start
-  inside = valid & (local >= 0) & (local < size)
-  li = jnp.clip(local, 0, size - 1)
-  c = jnp.where(inside, -a, 0)
-  if tanh is not None:
-    t_y = jnp.take_along_axis(tanh, li[:, None], axis=1)[:, 0]
+  yc, bad = R.split_labels(y, valid, v)
+  c = jnp.where(valid & ~bad, -a, 0)
+  if cfg.softcap is not None:  # the cap's slope at the label: 1 - tanh^2, tanh = z_y / cap
+    t_y = z_y / cfg.softcap
     c = c * (1 - t_y * t_y)
   axis = 1 if cfg.layout == "dv" else 0
-  w_y = jnp.take(w_j, li, axis=axis).astype(cfg.acc)
-  dh = dh + c[:, None] * (w_y.T if cfg.layout == "dv" else w_y)
+  w_y = jnp.take(w, yc, axis=axis).astype(cfg.acc)
+  dh = c[:, None] * (w_y.T if cfg.layout == "dv" else w_y)
   hf = h.astype(cfg.acc)
-  idx = jnp.where(inside, local, size)  # out of range: dropped by the scatter
-  rows = _varying_like(jnp.zeros((size, h.shape[-1]), cfg.acc), h, w_j, g, y, valid)
-  rows = rows.at[idx].add(c[:, None] * hf, mode="drop")
-  db = _varying_like(jnp.zeros((size,), cfg.acc), h, w_j, g, y, valid)
-  db = db.at[idx].add(c, mode="drop")
   if s is not None:  # (smoothing with a softcap is refused up front: not uniform then)
-    dh = dh - s[:, None] * jnp.sum(w_j.astype(cfg.acc), axis=axis)[None, :]
-    rows = rows - jnp.sum(s[:, None] * hf, axis=0)[None, :]
-    db = db - jnp.sum(s)
-  return dh, (rows.T if cfg.layout == "dv" else rows), db
+    dh = dh - s[:, None] * jnp.sum(w.astype(cfg.acc), axis=axis)[None, :]
+  idx = jnp.where(valid & ~bad, yc, v)  # out of range: dropped by the scatter
+
+  def put(dw, db):
+    rows = (c[:, None] * hf).astype(dw.dtype)
+    if cfg.layout == "dv":
+      dw = dw.at[:, idx].add(rows.T, mode="drop")
+    else:
+      dw = dw.at[idx].add(rows, mode="drop")
+    if s is not None:
+      row = jnp.sum(s[:, None] * hf, axis=0)
+      dw = dw - (row[:, None] if cfg.layout == "dv" else row[None, :]).astype(dw.dtype)
+    if db is not None:
+      db = db.at[idx].add(c.astype(db.dtype), mode="drop")
+      if s is not None:
+        db = db - jnp.sum(s).astype(db.dtype)
+    return dw, db
+
+  return dh, put
 
 
-def _filtered_block(dh, h, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, bias):
-  """(dh + the block's share, its dW columns, its db columns or None) for the logits ``z``
-  of the columns ``start:start + size``, skipping the backward products when every softmax
-  entry of the block is below ``cfg.filter_eps`` (a NaN or a bad label never skips)."""
-  lse_f = jnp.where(jnp.isfinite(lse), lse, 0)
-  top = jnp.max(jnp.where(valid[:, None], z - lse_f[:, None], -jnp.inf))
-  _, bad = R.split_labels(y, valid, v)
-  keep = ~(jnp.exp(top) < cfg.filter_eps) | jnp.any(bad)
-
-  def full(dh):
-    dz = _chunk_dlogits(z, tanh, lse, y, valid, g, None, cfg, start, v)
-    dh_j, dw_j = _block_products(dz, hl, w_j, cfg, low)
-    db_j = jnp.sum(dz, axis=0) if bias else None
-    return dh + dh_j, dw_j, db_j
-
-  def sparse(dh):
-    dh, dw_j, db_j = _label_terms(dh, h, tanh, y, valid, g, w_j, start, v, cfg)
-    return dh, dw_j, (db_j if bias else None)
-
-  return jax.lax.cond(keep, full, sparse, dh)
-
-
-def _filtered_slices(h, y, valid, g, z, tanh, lse, w, dw, db, cfg):
-  """A token chunk's dh, and dW and db updated, one vocabulary slice at a time through
-  ``_filtered_block`` (the filtered form of ``_chunk_dlogits``, ``_dh`` and
-  ``_accumulate_dw``)."""
+def _filtered_slices(h, y, valid, g, z, tanh, z_y, lse, w, dw, db, cfg):
+  """A token chunk's dh, and dW and db updated: the softmax terms one vocabulary slice at a
+  time through ``_filtered_block``, then the label and smoothing terms (the filtered form of
+  ``_chunk_dlogits``, ``_dh`` and ``_accumulate_dw``)."""
   v = z.shape[-1]
   axis = 1 if cfg.layout == "dv" else 0
   hf = h.astype(cfg.acc)
-  dh0 = _varying_like(jnp.zeros(h.shape, cfg.acc), h, w, g, y, valid)
+  dh0, put = _label_terms(h, y, valid, g, w, z_y, v, cfg)
 
   def fn(carry, start, size):
     dh, dw, db = carry
     dh, dw_j, db_j = _filtered_block(
-        dh, h, hf, jax.lax.dynamic_slice_in_dim(z, start, size, 1),
-        _cut(tanh, start, size, 1), lse, y, valid, g, _cut(w, start, size, axis), start, v,
-        cfg, cfg.acc, db is not None)
+        dh, hf, jax.lax.dynamic_slice_in_dim(z, start, size, 1), _cut(tanh, start, size, 1),
+        lse, y, valid, g, _cut(w, start, size, axis), start, v, cfg, cfg.acc, db is not None)
     dw = jax.lax.dynamic_update_slice_in_dim(dw, _cut(dw, start, size, axis) + dw_j, start, axis)
     if db is not None:
       db = jax.lax.dynamic_update_slice_in_dim(db, _cut(db, start, size, 0) + db_j, start, 0)
     return dh, dw, db
 
-  return _vocab_loop(fn, (dh0, dw, db), v, min(cfg.vocab_slice, v))
+  dh, dw, db = _vocab_loop(fn, (dh0, dw, db), v, min(cfg.vocab_slice, v))
+  dw, db = put(dw, db)
+  return dh, dw, db
 
 
 def _forward_losses(h3, w, b, y2, v2, cfg):
@@ -367,9 +446,10 @@ def _token_chunks_grads(h3, w, b, y2, v2, g_loss, cfg):
     # reaches no gradient (dW sums over all tokens); their loss is 0 either way.
     h = jnp.where(valid[:, None], h, 0)
     z, tanh = _logits(h, w, b, cfg)
-    loss, lse, d_eps, d_zl = _chunk_loss(z, y, valid, cfg, _label_logits(h, w, b, y, cfg))
+    z_y = _label_logits(h, w, b, y, cfg)
+    loss, lse, d_eps, d_zl = _chunk_loss(z, y, valid, cfg, z_y)
     if cfg.filter_eps is not None:
-      dh, dw, db = _filtered_slices(h, y, valid, gl, z, tanh, lse, w, dw, db, cfg)
+      dh, dw, db = _filtered_slices(h, y, valid, gl, z, tanh, z_y, lse, w, dw, db, cfg)
       return (dw, db), (loss, d_eps, d_zl, dh.astype(h.dtype))
     dz = _chunk_dlogits(z, tanh, lse, y, valid, gl, None, cfg)
     dh = _dh(dz, w, cfg).astype(h.dtype)
@@ -486,14 +566,21 @@ def _vocab_blocks_grads(h3, w, b, y2, v2, g_loss, cfg):
   init = (_varying_like(jnp.zeros(h.shape, cfg.acc), *refs),
           _varying_like(jnp.zeros(w.shape, w.dtype), *refs),
           None if b is None else _varying_like(jnp.zeros(b.shape, b.dtype), *refs))
+  put = None
+  if cfg.filter_eps is not None:  # the label and smoothing terms, apart from the blocks
+    z_y = None
+    if cfg.softcap is not None:
+      z_y = _label_logits(h, w, b, R.split_labels(y, valid, v)[0], cfg)
+    dh0, put = _label_terms(h, y, valid, g, w, z_y, v, cfg)
+    init = (_varying_like(dh0, *refs),) + init[1:]
 
   def block(carry, start, size):
     dh, dw, db = carry
     w_j = _cut(w, start, size, axis)
     z, tanh = _logits(h, w_j, _cut(b, start, size, 0), cfg)
     if cfg.filter_eps is not None:
-      dh, dw_j, db_j = _filtered_block(dh, h, hl, z, tanh, lse, y, valid, g, w_j, start, v,
-                                       cfg, low, db is not None)
+      dh, dw_j, db_j = _filtered_block(dh, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg,
+                                       low, db is not None, tiles=True)
     else:
       dz = _chunk_dlogits(z, tanh, lse, y, valid, g, None, cfg, start, v)
       dh_j, dw_j = _block_products(dz, hl, w_j, cfg, low)
@@ -505,6 +592,8 @@ def _vocab_blocks_grads(h3, w, b, y2, v2, g_loss, cfg):
     return dh, dw, db
 
   dh, dw, db = _vocab_loop(block, init, v, min(cfg.accel_block, v))
+  if put is not None:
+    dw, db = put(dw, db)
   loss, d_eps, d_zl = jax.tree.map(lambda a: a.reshape(nc, t), (loss, d_eps, d_zl))
   return loss, d_eps, d_zl, dh.astype(h3.dtype).reshape(nc, t, d), dw, db
 

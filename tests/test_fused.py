@@ -1,5 +1,7 @@
 """linear_cross_entropy against the unfused loss on h @ W: values and gradients, every option."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from jax.experimental import checkify
 
 import jxent
 from jxent import _fused
+from jxent._platform import use_implementation
 
 N, D, V = 37, 16, 50  # N is not a multiple of the chunk size
 K = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -325,17 +328,40 @@ FILTER_CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", ["dv", "vd"])
-@pytest.mark.parametrize("case", list(FILTER_CASES))
-def test_gradient_filter_against_float64_formula(monkeypatch, case, layout, impl):
-  # The filtered gradient written out in float64 with NumPy: the exact dz = coef p - a onehot
-  # - s (times the softcap's slope), with coef p set to 0 in every block whose softmax entries
-  # (kept tokens) are all below eps. Blocks: 8-token chunks x 16 columns on CPU, all tokens x
-  # 16 columns in the accelerator form. Columns 16-31 and 32-47 are made quiet by their bias,
-  # labels 20 and 30 fall in them; eps is 0.7x the largest softmax entry of columns 32-47, so
-  # that one of their blocks is just kept (a threshold off by 2x fails). Non-uniform per-token
-  # weights and a factor 0.7 make the cotangent; value, dh, dW and db at 1e-10.
-  monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)
+def _filter_terms(p, keep, eps, rows, tile=None, frac=None, padded=N):
+  """Which softmax terms coef_i p_ij the filtered gradient keeps ([N, V] booleans), and how
+  many blocks took the tiled form: blocks of the token ranges ``rows`` x 16 columns; a block
+  with every kept-token entry below eps drops all; with ``tile`` (tb, tv), a block whose
+  ``padded`` tokens and columns split into tiles keeps only the tiles with an entry of at
+  least eps when they are at most 1/frac of its tiles (all of them when more)."""
+  out = np.ones(p.shape, bool)
+  pk = np.where(keep[:, None], p, 0)
+  tiled = 0
+  for r in rows:
+    for c0 in range(0, V, 16):
+      cols = np.arange(c0, min(c0 + 16, V))
+      if tile is not None:
+        tb, tv = tile
+        nt, vt = padded // tb, len(cols) // tv
+        k = nt * vt // frac
+        if padded % tb == 0 and len(cols) % tv == 0 and k >= 1:
+          loud = [(i, j) for i in range(nt) for j in range(vt)
+                  if pk[i * tb:(i + 1) * tb, c0 + j * tv:c0 + (j + 1) * tv].max() >= eps]
+          if len(loud) <= k:
+            tiled += 0 < len(loud)
+            for i in range(nt):
+              for j in range(vt):
+                if (i, j) not in loud:
+                  out[i * tb:(i + 1) * tb, c0 + j * tv:c0 + (j + 1) * tv] = False
+          continue
+      blk = np.ix_(r, cols)
+      if pk[blk].max() < eps:
+        out[blk] = False
+  return out, tiled
+
+
+def _check_filter(case, layout, all_tokens, pick_eps, **tiles):
+  """The filtered gradient against the float64 formula (see the test below)."""
   opts = dict(FILTER_CASES[case])
   softcap = opts.pop("logit_softcap", None)
   with jax.enable_x64(True):
@@ -357,16 +383,17 @@ def test_gradient_filter_against_float64_formula(monkeypatch, case, layout, impl
     m = z.max(1, keepdims=True)
     lse = (m + np.log(np.exp(z - m).sum(1, keepdims=True)))[:, 0]
     p = np.exp(z - lse[:, None])
-    eps_f = 0.7 * float(np.where(keep[:, None], p, 0)[:, 32:48].max())
+    eps_f = pick_eps(np.where(keep[:, None], p, 0))
 
-    def fused(h, w, b):
+    def loss_fn(h, w, b, **kw):
       return 0.7 * jxent.linear_cross_entropy(
           h, w, jnp.asarray(y), bias=b, weight_layout=layout, chunk_size=8,
-          logit_softcap=softcap, weights=jnp.asarray(tw), reduction="sum",
-          gradient_filter=eps_f, **opts)
+          logit_softcap=softcap, weights=jnp.asarray(tw), reduction="sum", **opts, **kw)
 
-    got = jax.value_and_grad(fused, argnums=(0, 1, 2))(
-        jnp.asarray(h), jnp.asarray(wl), jnp.asarray(b))
+    args = (jnp.asarray(h), jnp.asarray(wl), jnp.asarray(b))
+    got = jax.value_and_grad(functools.partial(loss_fn, gradient_filter=eps_f),
+                             argnums=(0, 1, 2))(*args)
+    exact = jax.grad(loss_fn, argnums=(0, 1, 2))(*args)
 
     es, zl = opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0)
     g = 0.7 * tw * keep
@@ -374,18 +401,11 @@ def test_gradient_filter_against_float64_formula(monkeypatch, case, layout, impl
     per = (1 - es) * nll + es * (lse - z.mean(1)) + zl * lse**2
     loss = np.sum(g * per)
     a, s = g * (1 - es), g * es / V
-    coefp = (a + s * V + 2 * zl * lse * g)[:, None] * p
-    rows = [np.arange(N)] if impl == "accelerator" else [
+    rows = [np.arange(N)] if all_tokens else [
         np.arange(i, min(i + 8, N)) for i in range(0, N, 8)]
-    skipped = 0
-    for r in rows:
-      for c0 in range(0, V, 16):
-        blk = np.ix_(r, np.arange(c0, min(c0 + 16, V)))
-        kept_p = np.where(keep[r][:, None], p[blk], 0)
-        if kept_p.max() < eps_f:
-          coefp[blk] = 0
-          skipped += 1
-    assert skipped >= 1
+    kept, tiled = _filter_terms(p, keep, eps_f, rows, padded=-(-N // 8) * 8, **tiles)
+    assert not kept.all()
+    coefp = np.where(kept, (a + s * V + 2 * zl * lse * g)[:, None] * p, 0)
     onehot = np.arange(V)[None, :] == yc[:, None]
     dz = coefp - a[:, None] * onehot - s[:, None]
     if softcap is not None:
@@ -394,13 +414,48 @@ def test_gradient_filter_against_float64_formula(monkeypatch, case, layout, impl
     want = (dz @ w.T, hz.T @ dz, dz.sum(0))
     want = (want[0], want[1] if layout == "dv" else want[1].T, want[2])
     assert abs(float(got[0]) - loss) <= 1e-12 * abs(loss)
-    exact = jax.grad(lambda h, w, b: 0.7 * jxent.linear_cross_entropy(
-        h, w, jnp.asarray(y), bias=b, weight_layout=layout, chunk_size=8,
-        logit_softcap=softcap, weights=jnp.asarray(tw), reduction="sum", **opts),
-        argnums=(0, 1, 2))(jnp.asarray(h), jnp.asarray(wl), jnp.asarray(b))
     for gg, ww, ex in zip(got[1], want, exact):
       assert rel(gg, jnp.asarray(ww)) < 1e-10
-      assert rel(ex, jnp.asarray(ww)) > 1e-8  # the skipped block's terms are visible
+      assert rel(ex, jnp.asarray(ww)) > 1e-8  # the dropped terms are visible
+  return tiled
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("case", list(FILTER_CASES))
+def test_gradient_filter_against_float64_formula(monkeypatch, case, layout, impl):
+  # The filtered gradient written out in float64 with NumPy: the exact dz = coef p - a onehot
+  # - s (times the softcap's slope), with coef p set to 0 in every block whose softmax entries
+  # (kept tokens) are all below eps. Blocks: 8-token chunks x 16 columns on CPU, all tokens x
+  # 16 columns in the accelerator form. Columns 16-31 and 32-47 are made quiet by their bias,
+  # labels 20 and 30 fall in them; eps is 0.7x the largest softmax entry of columns 32-47, so
+  # that one of their blocks is just kept (a threshold off by 2x fails). Non-uniform per-token
+  # weights and a factor 0.7 make the cotangent; value, dh, dW and db at 1e-10.
+  monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)
+  monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: min(16, v))
+  all_tokens = impl == "accelerator" or jax.default_backend() != "cpu"  # GPU/TPU: blocks
+  _check_filter(case, layout, all_tokens, lambda pk: 0.7 * float(pk[:, 32:48].max()))
+
+
+@pytest.mark.parametrize("quiet", ["three_tiles", "none"])
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("case", list(FILTER_CASES))
+def test_gradient_filter_tiles(monkeypatch, case, layout, quiet):
+  # The accelerator form's tiles, here 4 tokens x 8 columns, a block taking the tiled form
+  # when at most 20 // 6 = 3 of its 20 tiles have an entry of at least eps. eps between the
+  # third and fourth largest tile maxima of the quiet columns 16-31 (exactly three tiles
+  # computed there), or above all of them (none: the block contributes no softmax term).
+  monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: min(16, v))
+  monkeypatch.setattr(_fused, "_FILTER_TILE", (4, 8))
+  monkeypatch.setattr(_fused, "_FILTER_TILES_KEPT", 6)
+
+  def pick(pk):
+    q = np.pad(pk[:, 16:32], ((0, 3), (0, 0)))  # 40 tokens: 10 x 2 tiles
+    tops = np.sort(q.reshape(10, 4, 2, 8).max(axis=(1, 3)).ravel())[::-1]
+    return float(np.sqrt(tops[2] * tops[3]) if quiet == "three_tiles" else 2 * tops[0])
+
+  with use_implementation("accelerator"):
+    tiled = _check_filter(case, layout, True, pick, tile=(4, 8), frac=6)
+  assert tiled == (quiet == "three_tiles")
 
 
 def test_gradient_filter_options(impl):

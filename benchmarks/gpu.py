@@ -309,6 +309,9 @@ def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool,
             fns["torch"] = run_torch(ft)
             if compile_torch and budget.left() > reserve + 60:
               try:
+                # A fresh compile per case: past dynamo's recompile limit (8 cases of one
+                # function) torch.compile silently runs eager code.
+                torch._dynamo.reset()
                 fc = torch.compile(ft)
                 run_torch(fc)()  # compile outside the timed reps
                 fns["torch.compile"] = run_torch(fc)

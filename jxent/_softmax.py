@@ -54,8 +54,9 @@ def _int_target_dense(y, valid, w, eps, cmask, num_classes, acc):
   return a, s, v, total
 
 
-def _grad_coefficients(kind, zm, y, valid, w, eps, cmask, zl, m, r):
-  """G = coef p - t as a function of the logits: ``d loss / d zm`` per entry."""
+def _grad_coefficients(kind, zm, y, valid, w, eps, cmask, zl, m, r, tsum=None):
+  """G = coef p - t as a function of the logits: ``d loss / d zm`` per entry (``tsum``: a
+  soft target's row sums, when already known)."""
   n, c = zm.shape
   acc = m.dtype
   p = R.softmax_from_parts(zm, m, r)
@@ -69,7 +70,7 @@ def _grad_coefficients(kind, zm, y, valid, w, eps, cmask, zl, m, r):
       t = t + s[:, None] * (1 if v is None else v)
   else:
     t = R.soft_target(y, valid, w, eps, cmask, acc)
-    coef = jnp.sum(t, axis=-1)
+    coef = jnp.sum(t, axis=-1) if tsum is None else tsum
   if zl is not None:
     slope = 2 * zl * jnp.where(jnp.isfinite(r), m + r, 0)
     coef = coef + (slope if valid is None else jnp.where(valid, slope, 0))
@@ -81,9 +82,23 @@ def _grad_coefficients(kind, zm, y, valid, w, eps, cmask, zl, m, r):
   return g if valid is None else jnp.where(valid[:, None], g, 0)
 
 
-def _dloss_dz(kind, zm, y, valid, w, eps, cmask, zl, m, r, dz):
-  g = _grad_coefficients(kind, zm, y, valid, w, eps, cmask, zl, m, r)
+def _dloss_dz(kind, zm, y, valid, w, eps, cmask, zl, m, r, dz, tsum=None):
+  g = _grad_coefficients(kind, zm, y, valid, w, eps, cmask, zl, m, r, tsum)
   return jnp.sum(g * dz.astype(g.dtype), axis=-1)
+
+
+def _target_sums(y, valid, w, eps, cmask, m):
+  """A soft target's row sums, the coefficient of softmax(z) in G, for the tangent rule to
+  take outside its checkpoint: the forward loss has the same sum (one pass over the labels
+  for both; measured on a GPU, the checkpoint's own recomputation was a second pass over the
+  [N, C] labels), and reverse mode keeps it as an [N] residual."""
+  return jnp.sum(R.soft_target(y, valid, w, eps, cmask, m.dtype), axis=-1)
+
+
+def _target_sums_cpu(y, valid, w, eps, cmask, m):
+  """The row sums on XLA:CPU, behind a barrier: shared with the forward's fused reduction,
+  the 16-bit labels' float32 conversion would be materialised as an [N, C] copy."""
+  return _target_sums(jax.lax.optimization_barrier(y), valid, w, eps, cmask, m)
 
 
 def _dr_dz(zm, m, r, dz):
@@ -146,8 +161,12 @@ def _make_kernels(kind, reference, cpu_stats, cpu_loss, cpu_total):
     dloss = _dloss_dparams(kind, primals, tangents, m, r)
     if _nonzero(dz):
       zm, y, valid, w, eps, cmask, zl = primals
+      tsum = None
+      if kind == "soft":
+        tsum = dispatch(y, valid, w, eps, cmask, m, reference=_target_sums,
+                        cpu=_target_sums_cpu)
       dloss = dloss + jax.checkpoint(_dloss_dz, static_argnums=(0,))(
-          kind, zm, y, valid, w, eps, cmask, zl, m, r, dz)
+          kind, zm, y, valid, w, eps, cmask, zl, m, r, dz, tsum)
     return (out, m, r), dloss
 
   def stats_rule(primals, tangents):

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jxent import _checks
@@ -465,6 +466,116 @@ def _pair_divergence_jvp(primals, tangents):
 _pair_divergence.defjvp(_pair_divergence_jvp, symbolic_zeros=True)
 
 
+# ------------------------------------------------- a scalar divergence: the forward method
+#
+# With a "mean" or "sum" reduction the cotangent is known up to one number, so the tangent
+# rule computes the gradients in both heads' logits alongside the divergence, chunk by chunk,
+# and turns them into dh, dW, db at once (fused linear cross-entropy's "forward" method): the
+# logits are computed once, not again in the tangent. The tangent is the gradients' inner
+# product with the input tangents (linear; reverse mode scales the saved gradients). Only the
+# heads whose inputs have a tangent get gradients (the teacher's, only with teacher_grad).
+
+
+def _pair_logit_grads(zs, zt, cfg, want_s, want_t):
+  """(divergence [T], G_s, G_t): the per-token divergence of one block of each head and its
+  gradients in the (tempered) logits (None where not wanted)."""
+  lq = _block_log_softmax(zs)
+  lp = _block_log_softmax(zt)
+  p, q = jnp.exp(lp), jnp.exp(lq)
+  gs = gt = None
+  if cfg.kind == "forward":
+    val = jnp.sum(_xlogx_diff(p, lp, lq), axis=-1)
+    if want_s:
+      gs = q - p
+    if want_t:
+      gt = _xlogx_diff(p, lp, lq) - p * val[:, None]
+  elif cfg.kind == "reverse":
+    val = jnp.sum(_xlogx_diff(q, lq, lp), axis=-1)
+    if want_s:
+      gs = _xlogx_diff(q, lq, lp) - q * val[:, None]
+    if want_t:
+      gt = p - q
+  else:
+    b = cfg.beta
+    pm, qm = plog_p_over_m(lp, lq, b), plog_p_over_m(lq, lp, 1 - b)
+    kl_pm, kl_qm = jnp.sum(pm, axis=-1), jnp.sum(qm, axis=-1)
+    val = b * kl_pm + (1 - b) * kl_qm
+    if want_s:
+      gs = (1 - b) * (qm - q * kl_qm[:, None])
+    if want_t:
+      gt = b * (pm - p * kl_pm[:, None])
+  return val, gs, gt
+
+
+def _pair_grads(h3, w, b, scale, cfg, want):
+  """Per-token divergences [n_chunks, T] and, for each wanted head, the gradients
+  (dh [n_chunks, T, D], dW, db) of ``sum_i scale_i divergence_i``."""
+  (hs3, ht3), ws_wt, bs_bt = h3, w, b
+  refs = (hs3, ht3, *ws_wt, scale)
+  carry0 = tuple(
+      (F._varying_like(jnp.zeros(w_i.shape, cfg.acc), *refs),
+       None if b_i is None else F._varying_like(jnp.zeros(b_i.shape, cfg.acc), *refs))
+      if want_i else None for want_i, w_i, b_i in zip(want, ws_wt, bs_bt))
+  plain = _plain(cfg)
+
+  def body(carry, xs):
+    hs, ht, sc = xs
+    hh = (hs, ht)
+    zs = _block_logits(hs, ws_wt[0], bs_bt[0], cfg)
+    zt = _block_logits(ht, ws_wt[1], bs_bt[1], cfg)
+    val, gs, gt = _pair_logit_grads(zs, zt, cfg, *want)
+    new, dhs = [], []
+    for i, g in enumerate((gs, gt)):
+      if g is None:
+        new.append(None)
+        dhs.append(None)
+        continue
+      g = g * (sc / cfg.temperature)[:, None]  # z = (h W + b) / T
+      dw, db = carry[i]
+      dhs.append(F._dh(g, ws_wt[i], plain).astype(hh[i].dtype))
+      dw = F._accumulate_dw(dw, hh[i], g, plain)
+      new.append((dw, None if db is None else db + jnp.sum(g, axis=0)))
+    return tuple(new), (val, tuple(dhs))
+
+  carry, (val, dhs) = jax.lax.scan(body, carry0, (hs3, ht3, scale))
+  grads = tuple(
+      None if c is None else (dh, c[0].astype(w_i.dtype),
+                              None if c[1] is None else c[1].astype(b_i.dtype))
+      for c, dh, w_i, b_i in zip(carry, dhs, ws_wt, bs_bt))
+  return val, grads
+
+
+@jax.custom_jvp
+def _pair_sum(h3, w, b, scale, cfg):
+  """``sum(scale * divergence)`` of the two heads, [n_chunks, T] scale (0 on dropped
+  tokens): the forward method's custom rule."""
+  return jnp.sum(_pair_forward(h3, w, b, cfg)[0] * scale)
+
+
+def _pair_sum_jvp(primals, tangents):
+  h3, w, b, scale, cfg = primals
+  dh3, dw, db, _, _ = tangents  # the scale comes from the mask: no tangent
+  nz = F._nonzero
+  want = tuple(nz(dh3[i]) or nz(dw[i]) or (b[i] is not None and nz(db[i])) for i in (0, 1))
+  val, grads = _pair_grads(h3, w, b, scale, cfg, want)
+  out = jnp.sum(val * scale)
+  tangent = jnp.zeros((), out.dtype)
+  for i in (0, 1):
+    if grads[i] is None:
+      continue
+    gh, gw, gb = grads[i]
+    if nz(dh3[i]):
+      tangent = tangent + F._dot(gh, dh3[i])
+    if nz(dw[i]):
+      tangent = tangent + F._dot(gw, dw[i])
+    if b[i] is not None and nz(db[i]):
+      tangent = tangent + F._dot(gb, db[i])
+  return out, tangent.astype(out.dtype)
+
+
+_pair_sum.defjvp(_pair_sum_jvp, symbolic_zeros=True)
+
+
 def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher_weight, *,
              student_bias, teacher_bias, weight_layout, where, temperature, teacher_grad,
              reduction, chunk_size, name, beta_tokens=None):
@@ -487,6 +598,16 @@ def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher
     raise ValueError(f"temperature must be positive, got {temperature!r}.")
   if not teacher_grad:
     ht, wt, bt = jax.lax.stop_gradient((ht, wt, bt))
+  scalar = reduction != "none" and beta_tokens is None  # the forward method
+  if scalar and chunk_size is None:
+    # It holds both heads' logits, their log-softmax and a gradient per chunk: half the
+    # default chunk keeps its scratch near the recompute method's (measured with
+    # `python -m benchmarks lmhead`, benchmarks/RESULTS.md).
+    try:
+      num = int(np.prod([int(s) for s in hs.shape[:-1]], dtype=np.int64))
+      chunk_size = max(F.default_chunk_size(num, v) // 2, 16)
+    except (TypeError, jax.errors.ConcretizationTypeError, F._symbolic_dim_error()):
+      pass  # a symbolic N: chunk_tokens says what is wrong
   hs3, _, v2, n, t = F.chunk_tokens(hs, None, where, None, v, chunk_size, name)
   ht3, _, _, _, _ = F.chunk_tokens(ht, None, where, None, v, t, name)
   hs3 = jnp.where(v2[..., None], hs3, 0)
@@ -498,6 +619,12 @@ def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher
   if beta_tokens is not None:
     beta3 = jnp.pad(beta_tokens.reshape(-1).astype(acc), (0, hs3.shape[0] * t - n))
     beta3 = beta3.reshape(hs3.shape[0], t)
+  if scalar:
+    count = jnp.sum(v2).astype(acc)
+    scale = v2.astype(acc)
+    if reduction == "mean":
+      scale = scale / jnp.where(count == 0, 1, count)
+    return _pair_sum((hs3, ht3), (ws, wt), (bs, bt), scale, cfg)
   val = _pair_divergence((hs3, ht3), (ws, wt), (bs, bt), cfg, beta3)
   val = jnp.where(v2, val, 0).reshape(-1)[:n]
   count = jnp.sum(v2).astype(acc)

@@ -671,7 +671,9 @@ def linear_kl_divergence(
     teacher_grad: differentiate the teacher's inputs too (default: the teacher's side is
       under ``stop_gradient``).
     reduction: ``"mean"`` (over kept tokens; 0 if none), ``"sum"`` or ``"none"``.
-    chunk_size: tokens per block; default: a ``[chunk, V]`` float32 block of ~64 MiB.
+    chunk_size: tokens per block; default: a ``[chunk, V]`` float32 block of ~64 MiB
+      (~32 MiB with a "mean" or "sum" reduction, whose derivative forms the gradients
+      alongside the divergence: the forward method, each block of logits computed once).
 
   Returns:
     The divergence (scalar, or ``[...]`` for ``"none"``), :math:`\ge 0`; :math:`+\infty`
@@ -729,7 +731,7 @@ def linear_js_divergence(
     temperature: :math:`T > 0`, a Python number (static).
     teacher_grad: differentiate the teacher's inputs too.
     reduction: ``"mean"`` (over kept tokens), ``"sum"`` or ``"none"``.
-    chunk_size: tokens per block.
+    chunk_size: tokens per block; default as :func:`linear_kl_divergence`.
 
   Returns:
     The divergence (scalar, or ``[...]`` for ``"none"``), finite for ``0 < beta < 1``.
@@ -876,7 +878,7 @@ def linear_topk_kl_divergence(
     temperature: :math:`T > 0` dividing the student's logits (the teacher's log-probs are
       used as given).
     reduction: ``"mean"`` (over kept tokens), ``"sum"`` or ``"none"``.
-    chunk_size: tokens per block.
+    chunk_size: tokens per block; default as :func:`linear_kl_divergence`.
 
   Returns:
     The divergence (scalar, or ``[...]`` for ``"none"``), :math:`\ge 0`.

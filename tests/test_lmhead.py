@@ -430,7 +430,9 @@ def test_distillation_every_autodiff_mode_in_float64(kind):
 
     check_grads(f, args, order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
     t = tuple(jnp.cos(a) for a in args)
-    for fn, ref in ((f, r), (f_mean, r_mean)):
+    # The scalar rule to second order for JS (whose gradient has the most terms); the KL
+    # directions' scalar rule is checked in every argument at first order above.
+    for fn, ref in ((f, r), (f_mean, r_mean)) if kind == "js" else ((f, r),):
       for a, b in zip(jax.grad(fn, argnums=tuple(range(5)))(*args),
                       jax.grad(ref, argnums=tuple(range(5)))(*args)):
         assert rel(a, b) < 1e-12

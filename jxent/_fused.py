@@ -245,8 +245,9 @@ def _block_products(dz, hl, w_j, cfg, low):
 
 # The accelerator form's blocks hold all N tokens: too coarse to find a block with no entry
 # above eps (with unit-variance random logits over V = 256000, p reaches 2^-12 about 4.6
-# standard deviations above the mean: a few dozen entries in every [8192, 4096] block, none
-# skipped in a measured run, benchmarks/RESULTS.md). There the filter looks at tiles of
+# standard deviations above the mean: a few dozen entries in every [8192, 4096] block; a
+# measured run filtering whole blocks was slower than no filter, benchmarks/RESULTS.md).
+# There the filter looks at tiles of
 # _FILTER_TILE [tokens, classes], as Cut Cross-Entropy's kernel does: when at most
 # 1/_FILTER_TILES_KEPT of a block's tiles have an entry of at least eps, only those tiles'
 # products are computed (gathered into batched [tile] products, scatter-added into dh and the

@@ -30,7 +30,10 @@ from benchmarks.fused import _rss_mib
 SIZES = [(4096, 512, 32768), (8192, 1024, 65536)]
 QUICK_SIZES = [(512, 64, 4096)]
 K = 64  # the teacher's top-k
-QUANTITIES = ("log_probs", "entropy", "kl", "js", "topk_kl")
+# "log_probs" and "entropy": the token mean taken by the function (reduction="mean", its
+# gradients formed with the values); "…/token": the mean of its per-token output (any
+# cotangent: the derivative computes the blocks again).
+QUANTITIES = ("log_probs", "log_probs/token", "entropy", "entropy/token", "kl", "js", "topk_kl")
 
 
 def _inputs(n, d, v):
@@ -53,6 +56,8 @@ DATA = ("y", "ht", "wt", "idx", "lpt")  # arguments, not constants XLA could fol
 
 def _dense(q):
   """The quantity's token mean on the materialised logits (the unfused reference)."""
+
+  q = q.split("/")[0]
 
   def f(h, w, y, ht, wt, idx, lpt):
     lq = jax.nn.log_softmax(jnp.dot(h, w, preferred_element_type=jnp.float32))
@@ -81,8 +86,12 @@ def _fused(q):
 
   def f(h, w, y, ht, wt, idx, lpt):
     if q == "log_probs":
+      return jxent.linear_log_probs(h, w, y, reduction="mean")
+    if q == "log_probs/token":
       return jnp.mean(jxent.linear_log_probs(h, w, y))
     if q == "entropy":
+      return jxent.linear_entropy(h, w, reduction="mean")
+    if q == "entropy/token":
       return jnp.mean(jxent.linear_entropy(h, w))
     if q == "kl":
       return jxent.linear_kl_divergence(h, w, ht, wt)
@@ -169,7 +178,9 @@ def to_markdown(rows, reps):
       "",
       f"Machine: {H.machine()}. `python -m benchmarks lmhead`; the token mean of each "
       "quantity under `jit(value_and_grad)` with respect to the student's h and W, default "
-      "chunk size, against the same formula on the materialised logits (distillation: both "
+      "chunk size (the function's own `reduction=\"mean\"`; \"/token\": `jnp.mean` of its "
+      "per-token output, whose derivative takes any cotangent and computes the blocks "
+      "again), against the same formula on the materialised logits (distillation: both "
       f"heads' logits, the teacher's without gradient; top-k: k = {K}). Median of {reps} "
       "repetitions after warm-up, variants alternating; ratio = median of per-repetition "
       "time ratios (min–max). Scratch: XLA's `temp_size_in_bytes`; peak RSS: the kernel's "

@@ -88,13 +88,19 @@ def _chunk_stats(z, y):
   zm = z - m[:, None]
   e = jnp.exp(zm)
   top = jnp.arange(z.shape[-1])[None, :] == am[:, None]
-  rest = jnp.sum(jnp.where(top, 0, e), axis=-1)
+  # No select against a constant 0 here nor below: XLA:CPU hoists a [T, V] broadcast of it out
+  # of the scan and keeps it as one more block of scratch. e is finite (at most 1).
+  # e * zm is 0 where e underflows (z = -inf gives 0 * -inf: taken as e = 0, 0 log 0 = 0).
+  # Both sums in one (variadic) reduction: e then has one consumer, and XLA:CPU fuses the
+  # exponentials into it rather than keep them and each sum's operand as [T, V] blocks.
+  lab = jnp.arange(z.shape[-1])[None, :] == jnp.clip(y, 0, z.shape[-1] - 1)[:, None]
+  zero = np.array(0, e.dtype)
+  rest, t, z_y = jax.lax.reduce(
+      (e * ~top, jnp.where(e > 0, e * zm, e), jnp.where(lab, z, e * 0)), (zero, zero, zero),
+      lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), (1,))
   log_s = jnp.log1p(rest)
-  # e * zm is 0 where e underflows (z = -inf gives 0 * -inf: taken as 0, 0 log 0 = 0).
-  t = jnp.sum(jnp.where(e > 0, e * zm, 0), axis=-1)
   lse = m + log_s
   ent = log_s - t / (1 + rest)
-  z_y = jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
   return lse, ent, z_y, am.astype(jnp.int32)
 
 
@@ -123,7 +129,9 @@ def _stats_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
   p = jnp.exp(zl)
   dz = _tangent_logits(h, w, dh, dw, db, cfg)
   a1 = jnp.sum(p * dz, axis=-1)
-  a2 = jnp.sum(jnp.where(p > 0, p * zl, 0) * dz, axis=-1)
+  # p (z - lse), 0 where p = 0 (z = -inf): a finite floor, not a select (see _one_head_chunk).
+  floor = jnp.asarray(jnp.finfo(zl.dtype).min / 4, zl.dtype)
+  a2 = jnp.sum(p * jnp.maximum(zl, floor) * dz, axis=-1)
   onehot = (jnp.arange(z.shape[-1]) + start)[None, :] == y[:, None]
   d_zy = jnp.sum(jnp.where(onehot, dz, 0), axis=-1)
   return a1, -(a2 + ent * a1), d_zy
@@ -148,8 +156,181 @@ def _head_stats_jvp(primals, tangents):
 _head_stats.defjvp(_head_stats_jvp, symbolic_zeros=True)
 
 
+# ------------------------------------------- a scalar quantity of one head: the forward method
+#
+# With a "mean" or "sum" reduction the cotangent of every token is known up to one number
+# (its weight), so, as for the distillation losses below, the tangent rule forms each chunk's
+# gradient in the (tempered) logits beside the value and turns it into dh, dW, db at once: the
+# logits are computed once (the unfused computation's 6 N·D·V flops), not again in the
+# tangent (the per-token rule's 8). The tangent is the gradients' inner product with the
+# input tangents: linear, so reverse mode scales the saved gradients.
+
+
+def _finite(a):
+  return jnp.where(jnp.isfinite(a), a, 0)
+
+
+def _topk_value(lse, lse_rest, z_i, lpt):
+  """The top-k KL per token from the student's logsumexps (all classes; outside the k) and
+  its logits at the k classes, given the teacher's k log-probabilities ([..., k])."""
+  k = lpt.shape[-1]
+  p = jnp.exp(lpt)
+  top = jnp.sum(jnp.where(p > 0, p * (lpt - (z_i - lse[..., None])), 0), axis=-1)
+  # A missing mass within the rounding of a sum of k probabilities is no mass (k = V).
+  r = 1 - jnp.sum(p, axis=-1)
+  r = jnp.where(r > k * jnp.finfo(lpt.dtype).eps, r, 0)
+  rest = jnp.where(r > 0, r * (jnp.log(jnp.where(r > 0, r, 1)) - (lse_rest - lse)), 0)
+  return top + rest
+
+
+def _one_head_chunk(z, data, kind, want):
+  """(value [T], its gradient in the (tempered) logits [T, V] or None, top-k only: its slope
+  in the teacher's log-probabilities [T, k]) of one chunk of kept or dropped tokens."""
+  if kind == "topk":
+    idx, lpt, valid = data
+    zr = _masked_topk(z, idx, 0)
+    lse, lse_rest, z_i = _lse_rows(z), _lse_rows(zr), _take_topk(z, idx, 0)
+    val, vjp = jax.vjp(_topk_value, lse, lse_rest, z_i, lpt)
+    g_lse, g_rest, g_zi, slope = vjp(jnp.ones_like(val))
+    val = jnp.where(valid, val, 0)
+    if not want:
+      return val, None, slope
+    # d lse / dz = q, d lse_rest / dz = q restricted to the other classes and renormalised.
+    q = jnp.exp(z - _finite(lse)[:, None])
+    q_rest = jnp.exp(zr - _finite(lse_rest)[:, None])
+    g = g_lse[:, None] * q + g_rest[:, None] * q_rest
+    g = g.at[jnp.arange(z.shape[0])[:, None], idx].add(g_zi)
+    return val, g, slope
+  y, valid = data
+  lse, ent, z_y, _ = _chunk_stats(z, y)
+  zl = z - _finite(lse)[:, None]
+  p = jnp.exp(zl)
+  if kind == "log_probs":
+    _, bad = R.split_labels(y, valid, z.shape[-1])
+    val = R.poison_rows(jnp.where(valid, z_y - lse, 0), bad)
+    if not want:
+      return val, None, None
+    onehot = jnp.arange(z.shape[-1])[None, :] == y[:, None]
+    return val, R.poison_rows(jnp.where(onehot, 1 - p, -p), bad), None
+  val = jnp.where(valid, ent, 0)  # entropy
+  if not want:
+    return val, None, None
+  # -p (log p + H), with log p clamped to a finite floor so that p = 0 (z = -inf) gives 0
+  # (0 log 0 = 0) and p enters one product: XLA then fuses the whole gradient into one
+  # elementwise pass (a select would keep p as one more [T, V] block).
+  floor = jnp.asarray(jnp.finfo(zl.dtype).min / 4, zl.dtype)
+  return val, -p * (jnp.maximum(zl, floor) + ent[:, None]), None
+
+
+def _one_head_grads(h3, w, b, data, scale, cfg, kind, want):
+  """Per-token values [n_chunks, T], top-k slopes, and when ``want`` the gradients
+  (dh [n_chunks, T, D], dW, db) of ``sum_i scale_i value_i``."""
+  refs = (h3, w, scale)
+  dw0 = F._varying_like(jnp.zeros(w.shape, cfg.acc), *refs) if want else None
+  db0 = (F._varying_like(jnp.zeros(b.shape, cfg.acc), *refs)
+         if want and b is not None else None)
+  plain = _plain(cfg)
+
+  def body(carry, xs):
+    h, d, sc = xs
+    val, g, slope = _one_head_chunk(_block_logits(h, w, b, cfg), d, kind, want)
+    if not want:
+      return carry, (val, slope, None)
+    g = g * (sc / cfg.temperature)[:, None]  # z = (h W + b) / T
+    dw, db = carry
+    dh = F._dh(g, w, plain).astype(h.dtype)
+    dw = F._accumulate_dw(dw, h, g, plain)
+    db = None if db is None else db + jnp.sum(g, axis=0)
+    return (dw, db), (val, slope, dh)
+
+  (dw, db), (val, slope, dh) = jax.lax.scan(body, (dw0, db0), (h3, data, scale))
+  grads = None
+  if want:
+    grads = (dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype))
+  return val, slope, grads
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _one_head_sum(h3, w, b, data, scale, cfg, kind):
+  """``sum(scale * value)`` over [n_chunks, T] tokens (scale 0 on dropped ones): the forward
+  method's custom rule; ``data`` holds (labels, kept) or (top-k indices, log-probs, kept)."""
+  return jnp.sum(_one_head_grads(h3, w, b, data, scale, cfg, kind, False)[0] * scale)
+
+
+def _one_head_sum_jvp(kind, primals, tangents):
+  h3, w, b, data, scale, cfg = primals
+  dh3, dw, db, ddata, dscale, _ = tangents
+  nz = F._nonzero
+  want = nz(dh3) or nz(dw) or (b is not None and nz(db))
+  val, slope, grads = _one_head_grads(h3, w, b, data, scale, cfg, kind, want)
+  out = jnp.sum(val * scale)
+  tangent = jnp.zeros((), out.dtype)
+  if nz(dscale):  # per-token weights (and a mean's weighted denominator)
+    tangent = tangent + jnp.sum(val * dscale)
+  if kind == "topk" and nz(ddata[1]):
+    tangent = tangent + jnp.sum(scale[..., None] * slope * ddata[1])
+  if want:
+    gh, gw, gb = grads
+    if nz(dh3):
+      tangent = tangent + F._dot(gh, dh3)
+    if nz(dw):
+      tangent = tangent + F._dot(gw, dw)
+    if b is not None and nz(db):
+      tangent = tangent + F._dot(gb, db)
+  return out, tangent.astype(out.dtype)
+
+
+_one_head_sum.defjvp(_one_head_sum_jvp, symbolic_zeros=True)
+
+
+def _forward_method_chunk(hidden_shape, v):
+  """The default chunk of the divergences' forward method: half the default. A chunk's
+  logits and their gradient (both heads' for a two-head divergence; the top-k KL's
+  scatter-add and masked copy) are held at once where the per-token rule holds one block;
+  half keeps its scratch near the per-token rule's (measured with
+  ``python -m benchmarks lmhead``, benchmarks/RESULTS.md). The log-probabilities and the
+  entropy hold one block either way and keep the default. None for a symbolic N
+  (chunk_tokens then says what is wrong)."""
+  try:
+    num = int(np.prod([int(s) for s in hidden_shape[:-1]], dtype=np.int64))
+  except (TypeError, jax.errors.ConcretizationTypeError, F._symbolic_dim_error()):
+    return None
+  return max(F.default_chunk_size(num, v) // 2, 16)
+
+
+def _num_tokens(hidden):
+  return int(np.prod(jnp.shape(hidden)[:-1], dtype=np.int64))
+
+
+def _token_weights(weights, batch, v2, n, acc):
+  """Per-token weights [n_chunks, T] (0 on dropped and padding tokens), or None."""
+  if weights is None:
+    return None
+  wt = _checks.floating(weights, "weights")
+  if wt.shape != batch:
+    raise ValueError(f"weights must have hidden's shape without D, i.e. {batch}, got "
+                     f"weights.shape={wt.shape}.")
+  wt = jnp.pad(wt.reshape(n).astype(acc), (0, v2.size - n)).reshape(v2.shape)
+  return jnp.where(v2, wt, 0)
+
+
+def _reduce_tokens(kind, h3, w, b, data, v2, wt, cfg, reduction, per_token, unflat):
+  """The reduction of a one-head quantity: the forward method for "mean" and "sum" (with
+  per-token weights ``wt``), else ``per_token()`` (flat [n_chunks * T], 0 on dropped tokens)
+  times the weights."""
+  if reduction == "none":
+    out = per_token()
+    return unflat(out if wt is None else out * wt.reshape(-1))
+  scale = v2.astype(cfg.acc) if wt is None else wt
+  if reduction == "mean":
+    total = jnp.sum(scale)
+    scale = scale / jnp.where(total == 0, 1, total)
+  return _one_head_sum(h3, w, b, data, scale, cfg, kind)
+
+
 def _prepare(hidden, weight, labels, bias, weight_layout, where, temperature, chunk_size,
-             name):
+             name, reduction="none"):
+  _checks.reduction(reduction)
   hidden, weight, labels, bias, v = F.check_head(hidden, weight, labels, bias, weight_layout)
   temperature = _checks.static_number(temperature, "temperature")
   if not temperature > 0:
@@ -180,6 +361,8 @@ def linear_log_probs(
     weight_layout: str = "dv",
     where: ArrayLike | None = None,
     temperature: float = 1.0,
+    weights: ArrayLike | None = None,
+    reduction: str = "none",
     chunk_size: int | None = None,
 ) -> Array:
   r"""Log-probability of each token's label under ``softmax((hidden @ weight + bias) / T)``.
@@ -200,12 +383,21 @@ def linear_log_probs(
     weight_layout: ``"dv"`` or ``"vd"``.
     where: optional boolean ``[...]``: tokens to keep; dropped tokens get 0 and no gradient.
     temperature: :math:`T > 0`, a Python number (static).
+    weights: optional float ``[...]`` per-token weights :math:`w_i` (differentiable), e.g.
+      advantages: ``"none"`` returns :math:`w_i \log p_{y_i}`, ``"sum"``
+      :math:`\sum_i w_i \log p_{y_i}` and ``"mean"`` that sum over :math:`\sum_i w_i` (kept
+      tokens; 0 if the sum is 0), as :func:`linear_cross_entropy`'s weights. For a mean over
+      the tokens with signed weights (advantages), take ``"sum"`` and divide by the count.
+    reduction: ``"none"`` (per token), ``"sum"`` or ``"mean"`` (over kept tokens). A sum or
+      mean forms the gradients with the values, chunk by chunk (each block of logits is
+      computed once, as in the unfused computation), in every autodiff mode; per-token
+      values take any cotangent, so their derivative computes the blocks again.
     chunk_size: tokens per block; default: a ``[chunk, V]`` float32 block of ~64 MiB.
 
   Returns:
-    ``[...]`` log-probabilities (float32, float64 for float64 inputs): :math:`\le 0`,
-    :math:`-\infty` where the label's logit is :math:`-\infty` (a masked class), NaN for a
-    kept label outside ``[0, V)``.
+    ``[...]`` log-probabilities (float32, float64 for float64 inputs), or their reduction:
+    :math:`\le 0`, :math:`-\infty` where the label's logit is :math:`-\infty` (a masked
+    class), NaN for a kept label outside ``[0, V)`` (also in the gradient of a sum or mean).
 
   >>> import jax.numpy as jnp
   >>> import jxent
@@ -215,9 +407,15 @@ def linear_log_probs(
   """
   h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
                                               where, temperature, chunk_size,
-                                              "linear_log_probs")
-  lse, _, z_y = _head_stats(h3, w, b, y2, cfg)
-  return unflat(_label_log_probs(z_y, lse, y2, v2, v))
+                                              "linear_log_probs", reduction)
+  wt = _token_weights(weights, jnp.shape(hidden)[:-1], v2, _num_tokens(hidden), cfg.acc)
+
+  def per_token():
+    lse, _, z_y = _head_stats(h3, w, b, y2, cfg)
+    return _label_log_probs(z_y, lse, y2, v2, v)
+
+  return _reduce_tokens("log_probs", h3, w, b, (y2, v2), v2, wt, cfg, reduction, per_token,
+                        unflat)
 
 
 def linear_entropy(
@@ -228,6 +426,8 @@ def linear_entropy(
     weight_layout: str = "dv",
     where: ArrayLike | None = None,
     temperature: float = 1.0,
+    weights: ArrayLike | None = None,
+    reduction: str = "none",
     chunk_size: int | None = None,
 ) -> Array:
   r"""Entropy of ``softmax((hidden @ weight + bias) / T)`` per token, in nats.
@@ -247,12 +447,16 @@ def linear_entropy(
     weight_layout: ``"dv"`` or ``"vd"``.
     where: optional boolean ``[...]``: tokens to keep; dropped tokens get 0 and no gradient.
     temperature: :math:`T > 0`, a Python number (static).
+    weights: optional float ``[...]`` per-token weights, as :func:`linear_log_probs`.
+    reduction: ``"none"`` (per token), ``"sum"`` or ``"mean"`` (over kept tokens; the
+      gradients formed with the values, as :func:`linear_log_probs`): an entropy bonus is
+      ``linear_entropy(h, W, reduction="mean")``.
     chunk_size: tokens per block; default: a ``[chunk, V]`` float32 block of ~64 MiB.
 
   Returns:
-    ``[...]`` entropies in :math:`[0, \log V]` (classes with logit :math:`-\infty` count as
-    probability 0, :math:`0 \log 0 = 0`). Relative accuracy holds for nearly one-hot
-    distributions (the entropy is not a difference of two large numbers).
+    ``[...]`` entropies in :math:`[0, \log V]`, or their reduction (classes with logit
+    :math:`-\infty` count as probability 0, :math:`0 \log 0 = 0`). Relative accuracy holds
+    for nearly one-hot distributions (the entropy is not a difference of two large numbers).
 
   >>> import jax.numpy as jnp
   >>> import jxent
@@ -262,9 +466,15 @@ def linear_entropy(
   """
   h3, w, b, y2, v2, _, cfg, unflat = _prepare(hidden, weight, None, bias, weight_layout,
                                               where, temperature, chunk_size,
-                                              "linear_entropy")
-  _, ent, _ = _head_stats(h3, w, b, y2, cfg)
-  return unflat(jnp.where(v2, ent, 0))
+                                              "linear_entropy", reduction)
+  wt = _token_weights(weights, jnp.shape(hidden)[:-1], v2, _num_tokens(hidden), cfg.acc)
+
+  def per_token():
+    _, ent, _ = _head_stats(h3, w, b, y2, cfg)
+    return jnp.where(v2, ent, 0).reshape(-1)
+
+  return _reduce_tokens("entropy", h3, w, b, (y2, v2), v2, wt, cfg, reduction, per_token,
+                        unflat)
 
 
 class TokenStats(NamedTuple):
@@ -600,14 +810,7 @@ def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher
     ht, wt, bt = jax.lax.stop_gradient((ht, wt, bt))
   scalar = reduction != "none" and beta_tokens is None  # the forward method
   if scalar and chunk_size is None:
-    # It holds both heads' logits, their log-softmax and a gradient per chunk: half the
-    # default chunk keeps its scratch near the recompute method's (measured with
-    # `python -m benchmarks lmhead`, benchmarks/RESULTS.md).
-    try:
-      num = int(np.prod([int(s) for s in hs.shape[:-1]], dtype=np.int64))
-      chunk_size = max(F.default_chunk_size(num, v) // 2, 16)
-    except (TypeError, jax.errors.ConcretizationTypeError, F._symbolic_dim_error()):
-      pass  # a symbolic N: chunk_tokens says what is wrong
+    chunk_size = _forward_method_chunk(hs.shape, v)
   hs3, _, v2, n, t = F.chunk_tokens(hs, None, where, None, v, chunk_size, name)
   ht3, _, _, _, _ = F.chunk_tokens(ht, None, where, None, v, t, name)
   hs3 = jnp.where(v2[..., None], hs3, 0)
@@ -865,7 +1068,9 @@ def linear_topk_kl_divergence(
   classes and on the rest's total mass, never exceeds the full :math:`D(p\|q)`, and equals it
   for :math:`k = V`. A missing mass within the rounding of the sum of :math:`k`
   probabilities (:math:`r \le k\varepsilon`) is taken as :math:`r = 0`.
-  Differentiable with respect to the student's ``hidden``, ``weight`` and ``bias``.
+  Differentiable with respect to the student's ``hidden``, ``weight`` and ``bias`` and the
+  teacher's log-probabilities; a ``"mean"`` or ``"sum"`` forms the gradients with the values
+  (the forward method, as :func:`linear_log_probs`).
 
   Args:
     student_hidden: ``[..., D]``.
@@ -907,6 +1112,8 @@ def linear_topk_kl_divergence(
     raise ValueError(f"temperature must be positive, got {temperature!r}.")
   _checks.value_check(jnp.all((idx >= 0) & (idx < v)),
                        f"teacher_indices out of range [0, {v}).")
+  if reduction != "none" and chunk_size is None:
+    chunk_size = _forward_method_chunk(hs.shape, v)
   h3, _, v2, n, t = F.chunk_tokens(hs, None, where, None, v, chunk_size,
                                    "linear_topk_kl_divergence")
   h3 = jnp.where(v2[..., None], h3, 0)
@@ -915,17 +1122,12 @@ def linear_topk_kl_divergence(
   idx3 = idx2.reshape(h3.shape[0], t, k)
   acc = jnp.float64 if jnp.float64 in (hs.dtype, ws.dtype) else jnp.float32
   cfg = _Config(weight_layout, F._VOCAB_SLICE, acc, float(temperature))
-  lse, lse_rest, z_i = _lse_and_rest(h3, ws, bs, idx3, cfg)
-  lse, lse_rest, z_i = lse.reshape(-1)[:n], lse_rest.reshape(-1)[:n], z_i.reshape(-1, k)[:n]
-  lpt = lpt.reshape(n, k).astype(acc)
-  p = jnp.exp(lpt)
-  top = jnp.sum(jnp.where(p > 0, p * (lpt - (z_i - lse[:, None])), 0), axis=-1)
-  # A missing mass within the rounding of a sum of k probabilities is no mass (k = V).
-  r = 1 - jnp.sum(p, axis=-1)
-  r = jnp.where(r > k * jnp.finfo(acc).eps, r, 0)
-  lq_rest = lse_rest - lse
-  rest = jnp.where(r > 0, r * (jnp.log(jnp.where(r > 0, r, 1)) - lq_rest), 0)
-  val = jnp.where(v2.reshape(-1)[:n], top + rest, 0)
-  count = jnp.sum(v2).astype(acc)
-  out = _checks.reduce(val, reduction, count)
-  return out.reshape(batch) if reduction == "none" else out
+  lpt3 = jnp.pad(lpt.reshape(n, k).astype(acc), ((0, pad), (0, 0))).reshape(idx3.shape)
+
+  def per_token():
+    lse, lse_rest, z_i = _lse_and_rest(h3, ws, bs, idx3, cfg)
+    return jnp.where(v2, _topk_value(lse, lse_rest, z_i, lpt3), 0).reshape(-1)
+
+  unflat = lambda a: a[:n].reshape(batch)
+  return _reduce_tokens("topk", h3, ws, bs, (idx3, lpt3, v2), v2, None, cfg, reduction,
+                        per_token, unflat)

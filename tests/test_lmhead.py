@@ -91,6 +91,64 @@ def test_values_and_gradients_against_float64(name, layout, monkeypatch):
   assert rel(jv, jv_want) < 1e-5
 
 
+TOKEN_W = RNG.uniform(0.2, 2.0, size=N)  # per-token weights
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_scalar_reductions_against_float64(name, reduction):
+  # "sum" and "mean" take the forward method (gradients formed with the values): value and
+  # gradient in h, W, b and the weights, a non-unit factor, the "vd" layout, a tangent.
+  fused, ref = PAIRS[name]
+  wt = TOKEN_W.astype(np.float32)
+
+  def reduce_ref(v, w):
+    w = jnp.where(MASK, w, 0)
+    total = jnp.sum(v * w)
+    return 1.7 * (total if reduction == "sum" else total / jnp.sum(w))
+
+  f = jax.jit(lambda h, w, b, tw: 1.7 * fused(h, w, b, "vd", weights=tw, reduction=reduction))
+  args = (H, W.T, B, wt)
+  with jax.enable_x64(True):
+    a64 = f64(*args)
+    r = lambda h, w, b, tw: reduce_ref(ref(h, w, b, "vd"), tw)
+    want = r(*a64)
+    g_want = jax.grad(r, argnums=(0, 1, 2, 3))(*a64)
+    t = f64(np.cos(H), np.sin(W.T), np.cos(B), np.sin(TOKEN_W))
+    jv_want = jax.jvp(r, tuple(a64), tuple(t))[1]
+  assert rel(f(*args), want) < 1e-5
+  for a, b in zip(jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(*args), g_want):
+    assert rel(a, b) < 1e-5
+  jv = jax.jvp(f, args, tuple(np.asarray(x, np.float32) for x in t))[1]
+  assert rel(jv, jv_want) < 1e-5
+  # "none" with weights: each token's value times its weight.
+  got = fused(H, W.T, B, "vd", weights=wt)
+  with jax.enable_x64(True):
+    assert rel(got, ref(*f64(H, W.T, B), "vd") * TOKEN_W) < 1e-5
+
+
+def test_scalar_reduction_second_order_and_bad_labels():
+  with jax.enable_x64(True):
+    args = tuple(f64(H[:10], W[:, :12], B[:12]))
+    mask = MASK[:10]
+    f = lambda h, w, b: jxent.linear_entropy(h, w, bias=b, where=mask, temperature=TEMP,
+                                             reduction="mean", chunk_size=4)
+    r = lambda h, w, b: jnp.sum(ref_entropy(h, w, b, mask=mask)) / np.sum(mask)
+    check_grads(f, args, order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+    t = tuple(jnp.cos(a) for a in args)
+    hvp = lambda fn: jax.jvp(jax.grad(fn, argnums=(0, 1, 2)), args, t)[1]
+    for a, b in zip(hvp(f), hvp(r)):
+      assert rel(a, b) < 1e-12
+  y = np.array([0, 5, V, 7])  # a label outside [0, V): value and gradient NaN
+  g_fn = jax.value_and_grad(lambda h: jxent.linear_log_probs(h, W, y, reduction="sum"))
+  val, g = g_fn(H[:4])
+  assert np.isnan(val) and np.all(np.isnan(np.asarray(g)[2]))
+  with pytest.raises(ValueError, match=r"weights must have hidden's shape.*\(3,\)"):
+    jxent.linear_entropy(H, W, weights=TOKEN_W[:3], reduction="sum")
+  with pytest.raises(ValueError, match="reduction"):
+    jxent.linear_entropy(H, W, reduction="average")
+
+
 # One at temperature 1: there (on XLA:CPU) the logits' max is exactly one of the logits, the
 # case where a shift taken under stop_gradient loses the top term's second derivative.
 @pytest.mark.parametrize("name,temp", [("log_probs", TEMP), ("entropy", 1.0)])
@@ -205,17 +263,20 @@ def test_bad_input_is_named():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU buffer assignment")
+@pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("name", ["log_probs", "entropy"])
-def test_scratch_is_blocks_not_logits(name):
+def test_scratch_is_blocks_not_logits(name, reduction):
   n, d, v = 1024, 32, 4096
   h = jax.ShapeDtypeStruct((n, d), jnp.float32)
   w = jax.ShapeDtypeStruct((d, v), jnp.float32)
   y = jnp.zeros(n, jnp.int32)
   if name == "log_probs":
-    fused = lambda h, w: jnp.sum(jxent.linear_log_probs(h, w, y, chunk_size=64))
+    fused = lambda h, w: jnp.sum(jxent.linear_log_probs(h, w, y, chunk_size=64,
+                                                        reduction=reduction))
     dense = lambda h, w: jnp.sum(jax.nn.log_softmax(h @ w)[jnp.arange(n), y])
   else:
-    fused = lambda h, w: jnp.sum(jxent.linear_entropy(h, w, chunk_size=64))
+    fused = lambda h, w: jnp.sum(jxent.linear_entropy(h, w, chunk_size=64,
+                                                      reduction=reduction))
     dense = lambda h, w: jnp.sum(-jnp.sum(jax.nn.softmax(h @ w) * jax.nn.log_softmax(h @ w),
                                           axis=-1))
   scratch = lambda f: jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, w).compile(
@@ -509,6 +570,24 @@ def test_topk_kl_values_and_gradients_against_float64(layout, monkeypatch):
     assert rel(a, b) < 1e-5
   jv = jax.jvp(f, (H, w, B), tuple(np.asarray(x, np.float32) for x in t))[1]
   assert rel(jv, jv_want) < 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_topk_kl_scalar_reductions_against_float64(reduction):
+  # The forward method: gradients in h, W, b and in the teacher's log-probabilities.
+  f = jax.jit(lambda h, w, b, lpt: 1.7 * jxent.linear_topk_kl_divergence(
+      h, w, TOPK, lpt, student_bias=b, where=MASK, temperature=TEMP, reduction=reduction,
+      chunk_size=8))
+  args = (H, W, B, TOPK_LP.astype(np.float32))
+  with jax.enable_x64(True):
+    a64 = f64(*args)
+    den = 1.0 if reduction == "sum" else np.sum(MASK)
+    r = lambda h, w, b, lpt: 1.7 * jnp.sum(ref_topk(h, w, b, lpt=lpt)) / den
+    want = r(*a64)
+    g_want = jax.grad(r, argnums=(0, 1, 2, 3))(*a64)
+  assert rel(f(*args), want) < 1e-5
+  for a, b in zip(jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(*args), g_want):
+    assert rel(a, b) < 1e-5
 
 
 def test_topk_kl_bounds_and_full_vocabulary():

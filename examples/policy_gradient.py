@@ -65,10 +65,13 @@ def pg_loss(policy: Policy, start, tokens, advantage, beta):
   prev = jnp.concatenate([start[:, None], tokens[:, :-1]], axis=1)
   h = policy.hidden(prev, jnp.broadcast_to(jnp.arange(LENGTH), prev.shape))
   w, b = policy.head.kernel[...], policy.head.bias[...]
-  logp = jxent.linear_log_probs(h, w, tokens, bias=b)  # [B, LENGTH]
-  entropy = jxent.linear_entropy(h, w, bias=b)  # [B, LENGTH]
-  loss = -jnp.mean(advantage * jnp.sum(logp, axis=1)) - beta * jnp.mean(entropy)
-  return loss, jnp.mean(entropy)
+  # REINFORCE: the mean over sequences of A_b sum_t log p(token_bt), and the entropy's mean
+  # over tokens; each reduced by the function, which then forms its gradients with the values.
+  adv = jnp.broadcast_to(advantage[:, None], tokens.shape)
+  pg = jxent.linear_log_probs(h, w, tokens, bias=b, weights=adv, reduction="sum")
+  entropy = jxent.linear_entropy(h, w, bias=b, reduction="mean")
+  loss = -pg / tokens.shape[0] - beta * entropy
+  return loss, entropy
 
 
 @nnx.jit(static_argnames="group")

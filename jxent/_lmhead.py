@@ -92,12 +92,13 @@ def _chunk_stats(z, y):
   # of the scan and keeps it as one more block of scratch. e is finite (at most 1).
   # e * zm is 0 where e underflows (z = -inf gives 0 * -inf: taken as e = 0, 0 log 0 = 0).
   # Both sums in one (variadic) reduction: e then has one consumer, and XLA:CPU fuses the
-  # exponentials into it rather than keep them and each sum's operand as [T, V] blocks.
-  lab = jnp.arange(z.shape[-1])[None, :] == jnp.clip(y, 0, z.shape[-1] - 1)[:, None]
+  # exponentials into it rather than keep them and each sum's operand as [T, V] blocks
+  # (the label's logit stays a gather: as a third sum it ran slower).
   zero = np.array(0, e.dtype)
-  rest, t, z_y = jax.lax.reduce(
-      (e * ~top, jnp.where(e > 0, e * zm, e), jnp.where(lab, z, e * 0)), (zero, zero, zero),
-      lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), (1,))
+  rest, t = jax.lax.reduce(
+      (e * ~top, jnp.where(e > 0, e * zm, e)), (zero, zero),
+      lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
+  z_y = jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
   log_s = jnp.log1p(rest)
   lse = m + log_s
   ent = log_s - t / (1 + rest)
@@ -283,19 +284,23 @@ def _one_head_sum_jvp(kind, primals, tangents):
 _one_head_sum.defjvp(_one_head_sum_jvp, symbolic_zeros=True)
 
 
-def _forward_method_chunk(hidden_shape, v):
-  """The default chunk of the divergences' forward method: half the default. A chunk's
-  logits and their gradient (both heads' for a two-head divergence; the top-k KL's
-  scatter-add and masked copy) are held at once where the per-token rule holds one block;
-  half keeps its scratch near the per-token rule's (measured with
-  ``python -m benchmarks lmhead``, benchmarks/RESULTS.md). The log-probabilities and the
-  entropy hold one block either way and keep the default. None for a symbolic N
-  (chunk_tokens then says what is wrong)."""
+# The forward method's default chunk: the default divided by about the number of [chunk, V]
+# blocks it holds at once, so that its scratch stays near one ~64 MiB block (XLA:CPU's
+# buffers, measured with `python -m benchmarks lmhead`, benchmarks/RESULTS.md): the entropy
+# holds one (its logits, overwritten by their gradient), the log-probabilities two (the
+# label's logit is gathered from the block before the gradient overwrites it), the top-k KL
+# three (the masked copy and the scatter-add), a two-head divergence both heads' blocks.
+_FORWARD_METHOD_DIVISOR = {"entropy": 1, "log_probs": 2, "topk": 2, "pair": 2}
+
+
+def _forward_method_chunk(hidden_shape, v, kind):
+  """The forward method's default chunk for ``kind``; None for a symbolic N (chunk_tokens
+  then says what is wrong)."""
   try:
     num = int(np.prod([int(s) for s in hidden_shape[:-1]], dtype=np.int64))
   except (TypeError, jax.errors.ConcretizationTypeError, F._symbolic_dim_error()):
     return None
-  return max(F.default_chunk_size(num, v) // 2, 16)
+  return max(F.default_chunk_size(num, v) // _FORWARD_METHOD_DIVISOR[kind], 16)
 
 
 def _num_tokens(hidden):
@@ -329,12 +334,14 @@ def _reduce_tokens(kind, h3, w, b, data, v2, wt, cfg, reduction, per_token, unfl
 
 
 def _prepare(hidden, weight, labels, bias, weight_layout, where, temperature, chunk_size,
-             name, reduction="none"):
+             name, reduction="none", kind=None):
   _checks.reduction(reduction)
   hidden, weight, labels, bias, v = F.check_head(hidden, weight, labels, bias, weight_layout)
   temperature = _checks.static_number(temperature, "temperature")
   if not temperature > 0:
     raise ValueError(f"temperature must be positive, got {temperature!r}.")
+  if reduction != "none" and chunk_size is None:
+    chunk_size = _forward_method_chunk(hidden.shape, v, kind)
   h3, y2, v2, n, _ = F.chunk_tokens(hidden, labels, where, None, v, chunk_size, name)
   # Dropped tokens' hidden rows are replaced by 0: whatever they hold (NaN, inf) reaches
   # neither their (zeroed) outputs' tangents nor the weight's gradient.
@@ -392,7 +399,8 @@ def linear_log_probs(
       mean forms the gradients with the values, chunk by chunk (each block of logits is
       computed once, as in the unfused computation), in every autodiff mode; per-token
       values take any cotangent, so their derivative computes the blocks again.
-    chunk_size: tokens per block; default: a ``[chunk, V]`` float32 block of ~64 MiB.
+    chunk_size: tokens per block; default: a ``[chunk, V]`` float32 block of ~64 MiB (half
+      that for ``"sum"`` and ``"mean"``).
 
   Returns:
     ``[...]`` log-probabilities (float32, float64 for float64 inputs), or their reduction:
@@ -407,7 +415,8 @@ def linear_log_probs(
   """
   h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
                                               where, temperature, chunk_size,
-                                              "linear_log_probs", reduction)
+                                              "linear_log_probs", reduction,
+                                              "log_probs")
   wt = _token_weights(weights, jnp.shape(hidden)[:-1], v2, _num_tokens(hidden), cfg.acc)
 
   def per_token():
@@ -466,7 +475,8 @@ def linear_entropy(
   """
   h3, w, b, y2, v2, _, cfg, unflat = _prepare(hidden, weight, None, bias, weight_layout,
                                               where, temperature, chunk_size,
-                                              "linear_entropy", reduction)
+                                              "linear_entropy", reduction,
+                                              "entropy")
   wt = _token_weights(weights, jnp.shape(hidden)[:-1], v2, _num_tokens(hidden), cfg.acc)
 
   def per_token():
@@ -810,7 +820,7 @@ def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher
     ht, wt, bt = jax.lax.stop_gradient((ht, wt, bt))
   scalar = reduction != "none" and beta_tokens is None  # the forward method
   if scalar and chunk_size is None:
-    chunk_size = _forward_method_chunk(hs.shape, v)
+    chunk_size = _forward_method_chunk(hs.shape, v, "pair")
   hs3, _, v2, n, t = F.chunk_tokens(hs, None, where, None, v, chunk_size, name)
   ht3, _, _, _, _ = F.chunk_tokens(ht, None, where, None, v, t, name)
   hs3 = jnp.where(v2[..., None], hs3, 0)
@@ -1113,7 +1123,7 @@ def linear_topk_kl_divergence(
   _checks.value_check(jnp.all((idx >= 0) & (idx < v)),
                        f"teacher_indices out of range [0, {v}).")
   if reduction != "none" and chunk_size is None:
-    chunk_size = _forward_method_chunk(hs.shape, v)
+    chunk_size = _forward_method_chunk(hs.shape, v, "topk")
   h3, _, v2, n, t = F.chunk_tokens(hs, None, where, None, v, chunk_size,
                                    "linear_topk_kl_divergence")
   h3 = jnp.where(v2[..., None], h3, 0)

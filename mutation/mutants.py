@@ -18,6 +18,7 @@ FUSED = ["tests/test_fused.py", "tests/test_transforms.py", "tests/test_bad_valu
          "tests/test_properties.py"]
 SHARDED = ["tests/test_sharded.py"]
 GRADS = ["tests/test_grads.py", "jxent/grads.py"]
+LMHEAD = ["tests/test_lmhead.py"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +162,48 @@ MUTANTS = [
        "    rows = ti[:, None] * tb + jnp.arange(tb)[None, :]",
        "    rows = tj[:, None] * tb + jnp.arange(tb)[None, :]",
        "gradient filter: a computed tile reads the wrong tokens' logsumexp", FUSED),
+    # --------------------------------------------------------- language-model head
+    _m("lmhead-logp-grad-sign", "jxent/_lmhead.py",
+       "jnp.where(onehot, 1 - p, -p)", "jnp.where(onehot, 1 - p, p)",
+       "log-probs, sum/mean: the softmax term of the gradient with its sign flipped", LMHEAD),
+    _m("lmhead-entropy-grad-h", "jxent/_lmhead.py",
+       "-p * (jnp.maximum(zl, floor) + ent[:, None])", "-p * jnp.maximum(zl, floor)",
+       "entropy, sum/mean: the gradient -p (log p + H) without its H term", LMHEAD),
+    _m("lmhead-temperature", "jxent/_lmhead.py",
+       "    g = g * (sc / cfg.temperature)[:, None]  # z = (h W + b) / T\n    dw, db = carry",
+       "    g = g * sc[:, None]\n    dw, db = carry",
+       "one-head sum/mean: the 1/T of the tempered logits dropped from the gradient", LMHEAD),
+    _m("lmhead-weights-slope", "jxent/_lmhead.py",
+       "  if nz(dscale):  # per-token weights (and a mean's weighted denominator)\n"
+       "    tangent = tangent + jnp.sum(val * dscale)",
+       "  if nz(dscale):  # per-token weights (and a mean's weighted denominator)\n"
+       "    tangent = tangent + 0 * jnp.sum(val * dscale)",
+       "one-head sum/mean: the derivative in the per-token weights dropped", LMHEAD),
+    _m("lmhead-dropped-tokens", "jxent/_lmhead.py",
+       "  scale = v2.astype(cfg.acc) if wt is None else wt",
+       "  scale = jnp.ones(v2.shape, cfg.acc) if wt is None else wt",
+       "one-head sum/mean: dropped (and padding) tokens counted", LMHEAD),
+    _m("lmhead-topk-rest-grad", "jxent/_lmhead.py",
+       "    g = g_lse[:, None] * q + g_rest[:, None] * q_rest",
+       "    g = g_lse[:, None] * q",
+       "top-k KL, sum/mean: the gradient of the missing mass's term dropped", LMHEAD),
+    _m("lmhead-topk-teacher-slope", "jxent/_lmhead.py",
+       "    tangent = tangent + jnp.sum(scale[..., None] * slope * ddata[1])",
+       "    tangent = tangent + 0 * jnp.sum(scale[..., None] * slope * ddata[1])",
+       "top-k KL, sum/mean: the derivative in the teacher's log-probabilities dropped", LMHEAD),
+    _m("lmhead-stats-tail", "jxent/_lmhead.py",
+       "  log_s = jnp.log1p(rest)", "  log_s = jnp.log(1 + rest)",
+       "head statistics: log s as log(1 + rest), the tail's mass lost next to 1", LMHEAD),
+    _m("lmhead-token-entropy-tangent", "jxent/_lmhead.py",
+       "  return a1, -(a2 + ent * a1), d_zy", "  return a1, -a2, d_zy",
+       "per-token entropy: the tangent -Cov_p(z, dz) without its H E_p[dz] term", LMHEAD),
+    _m("lmhead-kl-student-grad", "jxent/_lmhead.py",
+       "    if want_s:\n      gs = q - p\n", "    if want_s:\n      gs = p - q\n",
+       "forward KL, mean/sum: the student's gradient q - p with its sign flipped", LMHEAD),
+    _m("lmhead-js-beta", "jxent/_lmhead.py",
+       "  return b * kl_pm + (1 - b) * kl_qm, (lse_s, lse_t, (kl_pm, kl_qm, b))",
+       "  return 0.5 * kl_pm + 0.5 * kl_qm, (lse_s, lse_t, (kl_pm, kl_qm, b))",
+       "JS divergence: β ignored in the value (always ½, ½)", LMHEAD),
     # --------------------------------------------------------------------- sharded
     _m("sharded-smoothing-vocab", "jxent/sharded.py",
        "eps * (r + (m - sum_z / vocab_size))", "eps * (r + (m - sum_z / (vocab_size + 1)))",

@@ -60,11 +60,14 @@ import optax  # noqa: E402
 import jxent  # noqa: E402
 from benchmarks import _harness as H  # noqa: E402
 from jxent import _fused  # noqa: E402
+from jxent._platform import use_implementation  # noqa: E402
 
 DENSE_SHAPES = [(8192, 50304), (16384, 128256)]
 FUSED_SHAPES = [(8192, 2304, 256000), (8192, 4096, 128256)]
 SMOKE_DENSE = [(64, 1000)]
 SMOKE_FUSED = [(128, 32, 1000)]
+HEAD_SHAPES = [(8192, 4096, 128256)]
+SMOKE_HEAD = [(96, 32, 1000)]
 LOSSES = ("int", "soft", "bce")
 BIG_BLOCK_MIB = 256
 ROOT = Path(__file__).resolve().parent.parent
@@ -537,11 +540,90 @@ def _fused_line(r) -> str:
           f"{r['loss err']:.1e} | {r.get('note', '')} |")
 
 
+# ------------------------------------------------------------ 4. language-model head
+
+# "…/token": the mean of the per-token output (any cotangent: the derivative recomputes).
+HEAD_QUANTITIES = ("log_probs", "log_probs/token", "entropy", "kl")
+HEAD_VARIANTS = ("jxent", "jxent token chunks", "unfused JAX")
+
+
+def _head_fn(q: str, variant: str, y, ht, wt):
+  """jit(value_and_grad) in (h, W) of the token mean of quantity ``q``, weight [V, D]."""
+  if variant == "unfused JAX":
+    def f(h, w):
+      lq = jax.nn.log_softmax(jnp.dot(h, w.T, preferred_element_type=jnp.float32))
+      if q.startswith("log_probs"):
+        return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
+      if q == "entropy":
+        return jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1))
+      lp = jax.lax.stop_gradient(jax.nn.log_softmax(
+          jnp.dot(ht, wt.T, preferred_element_type=jnp.float32)))
+      return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1))
+  else:
+    def g(h, w):
+      if q == "log_probs":
+        return jxent.linear_log_probs(h, w, y, weight_layout="vd", reduction="mean")
+      if q == "log_probs/token":
+        return jnp.mean(jxent.linear_log_probs(h, w, y, weight_layout="vd"))
+      if q == "entropy":
+        return jxent.linear_entropy(h, w, weight_layout="vd", reduction="mean")
+      return jxent.linear_kl_divergence(h, w, ht, wt, weight_layout="vd")
+
+    def f(h, w):  # the implementation is chosen when the function is traced
+      if variant == "jxent":
+        return g(h, w)
+      with use_implementation("reference"):  # token chunks, as on XLA:CPU
+        return g(h, w)
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+
+def head(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 0.0
+         ) -> list[dict]:
+  """Appends one row per quantity, variant and size: jxent's head functions (vocabulary
+  blocks on GPU/TPU), the same forced to token chunks, and unfused JAX."""
+  for n, d, v in shapes:
+    size = f"N={n}, D={d}, V={v}"
+    h, w, y = _fused_inputs(n, d, v)
+    ht = jax.device_put(jnp.roll(h, 1, axis=0))
+    wt = jax.device_put(jnp.roll(w, 1, axis=1))
+    for q in HEAD_QUANTITIES:
+      if budget.left() < reserve + 60:
+        rows.append({"size": size, "quantity": q, "note": "skipped: time budget"})
+        continue
+      fns, outs, xla = {}, {}, {}
+      for name in HEAD_VARIANTS:
+        f = _head_fn(q, name, y, ht, wt)
+        outs[name] = f(h, w)
+        mem = H.xla_memory(f, h, w)
+        xla[name] = mem["temp"] + mem["output"]
+        fns[name] = lambda f=f, h=h, w=w: jax.block_until_ready(f(h, w))
+      times = _alternate(fns, reps)
+      ref = float(outs["unfused JAX"][0])
+      for name in HEAD_VARIANTS:
+        row = {"size": size, "quantity": q, "variant": name,
+               "ms": statistics.median(times[name]) * 1e3,
+               "vs unfused": _ratio(times, name, "unfused JAX"), "xla": xla[name],
+               "err": abs(float(outs[name][0]) - ref) / max(abs(ref), 1e-30)}
+        rows.append(row)
+        print(_head_line(row), flush=True)
+      del fns, outs
+    del h, w, y, ht, wt
+    gc.collect()
+  return rows
+
+
+def _head_line(r) -> str:
+  if "ms" not in r:
+    return f"| {r['size']} | {r['quantity']} | — | — | — | — | — | {r['note']} |"
+  return (f"| {r['size']} | {r['quantity']} | {r['variant']} | {r['ms']:,.1f} | "
+          f"{_fmt_ratio(r['vs unfused'])} | {_mib(r['xla'])} | {r['err']:.1e} | |")
+
+
 # ---------------------------------------------------------------------------- report
 
 
 def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=(),
-                cost_rows=()) -> str:
+                cost_rows=(), head_rows=()) -> str:
   out = ["## On an accelerator: jxent against Optax, PyTorch, Cut Cross-Entropy and Liger", "",
          env, "",
          f"`python -m benchmarks gpu {' '.join(argv)}`. Ratios: median of per-repetition time "
@@ -565,6 +647,15 @@ def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=()
           "| XLA MiB | loss rel. diff | note |",
           "|---|---|---:|---:|---:|---:|---:|---:|---|",
           *[_fused_line(r) for r in fused_rows]]
+  if head_rows:
+    out += ["", "Language-model head quantities, bfloat16, weight [V, D], the token mean under "
+            "`jit(value_and_grad)` in h and W (`reduction=\"mean\"`; \"/token\": the mean "
+            "of the per-token output; kl: forward KL from a teacher head without gradient). "
+            "\"jxent token chunks\": the same functions forced to their reference (XLA:CPU) "
+            "form; XLA: compiled scratch + outputs:", "",
+            "| size | quantity | variant | ms | time / unfused JAX | XLA MiB | value rel. diff "
+            "| note |", "|---|---|---|---:|---:|---:|---:|---|",
+            *[_head_line(r) for r in head_rows]]
   if cost_rows:
     out += ["", "XLA's cost analysis of the dense losses' compiled forward+backward "
             "(`jax.jit(jax.value_and_grad(loss)).lower(z, y).compile().cost_analysis()"
@@ -588,9 +679,10 @@ def main(argv=None):
                  "smoke: tests/test_information.py); none to skip")
   p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
   p.add_argument("--steps", default="tests,fused,dense", help="comma-separated subset of "
-                 "tests,fused,dense,cost (default: the first three; only a run of those "
-                 "three at least writes RESULTS.md); cost: XLA's bytes accessed of the dense "
-                 "losses, and their soft-label HLO beside --out")
+                 "tests,fused,dense,cost,head (default: the first three; only a run of "
+                 "those three at least writes RESULTS.md); cost: XLA's bytes accessed of the "
+                 "dense losses, and their soft-label HLO beside --out; head: the language-model "
+                 "head quantities against unfused JAX")
   p.add_argument("--dense-shapes", help="e.g. 16384x128256,8192x50304 (default: both)")
   p.add_argument("--tests-share", type=float, default=0.4,
                  help="share of the budget the suite may take (default 0.4)")
@@ -614,11 +706,11 @@ def main(argv=None):
   # share of the budget), then the fused loss (the anchors' comparison), then the dense
   # losses with the rest. The markdown is rewritten after every step, so a run stopped from
   # outside still leaves its tables.
-  tests, dense_rows, fused_rows, errors, cost_rows = None, [], [], [], []
+  tests, dense_rows, fused_rows, errors, cost_rows, head_rows = None, [], [], [], [], []
 
   def write():
     text = to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors,
-                       cost_rows)
+                       cost_rows, head_rows)
     if args.out:
       args.out.write_text(text + "\n")
     return text
@@ -647,6 +739,9 @@ def main(argv=None):
   if "dense" in steps:
     step("dense", lambda: dense(dense_shapes, budget, reps, inner, not args.no_compile,
                                 dense_rows))
+  if "head" in steps:
+    step("head", lambda: head(SMOKE_HEAD if args.smoke else HEAD_SHAPES, budget,
+                              3 if args.smoke else 5, head_rows))
   if "cost" in steps:
     step("cost", lambda: cost_rows.extend(xla_costs(
         dense_shapes[0], args.out.parent if args.out else None)))

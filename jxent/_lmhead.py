@@ -39,16 +39,17 @@ from jxent import _checks
 from jxent import _fused as F
 from jxent import _reference as R
 from jxent._information import plog_p_over_m
+from jxent._platform import dispatch
 
 Array = jax.Array
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[],
-                   meta_fields=["layout", "vocab_slice", "acc", "temperature"])
+                   meta_fields=["layout", "vocab_slice", "acc", "temperature", "accel_block"])
 class _Config:
-  def __init__(self, layout, vocab_slice, acc, temperature):
+  def __init__(self, layout, vocab_slice, acc, temperature, accel_block=0):
     self.layout, self.vocab_slice = layout, vocab_slice
-    self.acc, self.temperature = acc, temperature
+    self.acc, self.temperature, self.accel_block = acc, temperature, accel_block
 
 
 def _plain(cfg):
@@ -75,6 +76,25 @@ def _tangent_logits(h, w, dh, dw, db, cfg):
   return dz if cfg.temperature == 1.0 else dz * (1.0 / cfg.temperature)
 
 
+def _row_sums(xs, k=128):
+  """Row sums of [T, V] arrays in one variadic reduction (XLA then fuses their common
+  operands into it rather than keep them as [T, V] blocks), in two stages: XLA:CPU adds a
+  variadic reduction's terms one after another, and 32768 of them in one float32 running sum
+  lose 1e-5 relative accuracy; sums of k first keep it near float32's resolution."""
+  t, v = xs[0].shape
+  add = lambda a, b: tuple(p + q for p, q in zip(a, b))
+  zero = tuple(np.array(0, x.dtype) for x in xs)
+  full = (v // k) * k
+  out = tuple(jnp.zeros((t,), x.dtype) for x in xs)
+  if full:
+    parts = jax.lax.reduce(tuple(x[:, :full].reshape(t, full // k, k) for x in xs), zero, add,
+                           (2,))
+    out = tuple(jnp.sum(p, axis=-1) for p in parts)
+  if v > full:
+    out = add(out, jax.lax.reduce(tuple(x[:, full:] for x in xs), zero, add, (1,)))
+  return out
+
+
 def _chunk_stats(z, y):
   """(lse, entropy, label logit, argmax) of one [T, V] block of logits."""
   # The shift is the logit at one argmax, taken with its gradient, and that one term is left
@@ -94,10 +114,7 @@ def _chunk_stats(z, y):
   # Both sums in one (variadic) reduction: e then has one consumer, and XLA:CPU fuses the
   # exponentials into it rather than keep them and each sum's operand as [T, V] blocks
   # (the label's logit stays a gather: as a third sum it ran slower).
-  zero = np.array(0, e.dtype)
-  rest, t = jax.lax.reduce(
-      (e * ~top, jnp.where(e > 0, e * zm, e)), (zero, zero),
-      lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
+  rest, t = _row_sums((e * ~top, jnp.where(e > 0, e * zm, e)))
   z_y = jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
   log_s = jnp.log1p(rest)
   lse = m + log_s
@@ -106,6 +123,14 @@ def _chunk_stats(z, y):
 
 
 def _forward(h3, w, b, y2, cfg, with_argmax=False):
+  """(lse, entropy, label logit[, argmax]), each [n_chunks, T]: token chunks (reference,
+  XLA:CPU) or vocabulary blocks over all tokens (GPU, TPU)."""
+  return dispatch(h3, w, b, y2, cfg,
+                  reference=functools.partial(_chunks_forward, with_argmax=with_argmax),
+                  accelerator=functools.partial(_vocab_forward, with_argmax=with_argmax))
+
+
+def _chunks_forward(h3, w, b, y2, cfg, with_argmax=False):
   def body(_, xs):
     h, y = xs
     lse, ent, z_y, am = _chunk_stats(_block_logits(h, w, b, cfg), y)
@@ -149,12 +174,141 @@ def _head_stats_jvp(primals, tangents):
   if dh3 is None and dw is None and db is None:
     return (lse, ent, z_y), zeros
   valid = jnp.ones(y2.shape, bool)
-  out = F._tokens_tangent(h3, y2, valid, (lse, ent), dh3, w, b, dw, db, cfg,
-                          block=_stats_block_tangent)
+  out = _tangent(h3, y2, valid, (lse, ent), dh3, w, b, dw, db, cfg, _stats_block_tangent)
   return (lse, ent, z_y), tuple(out)
 
 
 _head_stats.defjvp(_head_stats_jvp, symbolic_zeros=True)
+
+
+def _tangent(h3, y2, valid, res, dh3, w, b, dw, db, cfg, block):
+  """``F._tokens_tangent`` with ``block``: token chunks inside vocabulary slices (reference,
+  XLA:CPU), or on GPU/TPU one chunk of all tokens and slices of the accelerator block."""
+  return dispatch(h3, y2, valid, res, dh3, w, b, dw, db, cfg,
+                  reference=functools.partial(F._tokens_tangent, block=block),
+                  accelerator=functools.partial(_vocab_tangent, block=block))
+
+
+# ------------------------------------------------ GPU and TPU: vocabulary blocks, all tokens
+#
+# As the fused cross-entropy's accelerator form (jxent/_fused.py): on a GPU, token chunks are
+# hundreds of thin products, each re-reading W (the cross-entropy ran 9.9x the unfused time
+# so on an H100). There each step takes one block of vocabulary columns for all N tokens
+# ([N, block] logits, ~128 MiB in float32). The statistics are gathered online over the
+# blocks with _chunk_stats's arithmetic (the running top logit is the shift, its own term
+# stays out of the running sum, both sums are rescaled when the top moves); the forward
+# method's second pass recomputes each block, writes its dW columns once and accumulates dh;
+# the per-token tangent walks the same blocks. Tested here against the reference; not yet
+# timed on a GPU.
+
+
+def _vocab_stats(h, y, w, b, cfg, with_argmax=False):
+  """(lse, entropy, label logit[, argmax]), each [N], one [N, block] block at a time."""
+  v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
+  axis = 1 if cfg.layout == "dv" else 0
+  yc = jnp.clip(y, 0, v - 1)
+  refs = (h, w, b, y)
+  full = lambda value, dtype: F._varying_like(jnp.full(y.shape, value, dtype), *refs)
+  init = (full(-jnp.inf, cfg.acc), full(0, cfg.acc), full(0, cfg.acc), full(0, cfg.acc),
+          full(0, jnp.int32))
+
+  def block(carry, start, size):
+    m, rest, t, z_y, am = carry
+    z = _block_logits(h, F._cut(w, start, size, axis), F._cut(b, start, size, 0), cfg)
+    a = jnp.argmax(z, axis=-1)
+    top_z = jnp.take_along_axis(z, a[:, None], axis=-1)[:, 0]  # with its gradient
+    new = top_z > m  # the top moves into this block
+    m_new = jnp.where(new, top_z, m)
+    seen = jnp.isfinite(m)
+    mf, mf_new = _finite(m), _finite(m_new)
+    # The 1 + rest terms so far, relative to the new shift: all of them, the old top's
+    # included, are now among the rest. t = sum e (z - m) moves with its shift.
+    shift = jnp.where(seen, mf - mf_new, 0)
+    s_old = jnp.where(seen, 1 + rest, 0)
+    scale = jnp.exp(shift)
+    rest = jnp.where(new, s_old * scale, rest)
+    t = jnp.where(new, scale * (t + s_old * shift), t)
+    zm = z - mf_new[:, None]
+    e = jnp.exp(zm)
+    top = (jnp.arange(size)[None, :] == a[:, None]) & new[:, None]
+    b_rest, b_t = _row_sums((e * ~top, jnp.where(e > 0, e * zm, e)))
+    inside = (yc >= start) & (yc < start + size)
+    got = jnp.take_along_axis(z, jnp.clip(yc - start, 0, size - 1)[:, None], axis=-1)[:, 0]
+    return (m_new, rest + b_rest, t + b_t, z_y + jnp.where(inside, got, 0),
+            jnp.where(new, (start + a).astype(jnp.int32), am))
+
+  m, rest, t, z_y, am = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
+  log_s = jnp.log1p(rest)
+  lse = _finite(m) + log_s
+  ent = log_s - t / (1 + rest)
+  return (lse, ent, z_y, am) if with_argmax else (lse, ent, z_y)
+
+
+def _vocab_forward(h3, w, b, y2, cfg, with_argmax=False):
+  nc, t, d = h3.shape
+  out = _vocab_stats(h3.reshape(nc * t, d), y2.reshape(nc * t), w, b, cfg, with_argmax)
+  return tuple(a.reshape(nc, t) for a in out)
+
+
+def _vocab_tangent(h3, y2, valid, res, dh3, w, b, dw, db, cfg, block):
+  nc, t = h3.shape[:2]
+  one = lambda a: None if a is None else a.reshape((1, nc * t) + a.shape[2:])
+  wide = _Config(cfg.layout, max(cfg.accel_block // 2, 1), cfg.acc, cfg.temperature,
+                 cfg.accel_block)
+  out = F._tokens_tangent(one(h3), one(y2), one(valid), jax.tree.map(one, res), one(dh3), w,
+                          b, dw, db, wide, block=block)
+  return tuple(a.reshape(nc, t) for a in out)
+
+
+def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
+  """``_one_head_grads`` for the log-probabilities and the entropy on GPU/TPU: the
+  statistics over vocabulary blocks, then each block again for its gradient."""
+  nc, t, d = h3.shape
+  h = h3.reshape(nc * t, d)
+  y, valid = (a.reshape(-1) for a in data)
+  v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
+  axis = 1 if cfg.layout == "dv" else 0
+  lse, ent, z_y = _vocab_stats(h, y, w, b, cfg)
+  _, bad = R.split_labels(y, valid, v)
+  if kind == "log_probs":
+    val = R.poison_rows(jnp.where(valid, z_y - lse, 0), bad)
+  else:
+    val = jnp.where(valid, ent, 0)
+  if not want:
+    return val.reshape(nc, t), None, None
+  plain = _plain(cfg)
+  low = jnp.result_type(h, w)
+  low = low if jnp.finfo(low).bits < jnp.finfo(cfg.acc).bits else cfg.acc
+  hl = h.astype(low)
+  coef = scale.reshape(-1) / cfg.temperature  # z = (h W + b) / T
+  lse_f = _finite(lse)
+  floor = jnp.asarray(jnp.finfo(cfg.acc).min / 4, cfg.acc)
+  refs = (h, w, b, coef)
+  init = (F._varying_like(jnp.zeros(h.shape, cfg.acc), *refs),
+          F._varying_like(jnp.zeros(w.shape, w.dtype), *refs),
+          None if b is None else F._varying_like(jnp.zeros(b.shape, b.dtype), *refs))
+
+  def block(carry, start, size):
+    dh, dw, db = carry
+    w_j = F._cut(w, start, size, axis)
+    z = _block_logits(h, w_j, F._cut(b, start, size, 0), cfg)
+    zl = z - lse_f[:, None]
+    p = jnp.exp(zl)
+    if kind == "log_probs":
+      onehot = (jnp.arange(size) + start)[None, :] == y[:, None]
+      g = R.poison_rows(jnp.where(onehot, 1 - p, -p), bad)
+    else:
+      g = -p * (jnp.maximum(zl, floor) + ent[:, None])
+    g = g * coef[:, None]
+    dh_j, dw_j = F._block_products(g, hl, w_j, plain, low)
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(w.dtype), start, axis)
+    if db is not None:
+      db = jax.lax.dynamic_update_slice_in_dim(db, jnp.sum(g, axis=0).astype(b.dtype), start,
+                                               0)
+    return dh + dh_j, dw, db
+
+  dh, dw, db = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
+  return val.reshape(nc, t), None, (dh.astype(h3.dtype).reshape(nc, t, d), dw, db)
 
 
 # ------------------------------------------- a scalar quantity of one head: the forward method
@@ -225,7 +379,16 @@ def _one_head_chunk(z, data, kind, want):
 
 def _one_head_grads(h3, w, b, data, scale, cfg, kind, want):
   """Per-token values [n_chunks, T], top-k slopes, and when ``want`` the gradients
-  (dh [n_chunks, T, D], dW, db) of ``sum_i scale_i value_i``."""
+  (dh [n_chunks, T, D], dW, db) of ``sum_i scale_i value_i``: token chunks (reference,
+  XLA:CPU; the top-k KL everywhere) or vocabulary blocks over all tokens (GPU, TPU)."""
+  ref = functools.partial(_one_head_chunk_grads, kind=kind, want=want)
+  if kind == "topk":
+    return ref(h3, w, b, data, scale, cfg)
+  return dispatch(h3, w, b, data, scale, cfg, reference=ref,
+                  accelerator=functools.partial(_one_head_vocab_grads, kind=kind, want=want))
+
+
+def _one_head_chunk_grads(h3, w, b, data, scale, cfg, kind, want):
   refs = (h3, w, scale)
   dw0 = F._varying_like(jnp.zeros(w.shape, cfg.acc), *refs) if want else None
   db0 = (F._varying_like(jnp.zeros(b.shape, cfg.acc), *refs)
@@ -347,7 +510,8 @@ def _prepare(hidden, weight, labels, bias, weight_layout, where, temperature, ch
   # neither their (zeroed) outputs' tangents nor the weight's gradient.
   h3 = jnp.where(v2[..., None], h3, 0)
   acc = jnp.float64 if jnp.float64 in (hidden.dtype, weight.dtype) else jnp.float32
-  cfg = _Config(weight_layout, F._VOCAB_SLICE, acc, float(temperature))
+  cfg = _Config(weight_layout, F._VOCAB_SLICE, acc, float(temperature),
+                F.accelerator_vocab_block(h3.shape[0] * h3.shape[1], v))
   unflat = lambda a: a.reshape(-1)[:n].reshape(hidden.shape[:-1])
   return h3, weight, bias, y2, v2, v, cfg, unflat
 

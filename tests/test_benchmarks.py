@@ -15,7 +15,7 @@ def test_gpu_benchmark_smoke(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks", "gpu", "--smoke", "--out", str(out),
        "--tests", "tests/test_information.py::test_entropy_axis", "--no-compile",
-       "--steps", "tests,fused,dense,cost"],
+       "--steps", "tests,fused,dense,cost,head"],
       capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   text = out.read_text()
@@ -49,3 +49,11 @@ def test_gpu_benchmark_smoke(tmp_path):
   for c in cost:
     assert float(c[5]) == pytest.approx(float(c[3]) / float(c[4]), rel=0.05, abs=0.01)
   assert "HloModule" in (tmp_path / "soft_jxent.hlo.txt").read_text()
+  # The head quantities: every variant measured, the same value to bf16 accuracy.
+  head = [[c.strip() for c in ln.strip("|").split("|")] for ln in text.splitlines()
+          if ln.startswith("| N=96, D=32, V=1000 |")]
+  assert [(c[1], c[2]) for c in head] == [
+      (q, v) for q in ("log_probs", "log_probs/token", "entropy", "kl")
+      for v in ("jxent", "jxent token chunks", "unfused JAX")]
+  for c in head:
+    assert float(c[3]) > 0 and float(c[6]) < 1e-2

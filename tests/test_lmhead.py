@@ -63,7 +63,7 @@ def rel(a, b):
 
 @pytest.mark.parametrize("layout", ["dv", "vd"])
 @pytest.mark.parametrize("name", list(PAIRS))
-def test_values_and_gradients_against_float64(name, layout, monkeypatch):
+def test_values_and_gradients_against_float64(name, layout, impl, monkeypatch):
   # Vocabulary slices of 16 (the tangent walks 32 columns at a time): one full slice of 32
   # and a remainder of 18.
   monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)
@@ -96,7 +96,7 @@ TOKEN_W = RNG.uniform(0.2, 2.0, size=N)  # per-token weights
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("name", list(PAIRS))
-def test_scalar_reductions_against_float64(name, reduction):
+def test_scalar_reductions_against_float64(name, reduction, impl):
   # "sum" and "mean" take the forward method (gradients formed with the values): value and
   # gradient in h, W, b and the weights, a non-unit factor, the "vd" layout, a tangent.
   fused, ref = PAIRS[name]
@@ -127,7 +127,7 @@ def test_scalar_reductions_against_float64(name, reduction):
     assert rel(got, ref(*f64(H, W.T, B), "vd") * TOKEN_W) < 1e-5
 
 
-def test_scalar_reduction_second_order_and_bad_labels():
+def test_scalar_reduction_second_order_and_bad_labels(impl):
   with jax.enable_x64(True):
     args = tuple(f64(H[:10], W[:, :12], B[:12]))
     mask = MASK[:10]
@@ -152,7 +152,7 @@ def test_scalar_reduction_second_order_and_bad_labels():
 # One at temperature 1: there (on XLA:CPU) the logits' max is exactly one of the logits, the
 # case where a shift taken under stop_gradient loses the top term's second derivative.
 @pytest.mark.parametrize("name,temp", [("log_probs", TEMP), ("entropy", 1.0)])
-def test_every_autodiff_mode_to_second_order_in_float64(name, temp):
+def test_every_autodiff_mode_to_second_order_in_float64(name, temp, impl):
   # First order against finite differences in both modes; first and second order (gradient,
   # jvp, Hessian-vector product) against the exact dense float64 formula.
   with jax.enable_x64(True):
@@ -194,13 +194,14 @@ def test_bfloat16_inputs_accumulate_in_float32():
     assert rel(g.astype(jnp.float32), g_want) < 1e-2, name  # bf16 rounding of the output
 
 
-def test_entropy_keeps_relative_accuracy_when_nearly_one_hot():
+@pytest.mark.parametrize("top", [0, V - 5])  # in the first block; in the last (moving)
+def test_entropy_keeps_relative_accuracy_when_nearly_one_hot(top, impl):
   # One logit 30 above the 49 others: with r = 49 e^-30, H = log(1 + r) + 30 r / (1 + r)
   # ~ 1.4e-10, far below float32's resolution of log V. A difference lse - E[z] loses it,
   # and so does -sum p log p from a float64 log_softmax (log p of the top class is a
   # difference at the scale of 30): the reference is the closed form.
   h = np.eye(4, D, dtype=np.float32) * 30.0
-  w = np.eye(D, V, dtype=np.float32)
+  w = np.roll(np.eye(D, V, dtype=np.float32), top, axis=1)  # token i's top class: i + top
   r = (V - 1) * np.exp(-30.0)
   want = np.log1p(r) + 30.0 * r / (1.0 + r)
   got = jxent.linear_entropy(h, w)
@@ -208,7 +209,34 @@ def test_entropy_keeps_relative_accuracy_when_nearly_one_hot():
   assert rel(got, np.full(4, want)) < 1e-5
 
 
-def test_masked_classes_and_bad_labels():
+def test_ties_for_the_top_within_and_across_blocks(impl):
+  # The top logit at classes 3, 5, 20 and 40: within the first 16-column block and in two
+  # later ones (the accelerator form's running top must not move, nor drop a tied term).
+  w = (RNG.normal(size=(1, V)) * 0.3).astype(np.float32)
+  w[0, [3, 5, 20, 40]] = 2.0
+  h = np.array([[1.0], [2.5], [0.5]], np.float32)
+  y = np.array([20, 7, 3])
+  cot = np.array([0.7, 1.3, 1.1])
+  with jax.enable_x64(True):
+    lp64 = np.asarray(ref_log_softmax(*f64(h, w), None, "dv", 1.0))
+  s = jxent.linear_token_stats(h, w, y)
+  np.testing.assert_array_equal(s.argmax, [3, 3, 3])
+  assert rel(s.entropy, -np.sum(np.exp(lp64) * lp64, axis=-1)) < 1e-5
+  assert rel(s.label_log_prob, lp64[np.arange(3), y]) < 1e-5
+  for fn, ref in ((lambda h, w: jxent.linear_log_probs(h, w, y),
+                   lambda h, w: ref_log_softmax(h, w, None, "dv", 1.0)[np.arange(3), y]),
+                  (lambda h, w: jxent.linear_entropy(h, w),
+                   lambda h, w: -jnp.sum(jnp.exp(ref_log_softmax(h, w, None, "dv", 1.0))
+                                         * ref_log_softmax(h, w, None, "dv", 1.0), -1))):
+    g = jax.grad(lambda h, w: jnp.sum(jnp.asarray(cot, jnp.float32) * fn(h, w)),
+                 argnums=(0, 1))(h, w)
+    with jax.enable_x64(True):
+      g_want = jax.grad(lambda h, w: jnp.sum(cot * ref(h, w)), argnums=(0, 1))(*f64(h, w))
+    for a, b in zip(g, g_want):
+      assert rel(a, b) < 1e-5
+
+
+def test_masked_classes_and_bad_labels(impl):
   b = np.zeros(V, np.float32)
   b[:3] = -np.inf  # classes 0-2 can never be predicted
   y = np.array([0, 5, V, 7])
@@ -229,7 +257,7 @@ def test_masked_classes_and_bad_labels():
   assert np.all(np.isfinite(g))
 
 
-def test_token_stats_one_pass_and_not_differentiable():
+def test_token_stats_one_pass_and_not_differentiable(impl):
   y = np.where(MASK, Y, 0)
   s = jxent.linear_token_stats(H.reshape(1, N, D), W, y.reshape(1, N), bias=B,
                                where=MASK.reshape(1, N), temperature=TEMP, chunk_size=8)

@@ -19,6 +19,24 @@ FUSED = ["tests/test_fused.py", "tests/test_transforms.py", "tests/test_bad_valu
 SHARDED = ["tests/test_sharded.py"]
 GRADS = ["tests/test_grads.py", "jxent/grads.py"]
 LMHEAD = ["tests/test_lmhead.py"]
+# The head's mutants run the tests that exercise the mutated path (test_lmhead.py whole
+# takes minutes per mutant); each was checked to fail on its mutant.
+_LM = lambda *names: [f"tests/test_lmhead.py::test_{n}" for n in names]
+_SCALAR = _LM("scalar_reductions_against_float64")
+_TOPK = _LM("topk_kl_scalar_reductions_against_float64")
+_ACCEL = _LM("values_and_gradients_against_float64", "ties_for_the_top_within_and_across_blocks")
+LMHEAD_TESTS = {
+    "lmhead-logp-grad-sign": _SCALAR, "lmhead-entropy-grad-h": _SCALAR,
+    "lmhead-temperature": _SCALAR, "lmhead-weights-slope": _SCALAR,
+    "lmhead-dropped-tokens": _SCALAR, "lmhead-topk-rest-grad": _TOPK,
+    "lmhead-topk-teacher-slope": _TOPK,
+    "lmhead-stats-tail": _LM("entropy_keeps_relative_accuracy_when_nearly_one_hot"),
+    "lmhead-token-entropy-tangent": _LM("values_and_gradients_against_float64"),
+    "lmhead-kl-student-grad": _LM("distillation_values_and_gradients_against_float64",
+                                  "distillation_every_autodiff_mode_in_float64"),
+    "lmhead-js-beta": _LM("distillation_values_and_gradients_against_float64"),
+    "lmhead-accel-moment-shift": _ACCEL, "lmhead-accel-old-top": _ACCEL,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +50,8 @@ class Mutant:
 
 
 def _m(name, path, find, replace, what, tests):
+  if tests is LMHEAD:
+    tests = LMHEAD_TESTS.get(name, LMHEAD)
   return Mutant(name, path, find, replace, what, tuple(tests))
 
 

@@ -125,6 +125,12 @@ def test_scalar_reductions_against_float64(name, reduction, impl):
   got = fused(H, W.T, B, "vd", weights=wt)
   with jax.enable_x64(True):
     assert rel(got, ref(*f64(H, W.T, B), "vd") * TOKEN_W) < 1e-5
+  # Without weights: the kept tokens alone (the mean over their count), value and gradient.
+  g = jax.jit(jax.value_and_grad(lambda h: fused(h, W.T, B, "vd", reduction=reduction)))(H)
+  with jax.enable_x64(True):
+    r = lambda h: reduce_ref(ref(h, *f64(W.T, B), "vd"), np.ones(N))
+    want = jax.value_and_grad(r)(f64(H)[0])
+  assert rel(1.7 * g[0], want[0]) < 1e-5 and rel(1.7 * g[1], want[1]) < 1e-5
 
 
 def test_scalar_reduction_second_order_and_bad_labels(impl):

@@ -544,6 +544,7 @@ def _fused_line(r) -> str:
 
 # "…/token": the mean of the per-token output (any cotangent: the derivative recomputes).
 HEAD_QUANTITIES = ("log_probs", "log_probs/token", "entropy", "kl")
+SMOKE_HEAD_QUANTITIES = ("log_probs", "kl")  # one of each path, to keep the smoke run short
 HEAD_VARIANTS = ("jxent", "jxent token chunks", "unfused JAX")
 
 
@@ -577,8 +578,8 @@ def _head_fn(q: str, variant: str, y, ht, wt):
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
 
-def head(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 0.0
-         ) -> list[dict]:
+def head(shapes, budget: Budget, reps: int, rows: list[dict], quantities=HEAD_QUANTITIES,
+         reserve: float = 0.0) -> list[dict]:
   """Appends one row per quantity, variant and size: jxent's head functions (vocabulary
   blocks on GPU/TPU), the same forced to token chunks, and unfused JAX."""
   for n, d, v in shapes:
@@ -586,7 +587,7 @@ def head(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 0
     h, w, y = _fused_inputs(n, d, v)
     ht = jax.device_put(jnp.roll(h, 1, axis=0))
     wt = jax.device_put(jnp.roll(w, 1, axis=1))
-    for q in HEAD_QUANTITIES:
+    for q in quantities:
       if budget.left() < reserve + 60:
         rows.append({"size": size, "quantity": q, "note": "skipped: time budget"})
         continue
@@ -741,7 +742,8 @@ def main(argv=None):
                                 dense_rows))
   if "head" in steps:
     step("head", lambda: head(SMOKE_HEAD if args.smoke else HEAD_SHAPES, budget,
-                              3 if args.smoke else 5, head_rows))
+                              3 if args.smoke else 5, head_rows,
+                              SMOKE_HEAD_QUANTITIES if args.smoke else HEAD_QUANTITIES))
   if "cost" in steps:
     step("cost", lambda: cost_rows.extend(xla_costs(
         dense_shapes[0], args.out.parent if args.out else None)))

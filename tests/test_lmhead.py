@@ -61,8 +61,11 @@ def rel(a, b):
   return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-300))
 
 
-@pytest.mark.parametrize("layout", ["dv", "vd"])
-@pytest.mark.parametrize("name", list(PAIRS))
+# The GPU/TPU form (impl "accelerator") on one layout per quantity (suite time).
+@pytest.mark.parametrize("name,layout,impl", [
+    ("log_probs", "dv", "platform"), ("log_probs", "vd", "platform"),
+    ("entropy", "dv", "platform"), ("entropy", "vd", "platform"),
+    ("log_probs", "vd", "accelerator"), ("entropy", "dv", "accelerator")], indirect=["impl"])
 def test_values_and_gradients_against_float64(name, layout, impl, monkeypatch):
   # Vocabulary slices of 16 (the tangent walks 32 columns at a time): one full slice of 32
   # and a remainder of 18.
@@ -94,8 +97,11 @@ def test_values_and_gradients_against_float64(name, layout, impl, monkeypatch):
 TOKEN_W = RNG.uniform(0.2, 2.0, size=N)  # per-token weights
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("name,reduction,impl", [
+    ("log_probs", "sum", "platform"), ("log_probs", "mean", "platform"),
+    ("entropy", "sum", "platform"), ("entropy", "mean", "platform"),
+    ("log_probs", "mean", "accelerator"), ("entropy", "sum", "accelerator")],
+    indirect=["impl"])
 def test_scalar_reductions_against_float64(name, reduction, impl):
   # "sum" and "mean" take the forward method (gradients formed with the values): value and
   # gradient in h, W, b and the weights, a non-unit factor, the "vd" layout, a tangent.
@@ -133,14 +139,15 @@ def test_scalar_reductions_against_float64(name, reduction, impl):
   assert rel(1.7 * g[0], want[0]) < 1e-5 and rel(1.7 * g[1], want[1]) < 1e-5
 
 
-def test_scalar_reduction_second_order_and_bad_labels(impl):
+def test_scalar_reduction_second_order_and_bad_labels():
   with jax.enable_x64(True):
     args = tuple(f64(H[:10], W[:, :12], B[:12]))
     mask = MASK[:10]
     f = lambda h, w, b: jxent.linear_entropy(h, w, bias=b, where=mask, temperature=TEMP,
                                              reduction="mean", chunk_size=4)
     r = lambda h, w, b: jnp.sum(ref_entropy(h, w, b, mask=mask)) / np.sum(mask)
-    check_grads(f, args, order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+    # First order against finite differences; second order against the exact formula below.
+    check_grads(f, args, order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
     t = tuple(jnp.cos(a) for a in args)
     hvp = lambda fn: jax.jvp(jax.grad(fn, argnums=(0, 1, 2)), args, t)[1]
     for a, b in zip(hvp(f), hvp(r)):

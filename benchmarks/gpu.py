@@ -271,12 +271,12 @@ def _fmt_ratio(r) -> str:
 
 
 def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool,
-          rows: list[dict], reserve: float = 0.0) -> list[dict]:
+          rows: list[dict], reserve: float = 0.0, losses=LOSSES) -> list[dict]:
   """Appends one row per case to ``rows``; stops measuring ``reserve`` s before the end."""
   torch, dev = _torch()
   for n, c in shapes:
     for dtype in (jnp.float32, jnp.bfloat16):
-      for kind in LOSSES:
+      for kind in losses:
         z, y = _dense_inputs(kind, n, c, dtype)
         tz = ty = None
         if torch is not None:
@@ -685,6 +685,7 @@ def main(argv=None):
                  "dense losses, and their soft-label HLO beside --out; head: the language-model "
                  "head quantities against unfused JAX")
   p.add_argument("--dense-shapes", help="e.g. 16384x128256,8192x50304 (default: both)")
+  p.add_argument("--dense-losses", help=f"e.g. soft (default: {','.join(LOSSES)})")
   p.add_argument("--tests-share", type=float, default=0.4,
                  help="share of the budget the suite may take (default 0.4)")
   p.add_argument("--probe", nargs=2, metavar=("VARIANT", "N,D,V"), help=argparse.SUPPRESS)
@@ -702,6 +703,9 @@ def main(argv=None):
   dense_shapes = SMOKE_DENSE if args.smoke else DENSE_SHAPES
   if args.dense_shapes:
     dense_shapes = [tuple(map(int, x.split("x"))) for x in args.dense_shapes.split(",")]
+  dense_losses = tuple(args.dense_losses.split(",")) if args.dense_losses else LOSSES
+  if not set(dense_losses) <= set(LOSSES):
+    p.error(f"--dense-losses: {args.dense_losses!r}; choose among {','.join(LOSSES)}")
   reps, inner = (3, 2) if args.smoke else (7, 10)
   # The suite first, while no framework holds device memory in this process (at most its
   # share of the budget), then the fused loss (the anchors' comparison), then the dense
@@ -739,7 +743,7 @@ def main(argv=None):
                                 reserve=budget.left() * 0.3 if "dense" in steps else 0.0))
   if "dense" in steps:
     step("dense", lambda: dense(dense_shapes, budget, reps, inner, not args.no_compile,
-                                dense_rows))
+                                dense_rows, losses=dense_losses))
   if "head" in steps:
     step("head", lambda: head(SMOKE_HEAD if args.smoke else HEAD_SHAPES, budget,
                               3 if args.smoke else 5, head_rows,
@@ -750,7 +754,8 @@ def main(argv=None):
   text = write()
   if args.out:
     print(f"wrote {args.out}")
-  if not args.smoke and {"tests", "fused", "dense"} <= steps and not args.dense_shapes:
+  if not args.smoke and {"tests", "fused", "dense"} <= steps and not args.dense_shapes \
+      and not args.dense_losses:
     H.write_section("gpu", text)
 
 

@@ -376,13 +376,19 @@ def _expected(z, y, keep):
   return out
 
 
+# Jitted: one program per shape (at most 24 of them), not every operation dispatched alone.
+_int_loss = jax.jit(lambda z, y, keep: jxent.softmax_cross_entropy_with_integer_labels(
+    z, y, where=keep))
+_int_loss_grad = jax.jit(jax.grad(lambda z, y, keep: jnp.sum(_int_loss(z, y, keep))))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_batches())
 def test_property_integer_labels_against_float64(batch):
   z, y, keep = batch
   want = _expected(z, y, keep)
-  got = np.asarray(jxent.softmax_cross_entropy_with_integer_labels(
-      jnp.asarray(z), jnp.asarray(y, jnp.int32), where=jnp.asarray(keep)), np.float64)
+  got = np.asarray(_int_loss(jnp.asarray(z), jnp.asarray(y, jnp.int32), jnp.asarray(keep)),
+                   np.float64)
   for i in range(z.shape[0]):
     if np.isnan(want[i]):
       assert np.isnan(got[i]), (z[i], y[i], got[i])
@@ -391,8 +397,7 @@ def test_property_integer_labels_against_float64(batch):
     else:
       assert np.isfinite(got[i]), (z[i], y[i], got[i])
       np.testing.assert_allclose(got[i], want[i], rtol=1e-5, atol=1e-5 * max(1.0, abs(want[i])))
-  g = np.asarray(jax.grad(lambda z: jnp.sum(jxent.softmax_cross_entropy_with_integer_labels(
-      z, jnp.asarray(y, jnp.int32), where=jnp.asarray(keep))))(jnp.asarray(z)))
+  g = np.asarray(_int_loss_grad(jnp.asarray(z), jnp.asarray(y, jnp.int32), jnp.asarray(keep)))
   assert np.all(g[~keep] == 0)
   fine = keep & np.isfinite(want) & np.all(np.isfinite(z), axis=1)
   assert np.all(np.isfinite(g[fine]))

@@ -27,6 +27,7 @@ one-hot (no difference of two large numbers, no tail lost next to 1).
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import NamedTuple
 
@@ -251,12 +252,14 @@ def _vocab_forward(h3, w, b, y2, cfg, with_argmax=False):
 
 
 def _vocab_tangent(h3, y2, valid, res, dh3, w, b, dw, db, cfg, block):
-  nc, t = h3.shape[:2]
-  one = lambda a: None if a is None else a.reshape((1, nc * t) + a.shape[2:])
-  wide = _Config(cfg.layout, max(cfg.accel_block // 2, 1), cfg.acc, cfg.temperature,
-                 cfg.accel_block)
-  out = F._tokens_tangent(one(h3), one(y2), one(valid), jax.tree.map(one, res), one(dh3), w,
-                          b, dw, db, wide, block=block)
+  """``F._tokens_tangent`` over one chunk of all tokens (``h3`` and ``dh3`` may be pytrees:
+  a student's and a teacher's head)."""
+  nc, t = jax.tree.leaves(h3)[0].shape[:2]
+  one = lambda a: jax.tree.map(lambda x: x.reshape((1, nc * t) + x.shape[2:]), a)
+  wide = copy.copy(cfg)  # the same quantity (one head's statistics, or a pair's divergence)
+  wide.vocab_slice = max(cfg.accel_block // 2, 1)
+  out = F._tokens_tangent(one(h3), one(y2), one(valid), one(res), one(dh3), w, b, dw, db,
+                          wide, block=block)
   return tuple(a.reshape(nc, t) for a in out)
 
 
@@ -731,11 +734,13 @@ def linear_token_stats(
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[],
-                   meta_fields=["layout", "vocab_slice", "acc", "temperature", "kind", "beta"])
+                   meta_fields=["layout", "vocab_slice", "acc", "temperature", "kind", "beta",
+                                "accel_block"])
 class _PairConfig:
-  def __init__(self, layout, vocab_slice, acc, temperature, kind, beta):
+  def __init__(self, layout, vocab_slice, acc, temperature, kind, beta, accel_block=0):
     self.layout, self.vocab_slice, self.acc = layout, vocab_slice, acc
     self.temperature, self.kind, self.beta = temperature, kind, beta
+    self.accel_block = accel_block
 
 
 def _xlogx_diff(p, lp, lq):
@@ -750,28 +755,78 @@ def _block_log_softmax(z):
   return z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True))
 
 
+def _pair_terms(lp, lq, cfg, beta):
+  """The per-class terms of the divergence's parts from a block of the teacher's (lp) and
+  the student's (lq) log-probabilities: (p log p/q,) for the forward KL, (q log q/p,) for
+  the reverse, (p log p/m, q log q/m) for JS (``beta`` a number or [T, 1])."""
+  p, q = jnp.exp(lp), jnp.exp(lq)
+  if cfg.kind == "forward":
+    return (_xlogx_diff(p, lp, lq),)
+  if cfg.kind == "reverse":
+    return (_xlogx_diff(q, lq, lp),)
+  return plog_p_over_m(lp, lq, beta), plog_p_over_m(lq, lp, 1 - beta)
+
+
+def _pair_combine(parts, cfg, beta):
+  """The divergence per token from its parts' sums over all classes."""
+  return parts[0] if cfg.kind != "js" else beta * parts[0] + (1 - beta) * parts[1]
+
+
+def _pair_terms_grads(lp, lq, terms, parts, cfg, beta, want_s, want_t):
+  """(G_s, G_t): the gradients of the per-token divergence in the student's and the
+  teacher's (tempered) logits over one block (None where not wanted), from the block's
+  log-probabilities and terms and the parts' sums over all classes ([T]; needed only by
+  the gradients that scale a distribution by its own divergence)."""
+  p, q = jnp.exp(lp), jnp.exp(lq)
+  col = lambda i: parts[i][:, None]
+  gs = gt = None
+  if cfg.kind == "forward":
+    gs = q - p if want_s else None
+    gt = terms[0] - p * col(0) if want_t else None
+  elif cfg.kind == "reverse":
+    gs = terms[0] - q * col(0) if want_s else None
+    gt = p - q if want_t else None
+  else:
+    gs = (1 - beta) * (terms[1] - q * col(1)) if want_s else None
+    gt = beta * (terms[0] - p * col(0)) if want_t else None
+  return gs, gt
+
+
+def _pair_needs_parts(cfg, want):
+  """Whether the wanted gradients need the divergence's parts before their block."""
+  want_s, want_t = want
+  return (cfg.kind == "js" or (cfg.kind == "forward" and want_t)
+          or (cfg.kind == "reverse" and want_s))
+
+
+def _pair_res(lse_s, lse_t, parts, cfg, beta):
+  """The per-token tangent's residuals: both logsumexps, the KL or JS's parts and beta."""
+  return lse_s, lse_t, (parts[0] if cfg.kind != "js" else (*parts, beta))
+
+
 def _pair_chunk(zs, zt, cfg, beta=None):
   """(divergence, residuals) per token of one full [T, V] block of each head; for the JS
   divergence ``beta`` may be given per token ([T], instead of ``cfg.beta``)."""
   lq = _block_log_softmax(zs)
   lp = _block_log_softmax(zt)
-  p, q = jnp.exp(lp), jnp.exp(lq)
-  lse_s = zs[:, :1] - lq[:, :1]
-  lse_t = zt[:, :1] - lp[:, :1]
-  lse_s, lse_t = lse_s[:, 0], lse_t[:, 0]
-  if cfg.kind == "forward":
-    kl = jnp.sum(_xlogx_diff(p, lp, lq), axis=-1)
-    return kl, (lse_s, lse_t, kl)
-  if cfg.kind == "reverse":
-    kl = jnp.sum(_xlogx_diff(q, lq, lp), axis=-1)
-    return kl, (lse_s, lse_t, kl)
-  b = jnp.full(lse_s.shape, cfg.beta, cfg.acc) if beta is None else beta
-  kl_pm = jnp.sum(plog_p_over_m(lp, lq, b[:, None]), axis=-1)
-  kl_qm = jnp.sum(plog_p_over_m(lq, lp, 1 - b[:, None]), axis=-1)
-  return b * kl_pm + (1 - b) * kl_qm, (lse_s, lse_t, (kl_pm, kl_qm, b))
+  lse_s = zs[:, 0] - lq[:, 0]
+  lse_t = zt[:, 0] - lp[:, 0]
+  b = None
+  if cfg.kind == "js":
+    b = jnp.full(lse_s.shape, cfg.beta, cfg.acc) if beta is None else beta
+  terms = _pair_terms(lp, lq, cfg, None if b is None else b[:, None])
+  parts = tuple(jnp.sum(x, axis=-1) for x in terms)
+  return _pair_combine(parts, cfg, b), _pair_res(lse_s, lse_t, parts, cfg, b)
 
 
 def _pair_forward(h3, w, b, cfg, beta3=None):
+  """(divergence, residuals), each [n_chunks, T]: token chunks (reference, XLA:CPU) or
+  vocabulary blocks over all tokens (GPU, TPU)."""
+  return dispatch(h3, w, b, cfg, beta3, reference=_pair_chunks_forward,
+                  accelerator=_pair_vocab_forward)
+
+
+def _pair_chunks_forward(h3, w, b, cfg, beta3=None):
   (hs3, ht3), (ws, wt), (bs, bt) = h3, w, b
 
   def body(_, xs):
@@ -842,8 +897,7 @@ def _pair_divergence_jvp(primals, tangents):
     return val, jnp.zeros_like(val) if d_beta is None else d_beta
   nc, t = val.shape
   dummy = jnp.zeros((nc, t), jnp.int32)
-  (out,) = F._tokens_tangent(h3, dummy, dummy == 0, res, dh3, w, b, dw, db, cfg,
-                             block=_pair_block_tangent)
+  (out,) = _tangent(h3, dummy, dummy == 0, res, dh3, w, b, dw, db, cfg, _pair_block_tangent)
   return val, out if d_beta is None else out + d_beta
 
 
@@ -865,35 +919,22 @@ def _pair_logit_grads(zs, zt, cfg, want_s, want_t):
   gradients in the (tempered) logits (None where not wanted)."""
   lq = _block_log_softmax(zs)
   lp = _block_log_softmax(zt)
-  p, q = jnp.exp(lp), jnp.exp(lq)
-  gs = gt = None
-  if cfg.kind == "forward":
-    val = jnp.sum(_xlogx_diff(p, lp, lq), axis=-1)
-    if want_s:
-      gs = q - p
-    if want_t:
-      gt = _xlogx_diff(p, lp, lq) - p * val[:, None]
-  elif cfg.kind == "reverse":
-    val = jnp.sum(_xlogx_diff(q, lq, lp), axis=-1)
-    if want_s:
-      gs = _xlogx_diff(q, lq, lp) - q * val[:, None]
-    if want_t:
-      gt = p - q
-  else:
-    b = cfg.beta
-    pm, qm = plog_p_over_m(lp, lq, b), plog_p_over_m(lq, lp, 1 - b)
-    kl_pm, kl_qm = jnp.sum(pm, axis=-1), jnp.sum(qm, axis=-1)
-    val = b * kl_pm + (1 - b) * kl_qm
-    if want_s:
-      gs = (1 - b) * (qm - q * kl_qm[:, None])
-    if want_t:
-      gt = b * (pm - p * kl_pm[:, None])
-  return val, gs, gt
+  terms = _pair_terms(lp, lq, cfg, cfg.beta)
+  parts = tuple(jnp.sum(x, axis=-1) for x in terms)
+  return (_pair_combine(parts, cfg, cfg.beta),
+          *_pair_terms_grads(lp, lq, terms, parts, cfg, cfg.beta, want_s, want_t))
 
 
 def _pair_grads(h3, w, b, scale, cfg, want):
   """Per-token divergences [n_chunks, T] and, for each wanted head, the gradients
-  (dh [n_chunks, T, D], dW, db) of ``sum_i scale_i divergence_i``."""
+  (dh [n_chunks, T, D], dW, db) of ``sum_i scale_i divergence_i``: token chunks (reference,
+  XLA:CPU) or vocabulary blocks over all tokens (GPU, TPU)."""
+  return dispatch(h3, w, b, scale, cfg,
+                  reference=functools.partial(_pair_chunk_grads, want=want),
+                  accelerator=functools.partial(_pair_vocab_grads, want=want))
+
+
+def _pair_chunk_grads(h3, w, b, scale, cfg, want):
   (hs3, ht3), ws_wt, bs_bt = h3, w, b
   refs = (hs3, ht3, *ws_wt, scale)
   carry0 = tuple(
@@ -960,6 +1001,134 @@ def _pair_sum_jvp(primals, tangents):
 _pair_sum.defjvp(_pair_sum_jvp, symbolic_zeros=True)
 
 
+# ------------------------------------ GPU and TPU: a pair's divergence over vocabulary blocks
+#
+# As the head statistics above: each step takes one block of vocabulary columns of both heads
+# for all N tokens. The divergence's terms need both log-normalisers, so the first pass
+# gathers the two logsumexps online, a second sums the terms; the forward method's
+# gradients go with that second pass where they need no sum over all classes (the forward
+# KL's student, the reverse KL's teacher), else with a third. Each pass computes both heads'
+# logits again (the unfused computation holds them).
+
+
+def _pair_vocab_lse(h, w, b, cfg):
+  """Both heads' logsumexps ([N] each) over vocabulary blocks; a head's row of -inf gives
+  -inf (its log-probabilities are then NaN: no distribution, as the reference's)."""
+  v = w[0].shape[1] if cfg.layout == "dv" else w[0].shape[0]
+  axis = 1 if cfg.layout == "dv" else 0
+  refs = (*h, *w)
+  full = lambda x: F._varying_like(jnp.full(h[0].shape[:1], x, cfg.acc), *refs)
+  init = (full(-jnp.inf), full(0), full(-jnp.inf), full(0))
+
+  def block(carry, start, size):
+    out = ()
+    for i in (0, 1):
+      m, s = carry[2 * i:2 * i + 2]
+      z = _block_logits(h[i], F._cut(w[i], start, size, axis), F._cut(b[i], start, size, 0),
+                        cfg)
+      m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+      mf = _finite(m_new)
+      out += (m_new, s * jnp.exp(m - mf) + jnp.sum(jnp.exp(z - mf[:, None]), axis=-1))
+    return out
+
+  m_s, s_s, m_t, s_t = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
+  return _finite(m_s) + jnp.log(s_s), _finite(m_t) + jnp.log(s_t)
+
+
+def _pair_vocab_logprobs(h, w, b, lse, start, size, cfg):
+  """(lp, lq): one block of the teacher's and the student's log-probabilities."""
+  axis = 1 if cfg.layout == "dv" else 0
+  zs, zt = (_block_logits(h[i], F._cut(w[i], start, size, axis), F._cut(b[i], start, size, 0),
+                          cfg) for i in (0, 1))
+  return zt - lse[1][:, None], zs - lse[0][:, None]
+
+
+def _pair_vocab_parts(h, w, b, lse, cfg, beta):
+  """The divergence's parts per token ([N] each), summed over vocabulary blocks."""
+  v = w[0].shape[1] if cfg.layout == "dv" else w[0].shape[0]
+  n = 1 if cfg.kind != "js" else 2
+  init = tuple(F._varying_like(jnp.zeros(h[0].shape[:1], cfg.acc), *h, *w) for _ in range(n))
+
+  def block(carry, start, size):
+    lp, lq = _pair_vocab_logprobs(h, w, b, lse, start, size, cfg)
+    return tuple(c + jnp.sum(x, axis=-1) for c, x in zip(carry, _pair_terms(lp, lq, cfg, beta)))
+
+  return F._vocab_loop(block, init, v, min(cfg.accel_block, v))
+
+
+def _pair_vocab_forward(h3, w, b, cfg, beta3=None):
+  """``_pair_chunks_forward`` on GPU/TPU: (divergence, residuals), [n_chunks, T]."""
+  nc, t = h3[0].shape[:2]
+  h = tuple(x.reshape(nc * t, -1) for x in h3)
+  lse = _pair_vocab_lse(h, w, b, cfg)
+  beta = None
+  if cfg.kind == "js":
+    beta = (jnp.full((nc * t,), cfg.beta, cfg.acc) if beta3 is None
+            else beta3.reshape(nc * t).astype(cfg.acc))
+  parts = _pair_vocab_parts(h, w, b, lse, cfg, None if beta is None else beta[:, None])
+  out = _pair_combine(parts, cfg, beta), _pair_res(*lse, parts, cfg, beta)
+  return jax.tree.map(lambda a: a.reshape(nc, t), out)
+
+
+def _pair_vocab_grads(h3, w, b, scale, cfg, want):
+  """``_pair_chunk_grads`` on GPU/TPU: the logsumexps, the parts when the gradients need
+  them, then each block again for its gradients (its dW columns written once)."""
+  nc, t = h3[0].shape[:2]
+  h = tuple(x.reshape(nc * t, -1) for x in h3)
+  v = w[0].shape[1] if cfg.layout == "dv" else w[0].shape[0]
+  axis = 1 if cfg.layout == "dv" else 0
+  lse = _pair_vocab_lse(h, w, b, cfg)
+  known = None
+  if _pair_needs_parts(cfg, want) or not any(want):
+    known = _pair_vocab_parts(h, w, b, lse, cfg, cfg.beta)
+  if not any(want):
+    return _pair_combine(known, cfg, cfg.beta).reshape(nc, t), (None, None)
+  plain = _plain(cfg)
+  coef = scale.reshape(-1) / cfg.temperature  # z = (h W + b) / T
+  lows, hls = [], []
+  for h_i, w_i in zip(h, w):
+    low = jnp.result_type(h_i, w_i)
+    low = low if jnp.finfo(low).bits < jnp.finfo(cfg.acc).bits else cfg.acc
+    lows.append(low)
+    hls.append(h_i.astype(low))
+  refs = (*h, *w, coef)
+  zeros = lambda a, dtype: F._varying_like(jnp.zeros(a.shape, dtype), *refs)
+  heads = tuple((zeros(h_i, cfg.acc), zeros(w_i, w_i.dtype),
+                 None if b_i is None else zeros(b_i, b_i.dtype)) if want_i else None
+                for want_i, h_i, w_i, b_i in zip(want, h, w, b))
+  n_parts = 1 if cfg.kind != "js" else 2
+  sums = () if known is not None else tuple(zeros(coef, cfg.acc) for _ in range(n_parts))
+
+  def block(carry, start, size):
+    heads, sums = carry
+    lp, lq = _pair_vocab_logprobs(h, w, b, lse, start, size, cfg)
+    terms = _pair_terms(lp, lq, cfg, cfg.beta)
+    if known is None:
+      sums = tuple(c + jnp.sum(x, axis=-1) for c, x in zip(sums, terms))
+    gs = _pair_terms_grads(lp, lq, terms, known, cfg, cfg.beta, *want)
+    new = []
+    for i, g in enumerate(gs):
+      if g is None:
+        new.append(None)
+        continue
+      dh, dw, db = heads[i]
+      w_j = F._cut(w[i], start, size, axis)
+      g = g * coef[:, None]
+      dh_j, dw_j = F._block_products(g, hls[i], w_j, plain, lows[i])
+      dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(dw.dtype), start, axis)
+      if db is not None:
+        db = jax.lax.dynamic_update_slice_in_dim(db, jnp.sum(g, axis=0).astype(db.dtype),
+                                                 start, 0)
+      new.append((dh + dh_j, dw, db))
+    return tuple(new), sums
+
+  heads, sums = F._vocab_loop(block, (heads, sums), v, min(cfg.accel_block, v))
+  val = _pair_combine(known if known is not None else sums, cfg, cfg.beta)
+  grads = tuple(None if g is None else (g[0].astype(h3[i].dtype).reshape(h3[i].shape), g[1],
+                                        g[2]) for i, g in enumerate(heads))
+  return val.reshape(nc, t), grads
+
+
 def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher_weight, *,
              student_bias, teacher_bias, weight_layout, where, temperature, teacher_grad,
              reduction, chunk_size, name, beta_tokens=None):
@@ -991,7 +1160,9 @@ def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher
   ht3 = jnp.where(v2[..., None], ht3, 0)
   dts = (hs.dtype, ws.dtype, ht.dtype, wt.dtype)
   acc = jnp.float64 if jnp.float64 in dts else jnp.float32
-  cfg = _PairConfig(weight_layout, F._VOCAB_SLICE, acc, float(temperature), kind, beta)
+  # On GPU/TPU each step holds a block of both heads' logits: half the one-head block each.
+  cfg = _PairConfig(weight_layout, F._VOCAB_SLICE, acc, float(temperature), kind, beta,
+                    max(F.accelerator_vocab_block(hs3.shape[0] * t, v) // 2, 1))
   beta3 = None
   if beta_tokens is not None:
     beta3 = jnp.pad(beta_tokens.reshape(-1).astype(acc), (0, hs3.shape[0] * t - n))

@@ -455,9 +455,13 @@ def fused_pair(hs, ws, bs, ht, wt, bt, kind, beta, layout="dv", **kw):
   return jxent.linear_kl_divergence(hs, ws, ht, wt, direction=kind, **common)
 
 
-@pytest.mark.parametrize("kind, beta, layout", [("forward", None, "dv"), ("reverse", None, "vd"),
-                                                ("js", 0.3, "dv"), ("js", 0.5, "vd")])
-def test_distillation_values_and_gradients_against_float64(kind, beta, layout, monkeypatch):
+@pytest.mark.parametrize("kind, beta, layout, impl", [
+    ("forward", None, "dv", "platform"), ("reverse", None, "vd", "platform"),
+    ("js", 0.3, "dv", "platform"), ("forward", None, "vd", "accelerator"),
+    ("reverse", None, "dv", "accelerator"), ("js", 0.5, "vd", "accelerator")],
+    indirect=["impl"])
+def test_distillation_values_and_gradients_against_float64(kind, beta, layout, impl,
+                                                           monkeypatch):
   monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)  # one slice of 32 and one of 18
   ws, wt = (W, WT) if layout == "dv" else (W.T, WT.T)
   args = (H, ws, B, HT, wt, BT)
@@ -497,12 +501,19 @@ def test_distillation_values_and_gradients_against_float64(kind, beta, layout, m
   gm = jax.jit(jax.grad(mean, argnums=tuple(range(6))))(*args)
   for name, a, b in zip(["hs", "ws", "bs", "ht", "wt", "bt"], gm, gm_want):
     assert rel(a, b) < 1e-5, name
+  # The teacher's side alone (the student's inputs constant: its gradients not formed).
+  gt = jax.jit(jax.grad(lambda ht, wt, bt: mean(H, ws, B, ht, wt, bt), argnums=(0, 1, 2)))(
+      *args[3:])
+  for name, a, b in zip(["ht", "wt", "bt"], gt, gm_want[3:]):
+    assert rel(a, b) < 1e-5, name
   jm = jax.jvp(mean, args, tuple(np.cos(x).astype(np.float32) for x in args))[1]
   assert rel(jm, jm_want) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["forward", "reverse", "js"])
-def test_distillation_every_autodiff_mode_in_float64(kind):
+@pytest.mark.parametrize("kind, impl", [("forward", "platform"), ("reverse", "platform"),
+                                        ("js", "platform"), ("js", "accelerator")],
+                         indirect=["impl"])
+def test_distillation_every_autodiff_mode_in_float64(kind, impl):
   # First order against finite differences in both modes; second order (Hessian-vector
   # products, forward over reverse) against the exact dense float64 formula.
   with jax.enable_x64(True):
@@ -530,6 +541,7 @@ def test_distillation_every_autodiff_mode_in_float64(kind):
     def r_mean(hs, ws, bs, ht, wt):
       return 0.7 * jnp.sum(ref_pair(hs, ws, bs, ht, wt, bt, kind, 0.3, mask=mask)) / mask.sum()
 
+    f, f_mean = jax.jit(f), jax.jit(f_mean)  # each derivative program compiled once
     check_grads(f, args, order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
     t = tuple(jnp.cos(a) for a in args)
     # The scalar rule to second order for JS (whose gradient has the most terms); the KL
@@ -544,7 +556,7 @@ def test_distillation_every_autodiff_mode_in_float64(kind):
         assert rel(a, b) < 1e-12
 
 
-def test_distillation_edge_values_and_errors():
+def test_distillation_edge_values_and_errors(impl):
   same = jxent.linear_js_divergence(H, W, H, W, reduction="none")
   assert np.all(np.asarray(same) == 0)  # exactly 0, not -1e-8
   b = np.zeros(V, np.float32)

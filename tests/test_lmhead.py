@@ -507,7 +507,10 @@ def test_distillation_values_and_gradients_against_float64(kind, beta, layout, i
   for name, a, b in zip(["ht", "wt", "bt"], gt, gm_want[3:]):
     assert rel(a, b) < 1e-5, name
   jm = jax.jvp(mean, args, tuple(np.cos(x).astype(np.float32) for x in args))[1]
-  assert rel(jm, jm_want) < 1e-5
+  # One number summed from terms of both signs (sum |g t| is ~200x the result here): float32
+  # resolves it relative to the terms, so that is the scale of the tolerance.
+  terms = sum(float(np.sum(np.abs(np.asarray(a) * np.asarray(b)))) for a, b in zip(gm_want, t))
+  assert abs(float(jm) - float(jm_want)) < 1e-5 * terms
 
 
 @pytest.mark.parametrize("kind, impl", [("forward", "platform"), ("reverse", "platform"),

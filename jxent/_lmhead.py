@@ -261,7 +261,7 @@ def _vocab_tangent(h3, y2, valid, res, dh3, w, b, dw, db, cfg, block):
   wide.vocab_slice = max(cfg.accel_block // 2, 1)
   out = F._tokens_tangent(one(h3), one(y2), one(valid), one(res), one(dh3), w, b, dw, db,
                           wide, block=block)
-  return tuple(a.reshape(nc, t) for a in out)
+  return tuple(a.reshape((nc, t) + a.shape[2:]) for a in out)
 
 
 def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
@@ -384,12 +384,11 @@ def _one_head_chunk(z, data, kind, want):
 def _one_head_grads(h3, w, b, data, scale, cfg, kind, want):
   """Per-token values [n_chunks, T], top-k slopes, and when ``want`` the gradients
   (dh [n_chunks, T, D], dW, db) of ``sum_i scale_i value_i``: token chunks (reference,
-  XLA:CPU; the top-k KL everywhere) or vocabulary blocks over all tokens (GPU, TPU)."""
+  XLA:CPU) or vocabulary blocks over all tokens (GPU, TPU)."""
   ref = functools.partial(_one_head_chunk_grads, kind=kind, want=want)
-  if kind == "topk":
-    return ref(h3, w, b, data, scale, cfg)
-  return dispatch(h3, w, b, data, scale, cfg, reference=ref,
-                  accelerator=functools.partial(_one_head_vocab_grads, kind=kind, want=want))
+  accel = (functools.partial(_topk_vocab_grads, want=want) if kind == "topk" else
+           functools.partial(_one_head_vocab_grads, kind=kind, want=want))
+  return dispatch(h3, w, b, data, scale, cfg, reference=ref, accelerator=accel)
 
 
 def _one_head_chunk_grads(h3, w, b, data, scale, cfg, kind, want):
@@ -1017,6 +1016,13 @@ _pair_sum.defjvp(_pair_sum_jvp, symbolic_zeros=True)
 # logits again (the unfused computation holds them).
 
 
+def _online_lse(m, s, z):
+  """The running (max, sum of exp(z - max)) per row moved on by one [N, block] block."""
+  m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+  mf = _finite(m_new)
+  return m_new, s * jnp.exp(m - mf) + jnp.sum(jnp.exp(z - mf[:, None]), axis=-1)
+
+
 def _pair_vocab_lse(h, w, b, cfg):
   """Both heads' logsumexps ([N] each) over vocabulary blocks; a head's row of -inf gives
   -inf (its log-probabilities are then NaN: no distribution, as the reference's)."""
@@ -1029,12 +1035,9 @@ def _pair_vocab_lse(h, w, b, cfg):
   def block(carry, start, size):
     out = ()
     for i in (0, 1):
-      m, s = carry[2 * i:2 * i + 2]
       z = _block_logits(h[i], F._cut(w[i], start, size, axis), F._cut(b[i], start, size, 0),
                         cfg)
-      m_new = jnp.maximum(m, jnp.max(z, axis=-1))
-      mf = _finite(m_new)
-      out += (m_new, s * jnp.exp(m - mf) + jnp.sum(jnp.exp(z - mf[:, None]), axis=-1))
+      out += _online_lse(*carry[2 * i:2 * i + 2], z)
     return out
 
   m_s, s_s, m_t, s_t = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
@@ -1350,6 +1353,13 @@ def _take_topk(z, idx, start):
 
 
 def _rest_forward(h3, w, b, idx3, cfg):
+  """(lse, lse outside the k, logits at the k): token chunks (reference, XLA:CPU) or
+  vocabulary blocks over all tokens (GPU, TPU)."""
+  return dispatch(h3, w, b, idx3, cfg, reference=_rest_chunks_forward,
+                  accelerator=_rest_vocab_forward)
+
+
+def _rest_chunks_forward(h3, w, b, idx3, cfg):
   def body(_, xs):
     h, idx = xs
     z = _block_logits(h, w, b, cfg)
@@ -1387,12 +1397,90 @@ def _lse_and_rest_jvp(primals, tangents):
   if dh3 is None and dw is None and db is None:
     return primal, tuple(jnp.zeros_like(a) for a in primal)
   valid = jnp.ones(idx3.shape[:2], bool)
-  out = F._tokens_tangent(h3, idx3, valid, primal[:2], dh3, w, b, dw, db, cfg,
-                          block=_rest_block_tangent)
+  out = _tangent(h3, idx3, valid, primal[:2], dh3, w, b, dw, db, cfg, _rest_block_tangent)
   return primal, tuple(out)
 
 
 _lse_and_rest.defjvp(_lse_and_rest_jvp, symbolic_zeros=True)
+
+
+# GPU and TPU: the top-k KL over vocabulary blocks of all tokens. Both logsumexps (all classes;
+# outside each token's k) are gathered online, the k logits picked up in the blocks that hold
+# them; the forward method's second pass forms each block's gradient from them.
+
+
+def _topk_vocab_stats(h, idx, w, b, cfg):
+  """(lse, lse outside the k [N], logits at the k [N, k]) over vocabulary blocks."""
+  v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
+  axis = 1 if cfg.layout == "dv" else 0
+  refs = (h, w, idx)
+  full = lambda x: F._varying_like(jnp.full(h.shape[:1], x, cfg.acc), *refs)
+  init = (full(-jnp.inf), full(0), full(-jnp.inf), full(0),
+          F._varying_like(jnp.zeros(idx.shape, cfg.acc), *refs))
+
+  def block(carry, start, size):
+    m, s, m_r, s_r, z_i = carry
+    z = _block_logits(h, F._cut(w, start, size, axis), F._cut(b, start, size, 0), cfg)
+    return (*_online_lse(m, s, z), *_online_lse(m_r, s_r, _masked_topk(z, idx, start)),
+            z_i + _take_topk(z, idx, start))
+
+  m, s, m_r, s_r, z_i = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
+  return _finite(m) + jnp.log(s), _finite(m_r) + jnp.log(s_r), z_i
+
+
+def _rest_vocab_forward(h3, w, b, idx3, cfg):
+  nc, t, d = h3.shape
+  lse, lse_rest, z_i = _topk_vocab_stats(h3.reshape(nc * t, d), idx3.reshape(nc * t, -1), w,
+                                         b, cfg)
+  return lse.reshape(nc, t), lse_rest.reshape(nc, t), z_i.reshape(idx3.shape)
+
+
+def _topk_vocab_grads(h3, w, b, data, scale, cfg, want):
+  """``_one_head_chunk_grads`` of the top-k KL on GPU/TPU: the statistics over vocabulary
+  blocks, then each block again for its gradient (its dW columns written once)."""
+  nc, t, d = h3.shape
+  idx3, lpt3, valid3 = data
+  h, idx, lpt = h3.reshape(nc * t, d), idx3.reshape(nc * t, -1), lpt3.reshape(nc * t, -1)
+  lse, lse_rest, z_i = _topk_vocab_stats(h, idx, w, b, cfg)
+  val, vjp = jax.vjp(_topk_value, lse, lse_rest, z_i, lpt)
+  g_lse, g_rest, g_zi, slope = vjp(jnp.ones_like(val))
+  val = jnp.where(valid3.reshape(-1), val, 0).reshape(nc, t)
+  slope = slope.reshape(lpt3.shape)
+  if not want:
+    return val, slope, None
+  v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
+  axis = 1 if cfg.layout == "dv" else 0
+  plain = _plain(cfg)
+  low = jnp.result_type(h, w)
+  low = low if jnp.finfo(low).bits < jnp.finfo(cfg.acc).bits else cfg.acc
+  hl = h.astype(low)
+  coef = scale.reshape(-1) / cfg.temperature  # z = (h W + b) / T
+  lse_f, rest_f = _finite(lse)[:, None], _finite(lse_rest)[:, None]
+  rows = jnp.arange(h.shape[0])[:, None]
+  refs = (h, w, b, coef)
+  init = (F._varying_like(jnp.zeros(h.shape, cfg.acc), *refs),
+          F._varying_like(jnp.zeros(w.shape, w.dtype), *refs),
+          None if b is None else F._varying_like(jnp.zeros(b.shape, b.dtype), *refs))
+
+  def block(carry, start, size):
+    dh, dw, db = carry
+    w_j = F._cut(w, start, size, axis)
+    z = _block_logits(h, w_j, F._cut(b, start, size, 0), cfg)
+    # d lse / dz = q, d lse_rest / dz = q restricted to the other classes and renormalised.
+    g = g_lse[:, None] * jnp.exp(z - lse_f)
+    g = g + g_rest[:, None] * jnp.exp(_masked_topk(z, idx, start) - rest_f)
+    inside = (idx >= start) & (idx < start + size)
+    g = g.at[rows, jnp.where(inside, idx - start, size)].add(g_zi, mode="drop")
+    g = g * coef[:, None]
+    dh_j, dw_j = F._block_products(g, hl, w_j, plain, low)
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(w.dtype), start, axis)
+    if db is not None:
+      db = jax.lax.dynamic_update_slice_in_dim(db, jnp.sum(g, axis=0).astype(b.dtype), start,
+                                               0)
+    return dh + dh_j, dw, db
+
+  dh, dw, db = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
+  return val, slope, (dh.astype(h3.dtype).reshape(nc, t, d), dw, db)
 
 
 def linear_topk_kl_divergence(
@@ -1439,7 +1527,9 @@ def linear_topk_kl_divergence(
     temperature: :math:`T > 0` dividing the student's logits (the teacher's log-probs are
       used as given).
     reduction: ``"mean"`` (over kept tokens), ``"sum"`` or ``"none"``.
-    chunk_size: tokens per block; default as :func:`linear_kl_divergence`.
+    chunk_size: tokens per block on CPU; default as :func:`linear_kl_divergence`. On GPU
+      and TPU the blocks are vocabulary columns of all tokens instead (~128 MiB of float32
+      logits; ``chunk_size`` unused).
 
   Returns:
     The divergence (scalar, or ``[...]`` for ``"none"``), :math:`\ge 0`.
@@ -1477,7 +1567,8 @@ def linear_topk_kl_divergence(
   idx2 = jnp.pad(idx.reshape(n, k).astype(jnp.int32), ((0, pad), (0, 0)))
   idx3 = idx2.reshape(h3.shape[0], t, k)
   acc = jnp.float64 if jnp.float64 in (hs.dtype, ws.dtype) else jnp.float32
-  cfg = _Config(weight_layout, F._VOCAB_SLICE, acc, float(temperature))
+  cfg = _Config(weight_layout, F._VOCAB_SLICE, acc, float(temperature),
+                F.accelerator_vocab_block(h3.shape[0] * t, v))
   lpt3 = jnp.pad(lpt.reshape(n, k).astype(acc), ((0, pad), (0, 0))).reshape(idx3.shape)
 
   def per_token():

@@ -603,8 +603,9 @@ def ref_topk(h, w, b, layout="dv", idx=TOPK, lpt=TOPK_LP):
   return jnp.where(MASK, out, 0)
 
 
-@pytest.mark.parametrize("layout", ["dv", "vd"])
-def test_topk_kl_values_and_gradients_against_float64(layout, monkeypatch):
+@pytest.mark.parametrize("layout, impl", [("dv", "platform"), ("vd", "platform"),
+                                          ("vd", "accelerator")], indirect=["impl"])
+def test_topk_kl_values_and_gradients_against_float64(layout, impl, monkeypatch):
   monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)
   w = W if layout == "dv" else W.T
   f = lambda h, w, b: jxent.linear_topk_kl_divergence(
@@ -628,8 +629,9 @@ def test_topk_kl_values_and_gradients_against_float64(layout, monkeypatch):
   assert rel(jv, jv_want) < 1e-5
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_topk_kl_scalar_reductions_against_float64(reduction):
+@pytest.mark.parametrize("reduction, impl", [("sum", "platform"), ("mean", "platform"),
+                                             ("mean", "accelerator")], indirect=["impl"])
+def test_topk_kl_scalar_reductions_against_float64(reduction, impl):
   # The forward method: gradients in h, W, b and in the teacher's log-probabilities.
   f = jax.jit(lambda h, w, b, lpt: 1.7 * jxent.linear_topk_kl_divergence(
       h, w, TOPK, lpt, student_bias=b, where=MASK, temperature=TEMP, reduction=reduction,
@@ -646,7 +648,7 @@ def test_topk_kl_scalar_reductions_against_float64(reduction):
     assert rel(a, b) < 1e-5
 
 
-def test_topk_kl_bounds_and_full_vocabulary():
+def test_topk_kl_bounds_and_full_vocabulary(impl):
   with jax.enable_x64(True):
     hs, ws, bs = f64(H, W, B)
     full_kl = np.asarray(jxent.kl_divergence_from_logits(

@@ -543,13 +543,30 @@ def _fused_line(r) -> str:
 # ------------------------------------------------------------ 4. language-model head
 
 # "…/token": the mean of the per-token output (any cotangent: the derivative recomputes).
-HEAD_QUANTITIES = ("log_probs", "log_probs/token", "entropy", "kl")
-SMOKE_HEAD_QUANTITIES = ("log_probs", "kl")  # one of each path, to keep the smoke run short
+HEAD_QUANTITIES = ("log_probs", "log_probs/token", "entropy", "kl", "js", "topk_kl")
+SMOKE_HEAD_QUANTITIES = ("log_probs", "kl", "topk_kl")  # one of each path: a short smoke run
 HEAD_VARIANTS = ("jxent", "jxent token chunks", "unfused JAX")
+HEAD_TOPK = 32  # the teacher's top-k log-probabilities of the top-k KL
 
 
-def _head_fn(q: str, variant: str, y, ht, wt):
-  """jit(value_and_grad) in (h, W) of the token mean of quantity ``q``, weight [V, D]."""
+def _teacher_topk(ht, wt, k=HEAD_TOPK):
+  """The teacher's k most likely classes and their log-probabilities, [N, k] each."""
+  lp = jax.nn.log_softmax(jnp.dot(ht, wt.T, preferred_element_type=jnp.float32))
+  lpt, idx = jax.lax.top_k(lp, k)
+  return idx, lpt
+
+
+def _unfused_pair(lq, lp, q):
+  p, qs = jnp.exp(lp), jnp.exp(lq)
+  if q == "kl":
+    return jnp.sum(p * (lp - lq), axis=-1)
+  lm = jnp.log(0.5 * p + 0.5 * qs)
+  return 0.5 * jnp.sum(p * (lp - lm), axis=-1) + 0.5 * jnp.sum(qs * (lq - lm), axis=-1)
+
+
+def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
+  """jit(value_and_grad) in (h, W) of the token mean of quantity ``q``, weight [V, D];
+  ``topk``: the teacher's (indices, log-probabilities) for "topk_kl"."""
   if variant == "unfused JAX":
     def f(h, w):
       lq = jax.nn.log_softmax(jnp.dot(h, w.T, preferred_element_type=jnp.float32))
@@ -557,9 +574,16 @@ def _head_fn(q: str, variant: str, y, ht, wt):
         return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
       if q == "entropy":
         return jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1))
+      if q == "topk_kl":
+        idx, lpt = topk
+        rows = jnp.arange(lq.shape[0])[:, None]
+        lq_rest = jax.nn.logsumexp(lq.at[rows, idx].set(-jnp.inf), axis=-1)
+        r = jnp.maximum(1 - jnp.sum(jnp.exp(lpt), axis=-1), 0)
+        top = jnp.sum(jnp.exp(lpt) * (lpt - jnp.take_along_axis(lq, idx, axis=-1)), axis=-1)
+        return jnp.mean(top + jnp.where(r > 0, r * (jnp.log(r) - lq_rest), 0))
       lp = jax.lax.stop_gradient(jax.nn.log_softmax(
           jnp.dot(ht, wt.T, preferred_element_type=jnp.float32)))
-      return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1))
+      return jnp.mean(_unfused_pair(lq, lp, q))
   else:
     def g(h, w):
       if q == "log_probs":
@@ -568,6 +592,10 @@ def _head_fn(q: str, variant: str, y, ht, wt):
         return jnp.mean(jxent.linear_log_probs(h, w, y, weight_layout="vd"))
       if q == "entropy":
         return jxent.linear_entropy(h, w, weight_layout="vd", reduction="mean")
+      if q == "js":
+        return jxent.linear_js_divergence(h, w, ht, wt, weight_layout="vd")
+      if q == "topk_kl":
+        return jxent.linear_topk_kl_divergence(h, w, *topk, weight_layout="vd")
       return jxent.linear_kl_divergence(h, w, ht, wt, weight_layout="vd")
 
     def f(h, w):  # the implementation is chosen when the function is traced
@@ -579,7 +607,7 @@ def _head_fn(q: str, variant: str, y, ht, wt):
 
 
 def head(shapes, budget: Budget, reps: int, rows: list[dict], quantities=HEAD_QUANTITIES,
-         reserve: float = 0.0) -> list[dict]:
+         reserve: float = 0.0, variants=HEAD_VARIANTS) -> list[dict]:
   """Appends one row per quantity, variant and size: jxent's head functions (vocabulary
   blocks on GPU/TPU), the same forced to token chunks, and unfused JAX."""
   for n, d, v in shapes:
@@ -587,20 +615,22 @@ def head(shapes, budget: Budget, reps: int, rows: list[dict], quantities=HEAD_QU
     h, w, y = _fused_inputs(n, d, v)
     ht = jax.device_put(jnp.roll(h, 1, axis=0))
     wt = jax.device_put(jnp.roll(w, 1, axis=1))
+    topk = jax.block_until_ready(_teacher_topk(ht, wt, min(HEAD_TOPK, v))) \
+        if "topk_kl" in quantities else None
     for q in quantities:
       if budget.left() < reserve + 60:
         rows.append({"size": size, "quantity": q, "note": "skipped: time budget"})
         continue
       fns, outs, xla = {}, {}, {}
-      for name in HEAD_VARIANTS:
-        f = _head_fn(q, name, y, ht, wt)
+      for name in variants:
+        f = _head_fn(q, name, y, ht, wt, topk)
         outs[name] = f(h, w)
         mem = H.xla_memory(f, h, w)
         xla[name] = mem["temp"] + mem["output"]
         fns[name] = lambda f=f, h=h, w=w: jax.block_until_ready(f(h, w))
       times = _alternate(fns, reps)
       ref = float(outs["unfused JAX"][0])
-      for name in HEAD_VARIANTS:
+      for name in variants:
         row = {"size": size, "quantity": q, "variant": name,
                "ms": statistics.median(times[name]) * 1e3,
                "vs unfused": _ratio(times, name, "unfused JAX"), "xla": xla[name],
@@ -608,7 +638,7 @@ def head(shapes, budget: Budget, reps: int, rows: list[dict], quantities=HEAD_QU
         rows.append(row)
         print(_head_line(row), flush=True)
       del fns, outs
-    del h, w, y, ht, wt
+    del h, w, y, ht, wt, topk
     gc.collect()
   return rows
 
@@ -651,7 +681,8 @@ def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=()
   if head_rows:
     out += ["", "Language-model head quantities, bfloat16, weight [V, D], the token mean under "
             "`jit(value_and_grad)` in h and W (`reduction=\"mean\"`; \"/token\": the mean "
-            "of the per-token output; kl: forward KL from a teacher head without gradient). "
+            "of the per-token output; kl, js (beta 0.5): from a teacher head without "
+            "gradient; topk_kl: from the teacher's 32 most likely classes). "
             "\"jxent token chunks\": the same functions forced to their reference (XLA:CPU) "
             "form; XLA: compiled scratch + outputs:", "",
             "| size | quantity | variant | ms | time / unfused JAX | XLA MiB | value rel. diff "
@@ -686,6 +717,9 @@ def main(argv=None):
                  "head quantities against unfused JAX")
   p.add_argument("--dense-shapes", help="e.g. 16384x128256,8192x50304 (default: both)")
   p.add_argument("--dense-losses", help=f"e.g. soft (default: {','.join(LOSSES)})")
+  p.add_argument("--head-quantities", help=f"e.g. kl,js (default: {','.join(HEAD_QUANTITIES)})")
+  p.add_argument("--head-chunks", action="store_true", help="head step: also time the "
+                 "functions forced to their token-chunked (XLA:CPU) form")
   p.add_argument("--tests-share", type=float, default=0.4,
                  help="share of the budget the suite may take (default 0.4)")
   p.add_argument("--probe", nargs=2, metavar=("VARIANT", "N,D,V"), help=argparse.SUPPRESS)
@@ -704,6 +738,11 @@ def main(argv=None):
   if args.dense_shapes:
     dense_shapes = [tuple(map(int, x.split("x"))) for x in args.dense_shapes.split(",")]
   dense_losses = tuple(args.dense_losses.split(",")) if args.dense_losses else LOSSES
+  head_quantities = (tuple(args.head_quantities.split(",")) if args.head_quantities else
+                     SMOKE_HEAD_QUANTITIES if args.smoke else HEAD_QUANTITIES)
+  if not set(head_quantities) <= set(HEAD_QUANTITIES):
+    p.error(f"--head-quantities: {args.head_quantities!r}; choose among "
+            f"{','.join(HEAD_QUANTITIES)}")
   if not set(dense_losses) <= set(LOSSES):
     p.error(f"--dense-losses: {args.dense_losses!r}; choose among {','.join(LOSSES)}")
   reps, inner = (3, 2) if args.smoke else (7, 10)
@@ -746,8 +785,9 @@ def main(argv=None):
                                 dense_rows, losses=dense_losses))
   if "head" in steps:
     step("head", lambda: head(SMOKE_HEAD if args.smoke else HEAD_SHAPES, budget,
-                              3 if args.smoke else 5, head_rows,
-                              SMOKE_HEAD_QUANTITIES if args.smoke else HEAD_QUANTITIES))
+                              3 if args.smoke else 5, head_rows, head_quantities,
+                              variants=HEAD_VARIANTS if args.head_chunks or args.smoke
+                              else ("jxent", "unfused JAX")))
   if "cost" in steps:
     step("cost", lambda: cost_rows.extend(xla_costs(
         dense_shapes[0], args.out.parent if args.out else None)))

@@ -53,7 +53,7 @@ def test_gpu_benchmark_smoke(tmp_path):
   head = [[c.strip() for c in ln.strip("|").split("|")] for ln in text.splitlines()
           if ln.startswith("| N=96, D=32, V=1000 |")]
   assert [(c[1], c[2]) for c in head] == [
-      (q, v) for q in ("log_probs", "kl")
+      (q, v) for q in ("log_probs", "kl", "topk_kl")
       for v in ("jxent", "jxent token chunks", "unfused JAX")]
   for c in head:
     assert float(c[3]) > 0 and float(c[6]) < 1e-2

@@ -100,6 +100,34 @@ def label_gap(zm: Array, y: Array, m: Array) -> Array:
   return m - z_y.astype(m.dtype)
 
 
+def label_tail(zm: Array, y: Array, acc) -> Array:
+  """``sum_{c != y} exp(z_c - z_y)`` per row (``y`` inside ``[0, C)``): the other classes'
+  mass relative to the label's. Exact where the label is the top logit, the only rows that
+  use it (``label_term``); elsewhere the exponent is capped at 0 (no overflow)."""
+  z = zm.astype(acc)
+  z_y = jnp.take_along_axis(z, y[:, None], axis=-1)
+  e = jnp.exp(jnp.minimum(z - z_y, 0))
+  return jnp.sum(e * (jnp.arange(zm.shape[-1])[None, :] != y[:, None]), axis=-1)
+
+
+# Below this loss (< log 2) the label's term takes the form that keeps its relative accuracy.
+_SMALL_LOSS = 0.5
+
+
+def label_term(r: Array, gap_y: Array, tail: Array | None) -> Array:
+  """``-log p_y = r + (m - z_y)`` per row. Where that is small, ``1 + rest`` inside ``r``
+  rounds to 1 and the loss to 0 (float32: a confident correct prediction whose true loss is
+  1e-8); there it is ``log1p(tail)``, ``tail = sum_{c != y} exp(z_c - z_y)``
+  (``label_tail``), the same value to float resolution relative to itself. A loss below
+  log 2 puts the label strictly above every other logit (p_y > 1/2), so ``tail`` is exact
+  there. ``tail`` None: the plain sum."""
+  plain = r + gap_y
+  if tail is None:
+    return plain
+  small = plain < _SMALL_LOSS  # False for NaN and +inf: those stay as they are
+  return jnp.where(small, jnp.log1p(tail), plain)
+
+
 def split_labels(y: Array, valid: Array | None, num_classes: int):
   """``(y clipped into [0, C), bad [N])``: bad marks kept labels outside ``[0, C)``, whose
   loss and gradient row are NaN (no class to take the loss of)."""
@@ -117,17 +145,18 @@ def poison_rows(x: Array, bad: Array) -> Array:
   return x + jnp.where(bad, jnp.nan, 0).astype(x.dtype)[:, None]
 
 
-def int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r, gap_y=None):
+def int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r, gap_y=None, tail=None):
   """Integer-label loss per row from the logsumexp parts:
   ``a (r + m - z_y) + s (sum_c v_c r + sum_c v_c (m - z_c)) + zl lse^2`` on kept rows; NaN
-  for a kept label outside ``[0, C)``."""
+  for a kept label outside ``[0, C)``; with ``tail`` (``label_tail``) the label's term keeps
+  its relative accuracy where it is tiny (``label_term``)."""
   n, c = zm.shape
   acc = m.dtype
   y, bad = split_labels(y, valid, c)
   a, s, v = int_target_parts(y, valid, w, eps, cmask, c, acc)
   if gap_y is None:
     gap_y = label_gap(zm, y, m)
-  loss = masked_mul(a, r + gap_y)
+  loss = masked_mul(a, label_term(r, gap_y, tail))
   if s is not None:
     # s sum_c v_c (m - z_c) as 2 sum_c (s v_c) (m/2 - z_c/2): the halves cannot overflow where
     # the loss itself is finite (logits near ±3e38).
@@ -149,7 +178,8 @@ def add_z_loss(loss, zl, valid, m, r):
 def int_ce(zm, y, valid, w, eps, cmask, zl):
   """``(loss, m, r)`` for integer labels; ``zm`` has the class mask applied already."""
   m, r = lse_parts(zm)
-  return int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r), m, r
+  tail = label_tail(zm, split_labels(y, valid, zm.shape[-1])[0], m.dtype)
+  return int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r, tail=tail), m, r
 
 
 def soft_target(y, valid, w, eps, cmask, acc):

@@ -415,7 +415,11 @@ def softmax_cross_entropy_with_integer_labels(
       example is 0 (PyTorch returns NaN).
 
   Returns:
-    Per-example losses or a scalar, float32 for 16-bit logits.
+    Per-example losses or a scalar, float32 for 16-bit logits. The label's term keeps its
+    relative accuracy where it is tiny (a confident correct prediction: ``-log p_y`` of
+    1e-8 is 1e-8 to float resolution, not 0 as ``lse - z_y`` rounds it); on XLA:CPU that
+    costs one more read of the logits in a batch that has such an example. The smoothing
+    and z-loss terms are accurate relative to the loss's scale.
 
   Labels outside ``[0, C)`` that are not ignored are reported by
   :func:`jxent.checked`.

@@ -689,3 +689,53 @@ def test_bfloat16_gradient_values_against_float64():
     g = jax.grad(f)(zb)
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=2**-7, atol=1e-3 * 2**-7)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_confident_correct_labels_keep_relative_accuracy(impl):
+  # A true loss of 1e-8 .. 1e-12 (the label's logit 12 .. 30 above the others): lse - z_y
+  # rounds it to 0 in float32 (Optax returns 0). Against log1p(sum_{c != y} e^(z_c - z_y))
+  # in float64, to rtol 1e-6, beside ordinary rows, with class weights and a dropped row.
+  # The gradient stays p - onehot(y), to float32's absolute resolution: its label entry
+  # p_y - 1 rounds at the scale of 1.
+  from jxent._platform import use_implementation
+  z = np.array([[20.0, 0.0, -1.0, 2.0], [30.0, 1.0, 2.0, 3.0], [12.0, 0.0, 0.0, 0.0],
+                [1e4 + 14.0, 1e4, 1e4 - 3.0, 1e4 + 1.0], [0.3, 0.1, -0.2, 0.0],
+                [2.0, 3.0, 30.0, 0.0]], np.float32)
+  y = np.array([0, 0, 0, 0, 1, 1])
+  w = np.array([1.5, 0.5, 1.0, 2.0], np.float32)
+  keep = np.array([True, True, True, True, True, False])
+  zd = z.astype(np.float64)
+  gap = zd - zd[np.arange(6), y][:, None]
+  gap[np.arange(6), y] = -np.inf
+  want = np.log1p(np.sum(np.exp(gap), axis=1)) * w[y] * keep
+  cot = np.linspace(0.5, 1.5, 6)
+  with use_implementation(impl):  # XLA:CPU's form, then the reference (GPU, TPU)
+    f = jax.jit(lambda z: jxent.softmax_cross_entropy_with_integer_labels(
+        z, y, class_weights=w, where=keep))
+    got = np.asarray(f(z), np.float64)
+    g = jax.grad(lambda z: jnp.sum(jnp.asarray(cot) * f(z)))(z)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  p = np.exp(zd - logsumexp(zd, axis=1, keepdims=True))
+  g_want = (cot * w[y] * keep)[:, None] * (p - np.eye(4)[y])
+  np.testing.assert_allclose(g, g_want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "reference"])
+def test_saturated_sigmoid_losses_keep_relative_accuracy(impl):
+  # BCE and focal where the label agrees with a saturated logit: true losses down to 1e-26
+  # (float32 normal range), to rtol 1e-6 against float64 formulas; Optax's BCE does the same.
+  from jxent._platform import use_implementation
+  z = np.array([9.0, 12.0, 16.0, 20.0, 40.0, -9.0, -16.0, -30.0, 0.5], np.float32)
+  y = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)
+  margin = np.where(y == 1, z, -z).astype(np.float64)
+  bce = np.logaddexp(0, -margin)
+  focal = np.where(y == 1, 0.25, 0.75) * (1 / (1 + np.exp(margin))) ** 2 * bce
+  with use_implementation(impl):
+    got_bce = jax.jit(jxent.sigmoid_binary_cross_entropy)(z, y)
+    got_focal = jax.jit(lambda z, y: jxent.sigmoid_focal_loss(z, y, alpha=0.25, gamma=2.0))(z, y)
+    total = jax.jit(lambda z, y: jxent.sigmoid_binary_cross_entropy(z, y, reduction="sum"))(z, y)
+  np.testing.assert_allclose(got_bce, bce, rtol=1e-6)
+  np.testing.assert_allclose(total, bce.sum(), rtol=1e-6)
+  ok = focal > np.finfo(np.float32).tiny  # 40 gives 1e-52: below float32's range
+  np.testing.assert_allclose(np.asarray(got_focal)[ok], focal[ok], rtol=1e-6)

@@ -253,6 +253,23 @@ def head_quantities():
         lambda h, w, b, ht, wt, m: jxent.linear_js_divergence(
             h, w, ht, wt, student_bias=b, where=m, beta=0.3, **pair, **kw),
         (h, w, b, ht, wt), (mask,))
+    # The [V, D] layout (the weight's rows split over "model"), with a scalar reduction for
+    # the sharded pair (its tokens whole on every device: a mean over all of them).
+    row = P("model", None)
+    cases["log_probs_vd"] = (
+        smap(lambda h, w, b, y, m: sh.vocab_parallel_linear_log_probs(
+            h, w, y, bias=b, where=m, weight_layout="vd", **kin), (tok, row, vec, tok, tok)),
+        lambda h, w, b, y, m: jxent.linear_log_probs(h, w, y, bias=b, where=m,
+                                                     weight_layout="vd", **kw),
+        (h, w.T, b), (y, mask))
+    cases["js_mean_vd"] = (
+        smap(lambda h, w, b, ht, wt, m: sh.vocab_parallel_linear_js_divergence(
+            h, w, ht, wt, student_bias=b, where=m, beta=0.3, teacher_grad=True,
+            weight_layout="vd", reduction="mean", **kin), (P(), row, vec, P(), row, P()), P()),
+        lambda h, w, b, ht, wt, m: jxent.linear_js_divergence(
+            h, w, ht, wt, student_bias=b, where=m, beta=0.3, teacher_grad=True,
+            weight_layout="vd", reduction="mean", **kw),
+        (h, w.T, b, ht, wt.T), (mask,))
     for name, (f, ref, args, rest) in cases.items():
       # One compiled program per case: value, gradient (and for JS a Hessian-vector
       # product) of the sharded and of the unsharded function.

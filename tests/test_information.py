@@ -48,6 +48,82 @@ def test_entropy_axis():
   np.testing.assert_allclose(got, sp.entr(P).sum(-1), rtol=2e-6)
 
 
+# Every function that takes ``axis`` or ``base``, in float64: with the class axis first
+# (``axis=0`` on transposed inputs) the values and every float argument's gradient under a
+# non-uniform cotangent are the default layout's, transposed; with ``base=2`` they are the
+# nats' divided by log 2. (The default layout and nats are checked against SciPy/NumPy
+# formulas elsewhere in this file and in test_transforms.py.)
+_ROWS, _COLS = 4, 6
+_AX = dict(p=_probs((_ROWS, _COLS)), q=_probs((_ROWS, _COLS), rng=np.random.default_rng(2)),
+           z=RNG.normal(size=(_ROWS, _COLS)) * 2, zq=RNG.normal(size=(_ROWS, _COLS)),
+           w=RNG.uniform(0.5, 2.0, size=_COLS))
+_AX_Y = RNG.integers(0, _COLS, size=_ROWS)
+_AXIS_CASES = {  # name: (function of (float arrays..., **options), its float inputs)
+    "entropy": (jxent.entropy, ("p",)),
+    "entropy_from_logits": (jxent.entropy_from_logits, ("z",)),
+    "cross_entropy": (jxent.cross_entropy, ("p", "q")),
+    "cross_entropy_from_logits": (jxent.cross_entropy_from_logits, ("z", "zq")),
+    "kl_divergence": (jxent.kl_divergence, ("p", "q")),
+    "kl_divergence_from_logits": (
+        lambda a, b, **kw: jxent.kl_divergence_from_logits(a, b, temperature=1.5, **kw),
+        ("z", "zq")),
+    "js_divergence": (jxent.js_divergence, ("p", "q")),
+    "js_divergence_from_logits": (
+        lambda a, b, **kw: jxent.js_divergence_from_logits(a, b, beta=0.3, temperature=1.5,
+                                                           **kw), ("z", "zq")),
+    "log_probs": (lambda z, **kw: jxent.log_probs(z, _AX_Y, temperature=1.5, **kw), ("z",)),
+    "categorical_cross_entropy": (jxent.categorical_cross_entropy, ("p", "q")),
+    "softmax_cross_entropy": (
+        lambda z, t, **kw: jxent.softmax_cross_entropy(
+            z, t, label_smoothing=0.1, z_loss=1e-3, class_weights=jnp.asarray(_AX["w"]), **kw),
+        ("z", "q")),
+    "grads.softmax_cross_entropy_grad": (jxent.grads.softmax_cross_entropy_grad, ("z", "q")),
+}
+_BASE_CASES = {n: c for n, c in _AXIS_CASES.items()
+               if n not in ("log_probs", "categorical_cross_entropy", "softmax_cross_entropy",
+                            "grads.softmax_cross_entropy_grad")}
+
+
+def _value_and_grads(fn, args, cot, **kw):
+  f = lambda *a: fn(*a, **kw)
+  grads = jax.grad(lambda c, *a: jnp.sum(c * f(*a)), argnums=tuple(range(1, len(args) + 1)))
+  return jax.jit(lambda c, *a: (f(*a), grads(c, *a)))(cot, *args)
+
+
+@pytest.mark.parametrize("name", sorted(_AXIS_CASES))
+def test_axis_moves_values_and_gradients(name):
+  fn, keys = _AXIS_CASES[name]
+  with jax.enable_x64(True):
+    args = tuple(jnp.asarray(_AX[k]) for k in keys)
+    shape = jax.eval_shape(fn, *args).shape  # [rows], or the gradient helper's [rows, classes]
+    cot = jnp.asarray(1.2 + np.cos(np.arange(np.prod(shape))).reshape(shape))
+    out, grads = _value_and_grads(fn, args, cot)
+    out_t, grads_t = _value_and_grads(fn, tuple(a.T for a in args), cot.T, axis=0)
+    out_t = out_t.T
+  np.testing.assert_allclose(out_t, out, rtol=1e-12, atol=1e-15)
+  for g_t, g in zip(grads_t, grads):
+    assert np.any(np.asarray(g) != 0)
+    np.testing.assert_allclose(np.asarray(g_t).T, g, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", sorted(_BASE_CASES) + ["self_information", "binary_entropy"])
+def test_base_two_divides_values_and_gradients_by_log_two(name):
+  if name in ("self_information", "binary_entropy"):
+    fn, keys = getattr(jxent, name), ("p",)
+  else:
+    fn, keys = _BASE_CASES[name]
+  with jax.enable_x64(True):
+    args = tuple(jnp.asarray(_AX[k]) for k in keys)
+    shape = jax.eval_shape(fn, *args).shape
+    cot = jnp.asarray(1.2 + np.cos(np.arange(np.prod(shape))).reshape(shape))
+    out, grads = _value_and_grads(fn, args, cot)
+    bits, grads_2 = _value_and_grads(fn, args, cot, base=2)
+  np.testing.assert_allclose(bits, np.asarray(out) / np.log(2), rtol=1e-13, atol=1e-15)
+  for g2, g in zip(grads_2, grads):
+    assert np.any(np.asarray(g) != 0)
+    np.testing.assert_allclose(g2, np.asarray(g) / np.log(2), rtol=1e-13, atol=1e-15)
+
+
 def test_self_information_values():
   p = np.array([0.7, 0.2, 0.1, 1.0, 0.0])
   got = jxent.self_information(p.astype(np.float32))

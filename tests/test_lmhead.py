@@ -456,9 +456,10 @@ def fused_pair(hs, ws, bs, ht, wt, bt, kind, beta, layout="dv", **kw):
 
 
 @pytest.mark.parametrize("kind, beta, layout, impl", [
+    # JS on this platform: test_distillation_every_autodiff_mode_in_float64 (float64, every
+    # mode). The reverse KL's GPU/TPU path (its gradients after the terms' pass) is JS's.
     ("forward", None, "dv", "platform"), ("reverse", None, "vd", "platform"),
-    ("js", 0.3, "dv", "platform"), ("forward", None, "vd", "accelerator"),
-    ("reverse", None, "dv", "accelerator"), ("js", 0.5, "vd", "accelerator")],
+    ("forward", None, "vd", "accelerator"), ("js", 0.5, "vd", "accelerator")],
     indirect=["impl"])
 def test_distillation_values_and_gradients_against_float64(kind, beta, layout, impl,
                                                            monkeypatch):
@@ -653,7 +654,7 @@ def test_topk_kl_bounds_and_full_vocabulary(impl):
     hs, ws, bs = f64(H, W, B)
     full_kl = np.asarray(jxent.kl_divergence_from_logits(
         (f64(HT)[0] @ f64(WT)[0] + f64(BT)[0]), hs @ ws + bs, temperature=TEMP))
-    for k in (1, 5, 20):
+    for k in (1, 5, 20) if impl == "platform" else ():  # the GPU/TPU form: k = V below
       idx = np.argsort(-TEACHER_LP, axis=-1)[:, :k]
       lpt = np.take_along_axis(TEACHER_LP, idx, axis=-1)
       got = np.asarray(jxent.linear_topk_kl_divergence(

@@ -146,6 +146,7 @@ def test_scalar_reduction_second_order_and_bad_labels():
     f = lambda h, w, b: jxent.linear_entropy(h, w, bias=b, where=mask, temperature=TEMP,
                                              reduction="mean", chunk_size=4)
     r = lambda h, w, b: jnp.sum(ref_entropy(h, w, b, mask=mask)) / np.sum(mask)
+    f = jax.jit(f)  # each derivative program compiled once
     # First order against finite differences; second order against the exact formula below.
     check_grads(f, args, order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
     t = tuple(jnp.cos(a) for a in args)
@@ -181,6 +182,7 @@ def test_every_autodiff_mode_to_second_order_in_float64(name, temp, impl):
       f = lambda h, w, b: jnp.sum(cot * jxent.linear_entropy(
           h, w, bias=b, where=mask, temperature=temp, chunk_size=4))
       r = lambda h, w, b: jnp.sum(cot * ref_entropy(h, w, b, temp=temp, mask=mask))
+    f = jax.jit(f)  # each derivative program compiled once
     check_grads(f, args, order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
     t = tuple(jnp.cos(a) for a in args)
     for a, b in zip(jax.grad(f, argnums=(0, 1, 2))(*args), jax.grad(r, argnums=(0, 1, 2))(*args)):
@@ -482,11 +484,14 @@ def test_distillation_values_and_gradients_against_float64(kind, beta, layout, i
                        argnums=tuple(range(6))))(*args)
   for name, a, b in zip(["hs", "ws", "bs", "ht", "wt", "bt"], g, g_want):
     assert rel(a, b) < 1e-5, name
-  jv = jax.jvp(none, args, tuple(np.cos(x).astype(np.float32) for x in args))[1]
+  jv = jax.jit(lambda a, t: jax.jvp(none, a, t)[1])(
+      args, tuple(np.cos(x).astype(np.float32) for x in args))
   assert rel(jv, jv_want) < 1e-5
   # the teacher's side has no gradient by default; reductions over kept tokens
-  g0 = jax.grad(lambda *a: fused_pair(*a, kind, beta, layout), argnums=(0, 3, 4))(*args)
-  assert rel(g0[0], jax.grad(lambda h: jnp.sum(none(h, *args[1:])) / MASK.sum())(H)) < 1e-5
+  g0 = jax.jit(jax.grad(lambda *a: fused_pair(*a, kind, beta, layout), argnums=(0, 3, 4)))(
+      *args)
+  assert rel(g0[0], jax.jit(jax.grad(lambda h: jnp.sum(none(h, *args[1:])) / MASK.sum()))(
+      H)) < 1e-5
   assert np.all(g0[1] == 0) and np.all(g0[2] == 0)
   np.testing.assert_allclose(fused_pair(*args, kind, beta, layout), np.sum(want) / MASK.sum(),
                              rtol=1e-5)

@@ -264,6 +264,29 @@ def _vocab_tangent(h3, y2, valid, res, dh3, w, b, dw, db, cfg, block):
   return tuple(a.reshape((nc, t) + a.shape[2:]) for a in out)
 
 
+def _low_dtype(h, w, acc):
+  """The dtype of the gradient products' operands: the inputs' if narrower than ``acc``."""
+  low = jnp.result_type(h, w)
+  return low if jnp.finfo(low).bits < jnp.finfo(acc).bits else acc
+
+
+def _grads_init(h, w, b, acc, *refs):
+  """Zero (dh in ``acc``, dW, db) for a pass over vocabulary blocks."""
+  zeros = lambda a, dtype: F._varying_like(jnp.zeros(a.shape, dtype), *refs)
+  return (zeros(h, acc), zeros(w, w.dtype), None if b is None else zeros(b, b.dtype))
+
+
+def _vocab_block_grads(grads, g, hl, w_j, start, axis, plain, low):
+  """(dh, dW, db) moved on by one vocabulary block's gradient in the logits ``g`` ([N, block],
+  scaled): dh accumulated, the block's dW columns and db entries written once."""
+  dh, dw, db = grads
+  dh_j, dw_j = F._block_products(g, hl, w_j, plain, low)
+  dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(dw.dtype), start, axis)
+  if db is not None:
+    db = jax.lax.dynamic_update_slice_in_dim(db, jnp.sum(g, axis=0).astype(db.dtype), start, 0)
+  return dh + dh_j, dw, db
+
+
 def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
   """``_one_head_grads`` for the log-probabilities and the entropy on GPU/TPU: the
   statistics over vocabulary blocks, then each block again for its gradient."""
@@ -281,19 +304,14 @@ def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
   if not want:
     return val.reshape(nc, t), None, None
   plain = _plain(cfg)
-  low = jnp.result_type(h, w)
-  low = low if jnp.finfo(low).bits < jnp.finfo(cfg.acc).bits else cfg.acc
+  low = _low_dtype(h, w, cfg.acc)
   hl = h.astype(low)
   coef = scale.reshape(-1) / cfg.temperature  # z = (h W + b) / T
   lse_f = _finite(lse)
   floor = jnp.asarray(jnp.finfo(cfg.acc).min / 4, cfg.acc)
-  refs = (h, w, b, coef)
-  init = (F._varying_like(jnp.zeros(h.shape, cfg.acc), *refs),
-          F._varying_like(jnp.zeros(w.shape, w.dtype), *refs),
-          None if b is None else F._varying_like(jnp.zeros(b.shape, b.dtype), *refs))
+  init = _grads_init(h, w, b, cfg.acc, h, w, b, coef)
 
   def block(carry, start, size):
-    dh, dw, db = carry
     w_j = F._cut(w, start, size, axis)
     z = _block_logits(h, w_j, F._cut(b, start, size, 0), cfg)
     zl = z - lse_f[:, None]
@@ -303,13 +321,7 @@ def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
       g = R.poison_rows(jnp.where(onehot, 1 - p, -p), bad)
     else:
       g = -p * (jnp.maximum(zl, floor) + ent[:, None])
-    g = g * coef[:, None]
-    dh_j, dw_j = F._block_products(g, hl, w_j, plain, low)
-    dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(w.dtype), start, axis)
-    if db is not None:
-      db = jax.lax.dynamic_update_slice_in_dim(db, jnp.sum(g, axis=0).astype(b.dtype), start,
-                                               0)
-    return dh + dh_j, dw, db
+    return _vocab_block_grads(carry, g * coef[:, None], hl, w_j, start, axis, plain, low)
 
   dh, dw, db = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
   return val.reshape(nc, t), None, (dh.astype(h3.dtype).reshape(nc, t, d), dw, db)
@@ -1094,19 +1106,14 @@ def _pair_vocab_grads(h3, w, b, scale, cfg, want):
     return _pair_combine(known, cfg, cfg.beta).reshape(nc, t), (None, None)
   plain = _plain(cfg)
   coef = scale.reshape(-1) / cfg.temperature  # z = (h W + b) / T
-  lows, hls = [], []
-  for h_i, w_i in zip(h, w):
-    low = jnp.result_type(h_i, w_i)
-    low = low if jnp.finfo(low).bits < jnp.finfo(cfg.acc).bits else cfg.acc
-    lows.append(low)
-    hls.append(h_i.astype(low))
+  lows = [_low_dtype(h_i, w_i, cfg.acc) for h_i, w_i in zip(h, w)]
+  hls = [h_i.astype(low) for h_i, low in zip(h, lows)]
   refs = (*h, *w, coef)
-  zeros = lambda a, dtype: F._varying_like(jnp.zeros(a.shape, dtype), *refs)
-  heads = tuple((zeros(h_i, cfg.acc), zeros(w_i, w_i.dtype),
-                 None if b_i is None else zeros(b_i, b_i.dtype)) if want_i else None
+  heads = tuple(_grads_init(h_i, w_i, b_i, cfg.acc, *refs) if want_i else None
                 for want_i, h_i, w_i, b_i in zip(want, h, w, b))
   n_parts = 1 if cfg.kind != "js" else 2
-  sums = () if known is not None else tuple(zeros(coef, cfg.acc) for _ in range(n_parts))
+  sums = () if known is not None else tuple(
+      F._varying_like(jnp.zeros(coef.shape, cfg.acc), *refs) for _ in range(n_parts))
 
   def block(carry, start, size):
     heads, sums = carry
@@ -1120,15 +1127,9 @@ def _pair_vocab_grads(h3, w, b, scale, cfg, want):
       if g is None:
         new.append(None)
         continue
-      dh, dw, db = heads[i]
-      w_j = F._cut(w[i], start, size, axis)
-      g = g * coef[:, None]
-      dh_j, dw_j = F._block_products(g, hls[i], w_j, plain, lows[i])
-      dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(dw.dtype), start, axis)
-      if db is not None:
-        db = jax.lax.dynamic_update_slice_in_dim(db, jnp.sum(g, axis=0).astype(db.dtype),
-                                                 start, 0)
-      new.append((dh + dh_j, dw, db))
+      new.append(_vocab_block_grads(heads[i], g * coef[:, None], hls[i],
+                                    F._cut(w[i], start, size, axis), start, axis, plain,
+                                    lows[i]))
     return tuple(new), sums
 
   heads, sums = F._vocab_loop(block, (heads, sums), v, min(cfg.accel_block, v))
@@ -1451,19 +1452,14 @@ def _topk_vocab_grads(h3, w, b, data, scale, cfg, want):
   v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
   axis = 1 if cfg.layout == "dv" else 0
   plain = _plain(cfg)
-  low = jnp.result_type(h, w)
-  low = low if jnp.finfo(low).bits < jnp.finfo(cfg.acc).bits else cfg.acc
+  low = _low_dtype(h, w, cfg.acc)
   hl = h.astype(low)
   coef = scale.reshape(-1) / cfg.temperature  # z = (h W + b) / T
   lse_f, rest_f = _finite(lse)[:, None], _finite(lse_rest)[:, None]
   rows = jnp.arange(h.shape[0])[:, None]
-  refs = (h, w, b, coef)
-  init = (F._varying_like(jnp.zeros(h.shape, cfg.acc), *refs),
-          F._varying_like(jnp.zeros(w.shape, w.dtype), *refs),
-          None if b is None else F._varying_like(jnp.zeros(b.shape, b.dtype), *refs))
+  init = _grads_init(h, w, b, cfg.acc, h, w, b, coef)
 
   def block(carry, start, size):
-    dh, dw, db = carry
     w_j = F._cut(w, start, size, axis)
     z = _block_logits(h, w_j, F._cut(b, start, size, 0), cfg)
     # d lse / dz = q, d lse_rest / dz = q restricted to the other classes and renormalised.
@@ -1471,13 +1467,7 @@ def _topk_vocab_grads(h3, w, b, data, scale, cfg, want):
     g = g + g_rest[:, None] * jnp.exp(_masked_topk(z, idx, start) - rest_f)
     inside = (idx >= start) & (idx < start + size)
     g = g.at[rows, jnp.where(inside, idx - start, size)].add(g_zi, mode="drop")
-    g = g * coef[:, None]
-    dh_j, dw_j = F._block_products(g, hl, w_j, plain, low)
-    dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_j.astype(w.dtype), start, axis)
-    if db is not None:
-      db = jax.lax.dynamic_update_slice_in_dim(db, jnp.sum(g, axis=0).astype(b.dtype), start,
-                                               0)
-    return dh + dh_j, dw, db
+    return _vocab_block_grads(carry, g * coef[:, None], hl, w_j, start, axis, plain, low)
 
   dh, dw, db = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
   return val, slope, (dh.astype(h3.dtype).reshape(nc, t, d), dw, db)

@@ -117,12 +117,13 @@ def take_label_logit(z: Array, y: Array) -> Array:
 
 
 def label_tail(zm: Array, y: Array, acc) -> Array:
-  """``_reference.label_tail`` where it is used (the label strictly above every other logit):
-  ``sum_c frac(exp(z_c - z_y))``, the label's own term exp(0) = 1 having no fractional part
-  and every other term below 1. Arithmetic only, so XLA:CPU keeps the exp-sum fused: masking
-  the label's column (a compare, a select, or a scatter of -inf) made the pass 4-5x slower
-  (f32 [4096, 32768]: 180-200 ms against 53 ms; the bare exp-sum 41 ms). Rows elsewhere may
-  get any value (NaN where a term overflows): they are not used."""
+  """``sum_{c != y} exp(z_c - z_y)`` (``_reference.label_term``) where it is used (the label
+  strictly above every other logit), as ``sum_c frac(exp(z_c - z_y))``, the label's own term
+  exp(0) = 1 having no fractional part and every other term below 1. Arithmetic only, so
+  XLA:CPU keeps the exp-sum fused: masking the label's column (a compare, a select, or a
+  scatter of -inf) made the pass 4-5x slower (f32 [4096, 32768]: 180-200 ms against 53 ms;
+  the bare exp-sum 41 ms). Rows elsewhere may get any value (NaN where a term overflows):
+  they are not used."""
   n, c = zm.shape
   k = row_split(c, zm)
   z_y = take_label_logit(zm, y).astype(acc)
@@ -186,6 +187,37 @@ def _soft_pieces_cross(z, y, valid, w, eps, m, r, k):
   return jnp.sum(jnp.sum(tp * gap, axis=-1).reshape(n, k), axis=-1)
 
 
+def sharp_parts(z: Array, k: int, acc) -> tuple[Array, Array]:
+  """``(m, r)`` as ``_reference.lse_parts``, r sharp where small (``_reference.sharpen``):
+  max-shifted, the rest as ``sum_c frac(exp(z_c - m))`` (the max's term exp(0) = 1 has no
+  fractional part, every other term is below 1; where one rounds to 1, r >= log 2 and the
+  rest is not used). Arithmetic only, so that XLA:CPU fuses both sums into one pass."""
+  n, c = z.shape
+  pieces = z if k == 1 else split_rows(z, k)
+  m_raw = jnp.max(jnp.max(pieces, axis=-1).reshape(n, k), axis=-1).astype(acc)
+  m = jnp.where(jnp.isfinite(m_raw), m_raw, 0)
+  e = jnp.exp(pieces.astype(acc) - (m if k == 1 else jnp.repeat(m, k))[:, None])
+  s = jnp.sum(jnp.sum(e, axis=-1).reshape(n, k), axis=-1)
+  rest = jnp.sum(jnp.sum(e - jnp.floor(e), axis=-1).reshape(n, k), axis=-1)
+  r = R.sharpen(jnp.log(s), rest)
+  return m, jnp.where(m_raw == jnp.inf, jnp.nan, r)
+
+
+def _kept(x: Array, valid: Array | None) -> Array:
+  return x if valid is None else x & valid
+
+
+def _soft_cross(z, y, valid, w, eps, m, r, k):
+  """sum_c t_c (r + m - z_c) per row, select-free (NaN where t_c = 0 meets z_c = -inf)."""
+  if k > 1:  # long rows: the one reduction over whole rows ran 2.6x slower (f32 [8192, 50304])
+    return _soft_pieces_cross(z, y, valid, w, eps, m, r, k)
+  # One reduction: sum_c t_c (r + (m - z_c)). Two (sum t and sum t d) made XLA materialise
+  # the float32 conversion of 16-bit labels for both.
+  t = R.soft_target(y, valid, w, eps, None, m.dtype)
+  d = m[:, None] - unshared(z).astype(m.dtype)
+  return jnp.sum(t * (r[:, None] + d), axis=-1)
+
+
 def soft_ce(zm, y, valid, w, eps, cmask, zl):
   """``(loss, m, r)`` as ``_reference.soft_ce``. The cross term has no select, so that XLA:CPU
   fuses it with the exp-sum (a select there cost 4-7x); a non-finite result is recomputed
@@ -195,14 +227,15 @@ def soft_ce(zm, y, valid, w, eps, cmask, zl):
   n, c = zm.shape
   m, r = lse_parts(zm)
   k = row_split(c, zm)
-  if k > 1:  # long rows: the one reduction over whole rows ran 2.6x slower (f32 [8192, 50304])
-    loss = _soft_pieces_cross(zm, y, valid, w, eps, m, r, k)
-  else:
-    # One reduction: sum_c t_c (r + (m - z_c)). Two (sum t and sum t d) made XLA materialise
-    # the float32 conversion of 16-bit labels for both.
-    t = R.soft_target(y, valid, w, eps, None, m.dtype)
-    d = m[:, None] - unshared(zm).astype(m.dtype)
-    loss = jnp.sum(t * (r[:, None] + d), axis=-1)
+  loss = _soft_cross(zm, y, valid, w, eps, m, r, k)
+  # A loss below 0.5 from the one-pass logsumexp (m = 0) is r - z_y rounded at the scale of
+  # lse (a confident prediction's 1e-8 becomes 0 or 1e-6): then the batch again, max-shifted
+  # with a sharp r, where a one-hot target's loss is r alone (two more reads of the logits).
+  def sharp():
+    m2, r2 = sharp_parts(zm, k, m.dtype)
+    return _soft_cross(zm, y, valid, w, eps, m2, r2, k), m2, r2
+  loss, m, r = jax.lax.cond(jnp.any(_kept(loss < R._SMALL_LOSS, valid)), sharp,
+                            lambda: (loss, m, r))
   # Non-finite only where t_c = 0 meets z_c = -inf, where m - z_c overflows (logits near
   # ±3e38), or where the loss is truly +inf: then, and only then, the exact form.
   loss = jax.lax.cond(
@@ -246,12 +279,13 @@ def _soft_in_one_kernel(z, y, valid, w, eps, zl):
 
 def soft_ce_loss(zm, y, valid, w, eps, cmask, zl):
   """Per-example soft-label losses without the logsumexp parts (no gradient): one fused
-  kernel for rows of at most ``FAST_ROW`` classes, any non-finite loss recomputed by
-  ``soft_ce`` (which also gives a true +inf)."""
+  kernel for rows of at most ``FAST_ROW`` classes, recomputed by ``soft_ce`` where any loss
+  is non-finite (it also gives a true +inf) or below 0.5 (its sharp form)."""
   if cmask is not None or row_split(zm.shape[-1], zm) > 1 or explicitly_sharded(zm):
     return soft_ce(zm, y, valid, w, eps, cmask, zl)[0]
   per = _soft_in_one_kernel(zm, y, valid, w, eps, zl)
-  return jax.lax.cond(jnp.all(jnp.isfinite(per)), lambda: per,
+  small = _kept(per < R._SMALL_LOSS, valid)
+  return jax.lax.cond(jnp.all(jnp.isfinite(per)) & ~jnp.any(small), lambda: per,
                       lambda: soft_ce(zm, y, valid, w, eps, cmask, zl)[0])
 
 
@@ -263,7 +297,11 @@ def soft_ce_total(zm, y, valid, w, eps, cmask, zl):
   if cmask is not None or explicitly_sharded(zm):
     return jnp.sum(soft_ce(zm, y, valid, w, eps, cmask, zl)[0])
   total = jnp.sum(_soft_in_one_kernel(zm, y, valid, w, eps, zl))
-  return jax.lax.cond(jnp.isfinite(total), lambda: total,
+  # A total below 0.5 per row may hold rows whose tiny losses round at the scale of their
+  # logsumexp (``soft_ce``): then the per-row form.
+  kept = zm.shape[0] if valid is None else jnp.sum(valid)
+  return jax.lax.cond(jnp.isfinite(total) & (total >= R._SMALL_LOSS * kept),
+                      lambda: total,
                       lambda: jnp.sum(soft_ce(zm, y, valid, w, eps, cmask, zl)[0]))
 
 

@@ -46,17 +46,36 @@ def lse_parts(z: Array) -> tuple[Array, Array]:
   """``(m, r)`` per row with ``logsumexp(z) = m + r``: m the row max (0 where it is not
   finite), r the log-sum-exp of ``z - m``. A row of ``-inf`` gives ``r = -inf``; a NaN or a
   ``+inf`` anywhere in a row gives ``r = NaN`` (no finite logits give such a distribution).
+  r keeps its relative accuracy where it is small (``sharpen``).
   """
   acc = acc_dtype(z.dtype)
   m = jax.lax.stop_gradient(jnp.max(z, axis=-1)).astype(acc)
-  return finish_parts(z, m, jnp.sum)
+  return finish_parts(z, m, jnp.sum, sharp=True)
 
 
-def finish_parts(z: Array, m: Array, row_sum) -> tuple[Array, Array]:
-  """``(m, r)`` from the raw row max: the shift made finite, r NaN for a ``+inf`` max."""
+# Below this (< log 2) r and a label's loss take the forms that keep their relative accuracy.
+_SMALL_LOSS = 0.5
+
+
+def sharpen(r: Array, rest: Array) -> Array:
+  """``r = log(s)``, ``s = sum_c exp(z_c - m)``, as ``log1p(rest)`` where it is in
+  ``[0, 0.5)``; ``rest`` is the sum without the terms at the max. There the max is unique
+  (two terms of 1 make r >= log 2), so s = 1 + rest exactly, while ``1 + rest`` rounds to 1
+  and r to 0 once rest is below float resolution (a nearly one-hot row: float32 loses a
+  confident prediction's loss of 1e-8 that way)."""
+  return jnp.where((r >= 0) & (r < _SMALL_LOSS), jnp.log1p(rest), r)
+
+
+def finish_parts(z: Array, m: Array, row_sum, sharp: bool = False) -> tuple[Array, Array]:
+  """``(m, r)`` from the raw row max: the shift made finite, r NaN for a ``+inf`` max;
+  ``sharp``: r to relative accuracy where it is small (``sharpen``; one more masked sum)."""
   pos_inf = m == jnp.inf
   m = jnp.where(jnp.isfinite(m), m, 0)
-  r = jnp.log(row_sum(jnp.exp(z.astype(m.dtype) - m[:, None]), axis=-1))
+  d = z.astype(m.dtype) - m[:, None]
+  e = jnp.exp(d)
+  r = jnp.log(row_sum(e, axis=-1))
+  if sharp:  # a NaN d keeps its NaN term: the row stays NaN
+    r = sharpen(r, row_sum(jnp.where(d == 0, 0, e), axis=-1))
   return m, jnp.where(pos_inf, jnp.nan, r)
 
 
@@ -100,27 +119,14 @@ def label_gap(zm: Array, y: Array, m: Array) -> Array:
   return m - z_y.astype(m.dtype)
 
 
-def label_tail(zm: Array, y: Array, acc) -> Array:
-  """``sum_{c != y} exp(z_c - z_y)`` per row (``y`` inside ``[0, C)``): the other classes'
-  mass relative to the label's. Exact where the label is the top logit, the only rows that
-  use it (``label_term``); elsewhere the exponent is capped at 0 (no overflow)."""
-  z = zm.astype(acc)
-  z_y = jnp.take_along_axis(z, y[:, None], axis=-1)
-  e = jnp.exp(jnp.minimum(z - z_y, 0))
-  return jnp.sum(e * (jnp.arange(zm.shape[-1])[None, :] != y[:, None]), axis=-1)
-
-
-# Below this loss (< log 2) the label's term takes the form that keeps its relative accuracy.
-_SMALL_LOSS = 0.5
-
-
 def label_term(r: Array, gap_y: Array, tail: Array | None) -> Array:
-  """``-log p_y = r + (m - z_y)`` per row. Where that is small, ``1 + rest`` inside ``r``
-  rounds to 1 and the loss to 0 (float32: a confident correct prediction whose true loss is
-  1e-8); there it is ``log1p(tail)``, ``tail = sum_{c != y} exp(z_c - z_y)``
-  (``label_tail``), the same value to float resolution relative to itself. A loss below
-  log 2 puts the label strictly above every other logit (p_y > 1/2), so ``tail`` is exact
-  there. ``tail`` None: the plain sum."""
+  """``-log p_y = r + (m - z_y)`` per row. Where that is small and ``r`` comes from a form
+  without the max (XLA:CPU's one-pass logsumexp: m = 0, r = lse), ``r - z_y`` cancels and
+  rounds a confident prediction's loss of 1e-8 to 0; there it is ``log1p(tail)``,
+  ``tail = sum_{c != y} exp(z_c - z_y)``, the same value to float resolution relative to
+  itself. A loss below log 2 puts the label strictly above every other logit (p_y > 1/2).
+  ``tail`` None: the plain sum (exact where r is sharp, ``sharpen``, and m the max: z_y = m
+  there)."""
   plain = r + gap_y
   if tail is None:
     return plain
@@ -148,7 +154,7 @@ def poison_rows(x: Array, bad: Array) -> Array:
 def int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r, gap_y=None, tail=None):
   """Integer-label loss per row from the logsumexp parts:
   ``a (r + m - z_y) + s (sum_c v_c r + sum_c v_c (m - z_c)) + zl lse^2`` on kept rows; NaN
-  for a kept label outside ``[0, C)``; with ``tail`` (``label_tail``) the label's term keeps
+  for a kept label outside ``[0, C)``; with ``tail`` (``_cpu.label_tail``) the label's term keeps
   its relative accuracy where it is tiny (``label_term``)."""
   n, c = zm.shape
   acc = m.dtype
@@ -178,8 +184,7 @@ def add_z_loss(loss, zl, valid, m, r):
 def int_ce(zm, y, valid, w, eps, cmask, zl):
   """``(loss, m, r)`` for integer labels; ``zm`` has the class mask applied already."""
   m, r = lse_parts(zm)
-  tail = label_tail(zm, split_labels(y, valid, zm.shape[-1])[0], m.dtype)
-  return int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r, tail=tail), m, r
+  return int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r), m, r
 
 
 def soft_target(y, valid, w, eps, cmask, acc):

@@ -711,15 +711,25 @@ def test_confident_correct_labels_keep_relative_accuracy(impl):
   gap[np.arange(6), y] = -np.inf
   want = np.log1p(np.sum(np.exp(gap), axis=1)) * w[y] * keep
   cot = np.linspace(0.5, 1.5, 6)
-  with use_implementation(impl):  # XLA:CPU's form, then the reference (GPU, TPU)
-    f = jax.jit(lambda z: jxent.softmax_cross_entropy_with_integer_labels(
-        z, y, class_weights=w, where=keep))
-    got = np.asarray(f(z), np.float64)
-    g = jax.grad(lambda z: jnp.sum(jnp.asarray(cot) * f(z)))(z)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # The same with one-hot soft labels: per example (the per-example form, and the forward of
+  # the loss with its logsumexp parts under grad) and summed.
+  onehot = np.eye(4, dtype=np.float32)[y]
   p = np.exp(zd - logsumexp(zd, axis=1, keepdims=True))
   g_want = (cot * w[y] * keep)[:, None] * (p - np.eye(4)[y])
-  np.testing.assert_allclose(g, g_want, rtol=1e-5, atol=1e-6)
+  with use_implementation(impl):  # XLA:CPU's form, then the reference (GPU, TPU)
+    for loss in (
+        lambda z, **kw: jxent.softmax_cross_entropy_with_integer_labels(
+            z, y, class_weights=w, where=keep, **kw),
+        lambda z, **kw: jxent.softmax_cross_entropy(
+            z, onehot, class_weights=w, where=keep, **kw)):
+      f = jax.jit(loss)
+      got = np.asarray(f(z), np.float64)
+      val, g = jax.value_and_grad(lambda z: jnp.sum(jnp.asarray(cot) * f(z)))(z)
+      total = jax.jit(lambda z: loss(z, reduction="sum"))(z)
+      np.testing.assert_allclose(got, want, rtol=1e-6)
+      np.testing.assert_allclose(val, np.sum(cot * want), rtol=1e-6)
+      np.testing.assert_allclose(total, want.sum(), rtol=1e-6)
+      np.testing.assert_allclose(g, g_want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["cpu", "reference"])

@@ -565,10 +565,12 @@ def _unfused_pair(lq, lp, q):
 
 
 def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
-  """jit(value_and_grad) in (h, W) of the token mean of quantity ``q``, weight [V, D];
-  ``topk``: the teacher's (indices, log-probabilities) for "topk_kl"."""
+  """``(jit(value_and_grad) in (h, W), its other arguments)`` of the token mean of quantity
+  ``q``, weight [V, D]; ``topk``: the teacher's (indices, log-probabilities) for "topk_kl".
+  The labels and the teacher are arguments, not constants of the program (XLA would fold the
+  teacher's side at compile time: minutes of compilation, and a forward that is not timed)."""
   if variant == "unfused JAX":
-    def f(h, w):
+    def f(h, w, y, ht, wt, topk):
       lq = jax.nn.log_softmax(jnp.dot(h, w.T, preferred_element_type=jnp.float32))
       if q.startswith("log_probs"):
         return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
@@ -585,7 +587,7 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
           jnp.dot(ht, wt.T, preferred_element_type=jnp.float32)))
       return jnp.mean(_unfused_pair(lq, lp, q))
   else:
-    def g(h, w):
+    def g(h, w, y, ht, wt, topk):
       if q == "log_probs":
         return jxent.linear_log_probs(h, w, y, weight_layout="vd", reduction="mean")
       if q == "log_probs/token":
@@ -598,12 +600,12 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
         return jxent.linear_topk_kl_divergence(h, w, *topk, weight_layout="vd")
       return jxent.linear_kl_divergence(h, w, ht, wt, weight_layout="vd")
 
-    def f(h, w):  # the implementation is chosen when the function is traced
+    def f(h, w, y, ht, wt, topk):  # the implementation is chosen when it is traced
       if variant == "jxent":
-        return g(h, w)
+        return g(h, w, y, ht, wt, topk)
       with use_implementation("reference"):  # token chunks, as on XLA:CPU
-        return g(h, w)
-  return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+        return g(h, w, y, ht, wt, topk)
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1))), (y, ht, wt, topk)
 
 
 def head(shapes, budget: Budget, reps: int, rows: list[dict], quantities=HEAD_QUANTITIES,
@@ -623,11 +625,11 @@ def head(shapes, budget: Budget, reps: int, rows: list[dict], quantities=HEAD_QU
         continue
       fns, outs, xla = {}, {}, {}
       for name in variants:
-        f = _head_fn(q, name, y, ht, wt, topk)
-        outs[name] = f(h, w)
-        mem = H.xla_memory(f, h, w)
+        f, rest = _head_fn(q, name, y, ht, wt, topk)
+        outs[name] = f(h, w, *rest)
+        mem = H.xla_memory(f, h, w, *rest)
         xla[name] = mem["temp"] + mem["output"]
-        fns[name] = lambda f=f, h=h, w=w: jax.block_until_ready(f(h, w))
+        fns[name] = lambda f=f, h=h, w=w, rest=rest: jax.block_until_ready(f(h, w, *rest))
       times = _alternate(fns, reps)
       ref = float(outs["unfused JAX"][0])
       for name in variants:

@@ -57,3 +57,30 @@ def test_gpu_benchmark_smoke(tmp_path):
       for v in ("jxent", "jxent token chunks", "unfused JAX")]
   for c in head:
     assert float(c[3]) > 0 and float(c[6]) < 1e-2
+
+
+def test_sharp_benchmark_times_what_it_says(capsys):
+  # Its "plain" variant is the reference without the sharp sum (a confident row's loss of
+  # 1e-9 rounds to 0 there), "sharp" the reference itself; the swap does not outlive tracing.
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import sharp
+  from jxent import _reference as R
+  from jxent._platform import use_implementation
+  z = jnp.array([[21.0, 0.0, 0.0, -1.0]])
+  y = jnp.array([0])
+  want = np.log1p(np.exp(-21.0) * 2 + np.exp(-22.0))
+  with use_implementation("reference"):
+    np.testing.assert_allclose(sharp._loss("sharp", False)(z, y), want, rtol=1e-6)
+    assert sharp._loss("plain", False)(z, y) == 0
+  assert R.lse_parts is sharp.SHARP_LSE
+  sharp.main(["--smoke"])
+  rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| [64, 1000] |")]
+  assert len(rows) == 4  # dtypes x passes
+  for ln in rows:
+    cells = [c.strip() for c in ln.strip("|").split("|")]
+    assert float(cells[3]) > 0
+    for cell in cells[4:]:
+      med, lo, hi = map(float, re.match(r"([\d.]+) \(([\d.]+)–([\d.]+)\)", cell).groups())
+      assert 0 < lo <= med <= hi

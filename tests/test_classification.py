@@ -692,8 +692,8 @@ def test_bfloat16_gradient_values_against_float64():
     np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=2**-7, atol=1e-3 * 2**-7)
 
 
-@pytest.mark.parametrize("impl", ["cpu", "reference"])
-def test_confident_correct_labels_keep_relative_accuracy(impl):
+@pytest.mark.parametrize("impl", ["cpu", "reference", "accelerator"])
+def test_confident_correct_labels_keep_relative_accuracy(impl, monkeypatch):
   # A true loss of 1e-8 .. 1e-12 (the label's logit 12 .. 30 above the others): lse - z_y
   # rounds it to 0 in float32 (Optax returns 0). Against log1p(sum_{c != y} e^(z_c - z_y))
   # in float64, to rtol 1e-6, beside ordinary rows, with class weights and a dropped row.
@@ -714,14 +714,22 @@ def test_confident_correct_labels_keep_relative_accuracy(impl):
   # The same with one-hot soft labels: per example (the per-example form, and the forward of
   # the loss with its logsumexp parts under grad) and summed.
   onehot = np.eye(4, dtype=np.float32)[y]
+  from jxent import _fused
+  monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: min(2, v))
   p = np.exp(zd - logsumexp(zd, axis=1, keepdims=True))
   g_want = (cot * w[y] * keep)[:, None] * (p - np.eye(4)[y])
   with use_implementation(impl):  # XLA:CPU's form, then the reference (GPU, TPU)
-    for loss in (
+    for i, loss in enumerate((
         lambda z, **kw: jxent.softmax_cross_entropy_with_integer_labels(
             z, y, class_weights=w, where=keep, **kw),
         lambda z, **kw: jxent.softmax_cross_entropy(
-            z, onehot, class_weights=w, where=keep, **kw)):
+            z, onehot, class_weights=w, where=keep, **kw),
+        # The fused loss with the identity as its head: its logits are z. Token chunks
+        # (XLA:CPU, the reference) or vocabulary blocks of 2 classes (GPU, TPU).
+        lambda z, reduction="none": jxent.linear_cross_entropy(
+            z, jnp.eye(4), y, class_weights=w, where=keep, reduction=reduction,
+            chunk_size=4))):
+      fused = i == 2
       f = jax.jit(loss)
       got = np.asarray(f(z), np.float64)
       val, g = jax.value_and_grad(lambda z: jnp.sum(jnp.asarray(cot) * f(z)))(z)
@@ -729,7 +737,11 @@ def test_confident_correct_labels_keep_relative_accuracy(impl):
       np.testing.assert_allclose(got, want, rtol=1e-6)
       np.testing.assert_allclose(val, np.sum(cot * want), rtol=1e-6)
       np.testing.assert_allclose(total, want.sum(), rtol=1e-6)
-      np.testing.assert_allclose(g, g_want, rtol=1e-5, atol=1e-6)
+      # The fused loss forms its gradient from the logsumexp as one number, which rounds at
+      # the resolution of its magnitude: the row offset by 1e4 to about 2^-10 of p.
+      off = np.arange(6) == 3
+      np.testing.assert_allclose(g[~off], g_want[~off], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(g[off], g_want[off], atol=2**-10 if fused else 1e-6)
 
 
 @pytest.mark.parametrize("impl", ["cpu", "reference"])

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jxent import _checks
+from jxent import _reference as R
 from jxent._fused import linear_cross_entropy
 from jxent._sharded_head import poison_out_of_range as _poison_out_of_range
 from jxent._sharded_head import (
@@ -71,14 +72,17 @@ def _valid_mask(labels, ignore_index):
   return labels != ignore_index
 
 
-def _combine(lse_local, z_y_local, sum_z_local, valid, opts, *, axis_name, vocab_size):
-  """Per-example loss from per-shard statistics: the three [N] all-reduces."""
+def _combine(lse_local, z_y, sum_z_local, valid, opts, *, axis_name, vocab_size,
+             tail_local=None):
+  """Per-example loss from per-shard statistics and the label's logit ``z_y`` (all-reduced
+  by the caller): [N] all-reduces only. ``tail_local``: this shard's part of the label's
+  tail (``_reference.label_tail``), so that a tiny loss keeps its relative accuracy."""
   m = jax.lax.pmax(jax.lax.stop_gradient(lse_local), axis_name)
   m = jnp.where(jnp.isfinite(m), m, 0)
   r = jnp.log(jax.lax.psum(jnp.exp(lse_local - m), axis_name))
   lse = m + r
-  z_y = jax.lax.psum(z_y_local, axis_name)
-  loss = r + (m - z_y)
+  tail = None if tail_local is None else jax.lax.psum(tail_local, axis_name)
+  loss = R.label_term(r, m - z_y, tail)
   eps, zl = opts.label_smoothing, opts.z_loss
   if eps is not None:
     sum_z = jax.lax.psum(sum_z_local, axis_name)
@@ -94,7 +98,8 @@ def vocab_parallel_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, axis_n
                                  reduction: str = "none") -> jax.Array:
   r"""Softmax cross-entropy from this device's vocabulary shard; call inside ``jax.shard_map``.
 
-  Equals ``softmax_cross_entropy_with_integer_labels`` on the full logits. Only ``[N]``
+  Equals ``softmax_cross_entropy_with_integer_labels`` on the full logits, a confident
+  correct prediction's tiny loss to its own relative accuracy included. Only ``[N]``
   statistics cross devices.
 
   Args:
@@ -124,10 +129,12 @@ def vocab_parallel_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, axis_n
   here = (local >= 0) & (local < v_local) & valid
   lse_local = _local_lse(z)
   picked = jnp.take_along_axis(z, jnp.clip(local, 0, v_local - 1)[..., None], axis=-1)[..., 0]
-  z_y_local = jnp.where(here, picked, 0)
+  z_y = jax.lax.psum(jnp.where(here, picked, 0), axis_name)
+  # The label's tail relative to its logit, on this shard's classes (one more [N] sum).
+  tail_local = R.label_tail(z.reshape(-1, v_local), z_y.reshape(-1)).reshape(z_y.shape)
   sum_z_local = jnp.sum(z, axis=-1) if opts.label_smoothing is not None else None
-  loss = _combine(lse_local, z_y_local, sum_z_local, valid, opts, axis_name=axis_name,
-                  vocab_size=vocab)
+  loss = _combine(lse_local, z_y, sum_z_local, valid, opts, axis_name=axis_name,
+                  vocab_size=vocab, tail_local=tail_local)
   return _checks.reduce(_poison_out_of_range(loss, labels, valid, vocab), reduction,
                         jnp.sum(valid))
 
@@ -180,12 +187,17 @@ def vocab_parallel_linear_cross_entropy(hidden: ArrayLike, weight: ArrayLike,
   local_loss, lse_local = linear_cross_entropy(
       hidden, weight, jnp.clip(local, 0, v_local - 1), where=here, reduction="none",
       return_lse=True, chunk_size=chunk_size, method="recompute")
-  z_y_local = jnp.where(here, lse_local - local_loss, 0)
+  z_y = jax.lax.psum(jnp.where(here, lse_local - local_loss, 0), axis_name)
+  # The label's tail (R.label_tail) per shard: on the label's shard from its own loss (a
+  # tiny one kept to its relative accuracy there), elsewhere the shard's mass relative to the
+  # label, exp(lse_local - z_y) (below 1 on every shard wherever the tail is used).
+  tail_local = jnp.where(here, jnp.expm1(local_loss),
+                         jnp.exp(jnp.minimum(lse_local - z_y, 0)))
   sum_z_local = None
   if opts.label_smoothing is not None:
     sum_z_local = jnp.dot(hidden, jnp.sum(weight, axis=1), preferred_element_type=acc)
-  loss = _combine(lse_local, z_y_local, sum_z_local, valid, opts, axis_name=axis_name,
-                  vocab_size=vocab)
+  loss = _combine(lse_local, z_y, sum_z_local, valid, opts, axis_name=axis_name,
+                  vocab_size=vocab, tail_local=tail_local)
   return _checks.reduce(_poison_out_of_range(loss, labels, valid, vocab), reduction,
                         jnp.sum(valid))
 

@@ -87,9 +87,55 @@ def main():
   result["comm"] = {str(k): v for k, v in comm.items()}
   result["logits_elements"] = {str(v): N * v for v in (256, 1024)}
   result["axis_types"] = {k: axis_type_checks(k) for k in ("explicit", "auto", "classic")}
+  result["confident"] = confident_labels()
   result["property"] = sharded_equals_unsharded()
   result["head"] = head_quantities()
   print(json.dumps(result))
+
+
+def confident_labels():
+  """A confident correct label (true loss 1e-9 .. 1e-13, which lse - z_y rounds to 0): the
+  sharded losses (on logits, and linear) against log1p(sum_{c != y} e^(z_c - z_y)) in
+  float64 (relative error), and the first one's gradient against cot (p - onehot(y)):
+  relative error off the label, absolute error at the label (p_y - 1 rounds at the scale of
+  1, as unsharded)."""
+  import numpy as np
+  from jax.sharding import PartitionSpec as P
+  v = 32
+  mesh = jax.make_mesh((1, 8), ("data", "model"))
+  z = np.array(jax.random.normal(jax.random.PRNGKey(3), (N, v)), np.float32)
+  y = np.arange(N) * 5 % v
+  z[np.arange(N), y] += np.linspace(20.0, 30.0, N, dtype=np.float32)  # label on every shard
+  cot = np.linspace(0.5, 1.5, N)
+  f = jax.jit(jax.shard_map(
+      lambda z, y: jxent.sharded.vocab_parallel_cross_entropy(z, y, axis_name="model"),
+      mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P()))
+  zd = z.astype(np.float64)
+  gap = zd - zd[np.arange(N), y][:, None]
+  gap[np.arange(N), y] = -np.inf
+  want = np.log1p(np.sum(np.exp(gap), axis=1))
+  p = np.exp(zd - np.log(np.sum(np.exp(zd), axis=1, keepdims=True)))
+  g_want = cot[:, None] * (p - np.eye(v)[y])
+  # The linear loss with the identity as its head (its logits are z), the head's columns
+  # split over "model" like the logits.
+  fl = jax.jit(jax.shard_map(
+      lambda h, w, y: jxent.sharded.vocab_parallel_linear_cross_entropy(
+          h, w, y, axis_name="model", chunk_size=8),
+      mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P()))
+  put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  eye = put(np.eye(v, dtype=np.float32), P(None, "model"))
+  h = put(z, P())
+  z, y = put(z, P(None, "model")), put(y, P())
+  with jax.set_mesh(mesh):
+    g = jax.grad(lambda z: jnp.sum(jnp.asarray(cot, jnp.float32) * f(z, y)))(z)
+    loss = f(z, y)
+    linear = fl(h, eye, y)
+  err = np.abs(np.asarray(g, np.float64) - g_want)
+  label = np.eye(v, dtype=bool)[y]
+  return {"loss": float(np.max(np.abs(np.asarray(loss, np.float64) - want) / want)),
+          "linear_loss": float(np.max(np.abs(np.asarray(linear, np.float64) - want) / want)),
+          "grad_others": float(np.max(err[~label] / np.abs(g_want[~label]))),
+          "grad_label": float(np.max(err[label]))}
 
 
 def sharded_equals_unsharded():

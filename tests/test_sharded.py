@@ -41,6 +41,15 @@ def test_loss_and_gradients_equal_unsharded(worker, mesh):
     assert err < 1e-5, (mesh, key, err)
 
 
+def test_confident_label_keeps_relative_accuracy_across_shards(worker):
+  # True losses of 1e-9 .. 1e-13 to rtol 1e-6 (lse - z_y would round them to 0); the
+  # gradient's entries of 1e-9 .. 1e-8 off the label to rtol 1e-5, its label entry p_y - 1
+  # to float32's resolution at 1.
+  r = worker["confident"]
+  assert r["loss"] < 1e-6 and r["linear_loss"] < 1e-6, r
+  assert r["grad_others"] < 1e-5 and r["grad_label"] < 2**-21, r
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_property_sharded_equals_unsharded_in_every_reduction(worker, reduction):
   assert worker["property"][reduction] < 1e-5

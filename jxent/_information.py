@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent import _checks
+from jxent import _reference as R
 
 Array = jax.Array
 
@@ -273,16 +274,23 @@ def _log_softmax(logits: Array, axis: int) -> Array:
   Rows with +inf logits take their limit: the mass is shared equally by the +inf entries.
   A row whose entries are all -inf has no distribution, and a row with a NaN is undefined:
   their log-probabilities are NaN.
+
+  The top class's log-probability keeps its relative accuracy when it is tiny (a nearly
+  one-hot row: -1e-8, not 0): where the shifted logsumexp is below 0.5 the max is unique
+  and it is ``log1p`` of the other terms' sum (``_reference.sharpen``). The shift m carries
+  its gradient for that (the max's own term is then exactly 1, with no derivative).
   """
-  m = jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
+  m = jnp.max(logits, axis=axis, keepdims=True)
   has_pos_inf = m == jnp.inf
   logits = jnp.where(has_pos_inf, jnp.where(logits == jnp.inf, 0.0, -jnp.inf), logits)
   m = jnp.where(has_pos_inf, 0, m)
   no_mass = m == -jnp.inf
   m = jnp.where(jnp.isfinite(m), m, 0)
   shifted = logits - m
-  lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))
-  return jnp.where(no_mass, jnp.nan, shifted - lse)
+  e = jnp.exp(shifted)
+  lse = jnp.log(jnp.sum(e, axis=axis, keepdims=True))
+  rest = jnp.sum(jnp.where(shifted == 0, 0, e), axis=axis, keepdims=True)
+  return jnp.where(no_mass, jnp.nan, shifted - R.sharpen(lse, rest))
 
 
 def _logits(x, name: str, axis: int):

@@ -350,3 +350,28 @@ def test_checkify_reports_invalid_probabilities():
   err.throw()  # valid input: no error
   # Without checkify the check costs nothing and raises nothing.
   assert np.isfinite(jxent.entropy(jnp.array([0.5, 0.7])))
+
+
+def test_nearly_one_hot_rows_keep_relative_accuracy():
+  # The top class 12 .. 30 above the others: log p_top = -log1p(sum_{c != top} e^(z_c - z_top))
+  # of -1e-6 .. -1e-13, and an entropy as small, to rtol 1e-6 against float64 (a logsumexp
+  # of 1 + rest rounds both to 0 in float32), beside an ordinary row; the gradient of the
+  # weighted log-probabilities stays onehot - p off the label to rtol 1e-5.
+  z = np.array([[20.0, 0.0, -1.0, 2.0], [30.0, 1.0, 2.0, 3.0], [12.0, 0.0, 0.0, 0.0],
+                [1e4 + 14.0, 1e4, 1e4 - 3.0, 1e4 + 1.0], [0.3, 0.1, -0.2, 0.0]], np.float32)
+  y = np.array([0, 0, 0, 0, 1])
+  zd = z.astype(np.float64)
+  logp = zd - sp.logsumexp(zd, axis=1, keepdims=True)
+  gap = zd - zd[:, :1]
+  gap[:, 0] = -np.inf
+  logp[:4, 0] = -np.log1p(np.sum(np.exp(gap[:4]), axis=1))
+  p = np.exp(logp)
+  ent = -np.sum(p * logp, axis=1)
+  cot = np.linspace(0.5, 1.5, 5)
+  f = jax.jit(lambda z: jxent.log_probs(z, y))
+  np.testing.assert_allclose(f(z), logp[np.arange(5), y], rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(jxent.entropy_from_logits)(z), ent, rtol=1e-6)
+  g = np.asarray(jax.grad(lambda z: jnp.sum(jnp.asarray(cot, jnp.float32) * f(z)))(z))
+  g_want = cot[:, None] * (np.eye(4)[y] - p)
+  off = ~np.eye(4, dtype=bool)[y]
+  np.testing.assert_allclose(g[off], g_want[off], rtol=1e-5)

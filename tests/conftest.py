@@ -9,6 +9,7 @@ references and tolerances of the tests mean the same thing there as on CPU.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,35 @@ from jxent import _fused
 from jxent._platform import use_implementation
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Many tests trace the same programs afresh (a new function per implementation, option or
+# tolerance): one compilation cache on disk for the whole run, shared by the xdist workers
+# and the subprocesses they start, compiles each program once (about a quarter of the
+# suite's time). The directory is made per run, so every run starts with an empty cache.
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def _use_cache(path: str) -> None:
+  os.environ.update({_CACHE_ENV: path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_configure(config):
+  if hasattr(config, "workerinput"):  # an xdist worker: the controller's directory
+    if os.environ.get(_CACHE_ENV):
+      _use_cache(os.environ[_CACHE_ENV])
+    return
+  config._jxent_cache = tempfile.mkdtemp(prefix="jxent-jax-cache-")
+  _use_cache(config._jxent_cache)
+
+
+def pytest_unconfigure(config):
+  path = getattr(config, "_jxent_cache", None)
+  if path:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=["platform", "accelerator"])

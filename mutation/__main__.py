@@ -87,9 +87,9 @@ def to_markdown(results: list[dict], seconds: float) -> str:
       "",
       f"`python -m mutation` on {datetime.date.today().isoformat()}: **{killed} of "
       f"{len(results)} mutants killed ({100 * killed / max(len(results), 1):.0f}%)** in "
-      f"{seconds / 60:.1f} minutes. Each mutant is one deliberate mistake in a copy of the "
-      "library; 'killed' means the listed tests failed on it (the first failing test is "
-      "shown).",
+      f"{seconds / 60:.1f} minutes (the unmutated check included). Each mutant is one "
+      "deliberate mistake in a copy of the library; 'killed' means the listed tests failed "
+      "on it (the first failing test is shown).",
       "",
       "| mutant | file | the mistake | verdict | first failing test |",
       "|---|---|---|---|---|",
@@ -115,21 +115,21 @@ def main(argv=None) -> int:
     for m in mutants:
       print(f"{m.name:<28} {m.path:<28} {m.what}")
     return 0
+  t0 = time.monotonic()
   with tempfile.TemporaryDirectory() as tmp:  # every mutant must apply cleanly
     _copy_repo(Path(tmp))
     for m in mutants:
       apply(m, Path(tmp))
       _copy_repo_file(m, Path(tmp))
-  _check_unmutated([t.split("::")[0] for m in mutants for t in m.tests])
-  t0 = time.monotonic()
-  results = []
-  with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-    futures = {pool.submit(run_one, m, args.timeout): m for m in mutants}
-    for fut in cf.as_completed(futures):
-      r = fut.result()
-      results.append(r)
-      print(f"{r['status']:>9}  {r['name']:<28} {r['seconds']:5.0f} s  {r['by'][:80]}",
-            flush=True)
+  # One JAX compilation cache for the whole run (the tests' conftest.py uses it): the
+  # unmutated check fills it, and each mutant compiles only the programs it changes.
+  cache = tempfile.mkdtemp(prefix="jxent-mutation-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+  try:
+    _check_unmutated([t.split("::")[0] for m in mutants for t in m.tests])
+    results = _run_all(mutants, args)
+  finally:
+    shutil.rmtree(cache, ignore_errors=True)
   order = {m.name: i for i, m in enumerate(mutants)}
   results.sort(key=lambda r: order[r["name"]])
   text = to_markdown(results, time.monotonic() - t0)
@@ -139,6 +139,18 @@ def main(argv=None) -> int:
   killed = sum(r["status"] == "killed" for r in results)
   print(f"{killed}/{len(results)} killed")
   return 0 if killed >= 0.95 * len(results) else 1
+
+
+def _run_all(mutants, args) -> list[dict]:
+  results = []
+  with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    futures = {pool.submit(run_one, m, args.timeout): m for m in mutants}
+    for fut in cf.as_completed(futures):
+      r = fut.result()
+      results.append(r)
+      print(f"{r['status']:>9}  {r['name']:<28} {r['seconds']:5.0f} s  {r['by'][:80]}",
+            flush=True)
+  return results
 
 
 def _copy_repo_file(m: Mutant, root: Path) -> None:

@@ -27,7 +27,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests trace the same programs afresh (a new function per implementation, option or
 # tolerance): one compilation cache on disk for the whole run, shared by the xdist workers
 # and the subprocesses they start, compiles each program once (about a quarter of the
-# suite's time). The directory is made per run, so every run starts with an empty cache.
+# suite's time). The directory is made per run, so every run starts with an empty cache,
+# unless JAX_COMPILATION_CACHE_DIR names one already (the mutation harness shares one
+# between its runs: a program the mutant does not change is not compiled again).
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
 
@@ -40,9 +42,8 @@ def _use_cache(path: str) -> None:
 
 
 def pytest_configure(config):
-  if hasattr(config, "workerinput"):  # an xdist worker: the controller's directory
-    if os.environ.get(_CACHE_ENV):
-      _use_cache(os.environ[_CACHE_ENV])
+  if os.environ.get(_CACHE_ENV):  # an xdist worker (the controller's), or the caller's
+    _use_cache(os.environ[_CACHE_ENV])
     return
   config._jxent_cache = tempfile.mkdtemp(prefix="jxent-jax-cache-")
   _use_cache(config._jxent_cache)

@@ -198,7 +198,7 @@ def sharp_parts(z: Array, k: int, acc) -> tuple[Array, Array]:
   m = jnp.where(jnp.isfinite(m_raw), m_raw, 0)
   e = jnp.exp(pieces.astype(acc) - (m if k == 1 else jnp.repeat(m, k))[:, None])
   s = jnp.sum(jnp.sum(e, axis=-1).reshape(n, k), axis=-1)
-  rest = jnp.sum(jnp.sum(e - jnp.floor(e), axis=-1).reshape(n, k), axis=-1)
+  rest = jnp.sum(R.max_rest(e).reshape(n, k), axis=-1)
   r = R.sharpen(jnp.log(s), rest)
   return m, jnp.where(m_raw == jnp.inf, jnp.nan, r)
 

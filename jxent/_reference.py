@@ -126,7 +126,10 @@ def label_term(r: Array, gap_y: Array, tail: Array | None) -> Array:
   ``tail = sum_{c != y} exp(z_c - z_y)``, the same value to float resolution relative to
   itself. A loss below log 2 puts the label strictly above every other logit (p_y > 1/2).
   ``tail`` None: the plain sum (exact where r is sharp, ``sharpen``, and m the max: z_y = m
-  there)."""
+  there). ``tail`` may equally be the rest beside the row max (``max_rest``): where the
+  loss is that small the label's logit is the max, and that form needs no second copy of it
+  (a label logit computed apart, as the fused loss does, differs from the block's by
+  rounding, and its own term must not enter the tail)."""
   plain = r + gap_y
   if tail is None:
     return plain
@@ -134,12 +137,21 @@ def label_term(r: Array, gap_y: Array, tail: Array | None) -> Array:
   return jnp.where(small, jnp.log1p(tail), plain)
 
 
+def max_rest(e: Array) -> Array:
+  """``sum_c frac(e_c)`` per row of ``e = exp(z - m)``, m the row max: the exp-sum without
+  the max's own term exp(0) = 1 (no fractional part; every other term is below 1, and where
+  one rounds to 1 the row's r is at least log 2 and its rest is not used). Arithmetic only
+  (no select, which XLA:CPU's fused reductions pay for)."""
+  return jnp.sum(e - jnp.floor(e), axis=-1)
+
+
 def label_tail(z: Array, z_y: Array) -> Array:
   """``sum_c frac(exp(min(z_c - z_y, 0)))`` per row: ``sum_{c != y} exp(z_c - z_y)`` where the
   label is strictly above every other logit, the only rows that use it (``label_term``): the
   label's own term exp(0) = 1 has no fractional part, every other term is below 1. Relative
   to the label's logit, so blocks of classes add up with no rescaling; arithmetic only (no
-  select, which XLA:CPU's fused reductions pay for)."""
+  select, which XLA:CPU's fused reductions pay for). ``z_y`` must be the row's own entry
+  (the same number): a copy that rounds below it would add its own term, nearly 1."""
   e = jnp.exp(jnp.minimum(z - z_y[:, None], 0))
   return jnp.sum(e - jnp.floor(e), axis=-1)
 

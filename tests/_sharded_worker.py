@@ -1,6 +1,7 @@
 """Checks of jxent.sharded on an 8-device CPU mesh; run by test_sharded.py in a subprocess
 (the device count must be set before JAX starts). Prints one JSON object."""
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jxent  # noqa: E402
+from jxent._platform import use_implementation  # noqa: E402
 
 N, D = 16, 8
 OPTS = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3)
@@ -130,10 +132,34 @@ def confident_labels():
     g = jax.grad(lambda z: jnp.sum(jnp.asarray(cot, jnp.float32) * f(z, y)))(z)
     loss = f(z, y)
     linear = fl(h, eye, y)
+  # A real head (D = 256): the label's logit h . w_y, computed apart, differs from the
+  # block's by rounding; its own term must stay out of the tail. Against float64 logits.
+  # 64 classes a shard, where XLA's product blocks differ from the label's dot.
+  rng = np.random.default_rng(3)
+  hr = rng.standard_normal((N, 256)).astype(np.float32)
+  wr = (rng.standard_normal((256, 512)) * 0.01).astype(np.float32)
+  yr = np.arange(N) * 37 % 512
+  for i in range(N):
+    wr[:, yr[i]] += hr[i] * (28.0 / (hr[i] @ hr[i]))
+  zr = hr.astype(np.float64) @ wr.astype(np.float64)
+  gap = zr - zr[np.arange(N), yr][:, None]
+  gap[np.arange(N), yr] = -np.inf
+  want_r = np.log1p(np.sum(np.exp(gap), axis=1))
+  real = []
+  for impl in ("platform", "accelerator"):  # token chunks, then vocabulary blocks (GPU, TPU)
+    f_r = jax.jit(jax.shard_map(
+        lambda h, w, y: jxent.sharded.vocab_parallel_linear_cross_entropy(
+            h, w, y, axis_name="model", chunk_size=8),
+        mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P()))
+    with jax.set_mesh(mesh), (use_implementation(impl) if impl != "platform"
+                              else contextlib.nullcontext()):
+      real.append(f_r(put(hr, P()), put(wr, P(None, "model")), put(yr, P())))
   err = np.abs(np.asarray(g, np.float64) - g_want)
   label = np.eye(v, dtype=bool)[y]
   return {"loss": float(np.max(np.abs(np.asarray(loss, np.float64) - want) / want)),
           "linear_loss": float(np.max(np.abs(np.asarray(linear, np.float64) - want) / want)),
+          "linear_real_head": max(float(np.max(np.abs(np.asarray(x, np.float64) - want_r)
+                                               / want_r)) for x in real),
           "grad_others": float(np.max(err[~label] / np.abs(g_want[~label]))),
           "grad_label": float(np.max(err[label]))}
 

@@ -491,3 +491,30 @@ def test_gradient_filter_options(impl):
   with pytest.raises(TypeError, match="gradient_filter must be a static"):
     jax.jit(lambda e: jxent.linear_cross_entropy(H, W, jnp.clip(Y, 0, V - 1),
                                                  gradient_filter=e))(1e-3)
+
+
+def test_confident_labels_through_a_real_head(impl):
+  # A true loss of 1e-9 per token from h @ W (D = 256): the label's logit computed apart
+  # (h . w_y) differs from its entry of the block's product by rounding, so the label's own
+  # term must not enter the tail beside it (it made a loss of 1e-9 come out near log 2).
+  # Against float64 to rtol 1e-4 (the logits' own float32 rounding at |z| ~ 30), per token
+  # and summed, token chunks and vocabulary blocks (of 16 classes: the label's block and the
+  # others).
+  rng = np.random.default_rng(3)
+  n, d, v = 24, 256, 64
+  h = rng.standard_normal((n, d)).astype(np.float32)
+  w = (rng.standard_normal((d, v)) * 0.01).astype(np.float32)
+  y = rng.integers(0, v, n)
+  for i in range(n):
+    w[:, y[i]] += h[i] * (28.0 / (h[i] @ h[i]))
+  z = h.astype(np.float64) @ w.astype(np.float64)
+  gap = z - z[np.arange(n), y][:, None]
+  gap[np.arange(n), y] = -np.inf
+  want = np.log1p(np.sum(np.exp(gap), axis=1))
+  assert want.max() < 1e-7
+  got = jax.jit(lambda h, w: jxent.linear_cross_entropy(h, w, y, reduction="none",
+                                                        chunk_size=8))(h, w)
+  total, _ = jax.jit(jax.value_and_grad(
+      lambda h, w: jxent.linear_cross_entropy(h, w, y, reduction="sum", chunk_size=8)))(h, w)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4)
+  np.testing.assert_allclose(float(total), want.sum(), rtol=1e-4)

@@ -196,8 +196,11 @@ def sharp_parts(z: Array, k: int, acc) -> tuple[Array, Array]:
   pieces = z if k == 1 else split_rows(z, k)
   m_raw = jnp.max(jnp.max(pieces, axis=-1).reshape(n, k), axis=-1).astype(acc)
   m = jnp.where(jnp.isfinite(m_raw), m_raw, 0)
-  e = jnp.exp(pieces.astype(acc) - (m if k == 1 else jnp.repeat(m, k))[:, None])
-  s = jnp.sum(jnp.sum(e, axis=-1).reshape(n, k), axis=-1)
+  shift = (m if k == 1 else jnp.repeat(m, k))[:, None]
+  s = jnp.sum(jnp.sum(jnp.exp(pieces.astype(acc) - shift), axis=-1).reshape(n, k), axis=-1)
+  # The same exponentials spelled z + (-m): XLA:CPU otherwise materialises the broadcast
+  # shift the two sums share as an [N, C] buffer.
+  e = jnp.exp(pieces.astype(acc) + (-shift))
   rest = jnp.sum(R.max_rest(e).reshape(n, k), axis=-1)
   r = R.sharpen(jnp.log(s), rest)
   return m, jnp.where(m_raw == jnp.inf, jnp.nan, r)

@@ -121,15 +121,15 @@ def _chunk_loss(z, y, valid, cfg, z_y=None):
   v = z.shape[-1]
   m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
   m = jnp.where(jnp.isfinite(m), m, 0)
-  e = jnp.exp(z - m[:, None])
-  r = jnp.log(jnp.sum(e, axis=-1))
+  r = jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
   yc, bad = R.split_labels(y, valid, v)
   if z_y is None:
     z_y = jnp.take_along_axis(z, yc[:, None], axis=-1)[:, 0]
-  # A tiny loss (a confident correct prediction) to its own relative accuracy: R.label_term
-  # with the rest of the row's sum beside its max (the label's logit there), from the same
-  # exponentials (R.max_rest).
-  nll = R.poison_rows(R.label_term(r, m - z_y, R.max_rest(e)), bad)
+  # A tiny loss (a confident correct prediction) to its own relative accuracy (R.label_term),
+  # the label's logit computed apart (R.label_tail's slack). Not from the exp-sum's own
+  # exponentials: XLA:CPU then keeps z - m as a second [T, V] buffer.
+  tail = R.label_tail(z, z_y, R.LABEL_SLACK)
+  nll = R.poison_rows(R.label_term(r, m - z_y, tail), bad)
   smooth = None
   if cfg.eps is not None:
     # r + (m - mean z) as a sum of (m/2 - z/2) (2 / V): no overflow at logits near ±3e38.
@@ -533,26 +533,24 @@ def _vocab_pass1(h, y, valid, w, b, cfg):
           None if cfg.eps is None else _varying_like(jnp.zeros(y.shape, cfg.acc), *refs))
 
   def block(carry, start, size):
-    m, s, rest, sz = carry
+    m, s, tail, sz = carry
     z, _ = _logits(h, _cut(w, start, size, axis), _cut(b, start, size, 0), cfg)
     m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(z, axis=-1)))
     m_new_f = jnp.where(jnp.isfinite(m_new), m_new, 0)
     m_f = jnp.where(jnp.isfinite(m), m, 0)
-    e = jnp.exp(z - m_new_f[:, None])
-    old = s * jnp.exp(jnp.where(jnp.isfinite(m), m_f - m_new_f, -jnp.inf))
-    s = old + jnp.sum(e, axis=-1)
-    # The sum beside the running max (R.max_rest): a new max makes every earlier term part
-    # of it.
-    rest = jnp.where(m_new > m, old, rest) + R.max_rest(e)
+    s = s * jnp.exp(jnp.where(jnp.isfinite(m), m_f - m_new_f, -jnp.inf)) + jnp.sum(
+        jnp.exp(z - m_new_f[:, None]), axis=-1)
+    # Relative to the label's logit (computed apart: R.label_tail's slack), no rescaling.
+    tail = tail + R.label_tail(z, z_y, R.LABEL_SLACK)
     if sz is not None:  # sum of (z - z_y) / V: mean logit relative to the label's, each
       # term scaled before the difference (no overflow at logits near ±3e38)
       sz = sz + jnp.sum(z * (1 / v) - (z_y * (1 / v))[:, None], axis=-1)
-    return m_new, s, rest, sz
+    return m_new, s, tail, sz
 
-  m, s, rest, sz = _vocab_loop(block, init, v, min(cfg.accel_block, v))
+  m, s, tail, sz = _vocab_loop(block, init, v, min(cfg.accel_block, v))
   m = jnp.where(jnp.isfinite(m), m, 0)
   r = jnp.log(s)
-  nll = R.poison_rows(R.label_term(r, m - z_y, rest), bad)
+  nll = R.poison_rows(R.label_term(r, m - z_y, tail), bad)
   smooth = None if sz is None else nll - sz  # lse - mean z
   return _finish_loss(nll, m + r, smooth, valid, cfg)
 

@@ -14,6 +14,8 @@ constant shift, without derivative) and ``r = log(sum(exp(z - m)))``. Losses are
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -145,15 +147,31 @@ def max_rest(e: Array) -> Array:
   return jnp.sum(e - jnp.floor(e), axis=-1)
 
 
-def label_tail(z: Array, z_y: Array) -> Array:
-  """``sum_c frac(exp(min(z_c - z_y, 0)))`` per row: ``sum_{c != y} exp(z_c - z_y)`` where the
-  label is strictly above every other logit, the only rows that use it (``label_term``): the
-  label's own term exp(0) = 1 has no fractional part, every other term is below 1. Relative
-  to the label's logit, so blocks of classes add up with no rescaling; arithmetic only (no
-  select, which XLA:CPU's fused reductions pay for). ``z_y`` must be the row's own entry
-  (the same number): a copy that rounds below it would add its own term, nearly 1."""
-  e = jnp.exp(jnp.minimum(z - z_y[:, None], 0))
-  return jnp.sum(e - jnp.floor(e), axis=-1)
+def label_tail(z: Array, z_y: Array, slack: float = 0.0) -> Array:
+  """``sum_{c != y} exp(z_c - z_y)`` per row where the label is strictly above every other
+  logit, the only rows that use it (``label_term``), as ``sum_c frac(exp(min(z_c - z_y, 0)))``:
+  the label's own term exp(0) = 1 has no fractional part, every other term is below 1.
+  Relative to the label's logit, so blocks of classes add up with no rescaling; arithmetic
+  only (no select, which XLA:CPU's fused reductions pay for).
+
+  ``slack``: ``z_y`` is a copy computed apart (the fused loss's ``h . w_y`` beside the
+  block's product), which rounds differently from the row's own entry; were that entry
+  below it, its term would be nearly 1 and enter the sum. The terms are then taken relative
+  to ``z_y - slack`` (the label's entry, within slack of z_y, gives exp(0) = 1) and the sum
+  scaled back by ``exp(-slack)``, exactly. A class within slack of the label drops out as
+  well, but then ``p_y <= 1 / (1 + exp(-slack))``, below ``exp(-0.5)`` for slack up to 0.45:
+  the loss is above 0.5 and the tail not used."""
+  # min(z, z_y) - z_y rather than min(z - z_y, 0): XLA:CPU materialises the broadcast 0 as
+  # a block-sized buffer.
+  shift = (z_y - slack)[:, None]
+  e = jnp.exp(jnp.minimum(z, shift) - shift)
+  tail = jnp.sum(e - jnp.floor(e), axis=-1)
+  return tail if slack == 0 else tail * math.exp(-slack)
+
+
+# The slack of a label logit computed apart (``label_tail``): far above any rounding of a
+# logit, and small enough that no row using the tail has another class that close.
+LABEL_SLACK = 0.25
 
 
 def split_labels(y: Array, valid: Array | None, num_classes: int):

@@ -762,3 +762,23 @@ def test_saturated_sigmoid_losses_keep_relative_accuracy(impl):
   np.testing.assert_allclose(total, bce.sum(), rtol=1e-6)
   ok = focal > np.finfo(np.float32).tiny  # 40 gives 1e-52: below float32's range
   np.testing.assert_allclose(np.asarray(got_focal)[ok], focal[ok], rtol=1e-6)
+
+
+def test_dense_losses_hold_no_extra_logits_sized_buffer():
+  # XLA's scratch for the mean loss and its value_and_grad, [256, 8192] float32 (large
+  # enough for XLA:CPU's library fusions): the integer loss none, the soft loss at most one
+  # [N, C] buffer (Optax's soft loss: two under value_and_grad). Two reductions sharing a
+  # broadcast row statistic made XLA:CPU materialise it as a second one.
+  n, c = 256, 8192
+  z = jax.ShapeDtypeStruct((n, c), jnp.float32)
+  yi = jax.ShapeDtypeStruct((n,), jnp.int32)
+  ys = jax.ShapeDtypeStruct((n, c), jnp.float32)
+  one, small = n * c * 4, 64 * 1024
+
+  def temp(f, y):
+    return tuple(jax.jit(g).lower(z, y).compile().memory_analysis().temp_size_in_bytes
+                 for g in (f, jax.value_and_grad(f)))
+
+  assert max(temp(lambda z, y: jxent.softmax_cross_entropy_with_integer_labels(z, y).mean(),
+                  yi)) <= small
+  assert max(temp(lambda z, y: jxent.softmax_cross_entropy(z, y).mean(), ys)) <= one + small

@@ -524,3 +524,46 @@ def test_confident_labels_through_a_real_head(impl):
       lambda h, w: jxent.linear_cross_entropy(h, w, y, reduction="sum", chunk_size=8)))(h, w)
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4)
   np.testing.assert_allclose(float(total), want.sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["forward", "recompute"])
+@pytest.mark.parametrize("options", ["plain", "smooth_zloss"])
+def test_cpu_row_pieces_match_the_reference(monkeypatch, options, method):
+  # XLA:CPU reduces each block's rows in pieces (_cpu.row_split); with rows of 64 entries
+  # allowed, V = 256 is cut into 4. Against the reference's whole rows (the sums in another
+  # order: rtol 1e-5): per-token loss and lse, the summed loss and its gradients, and the
+  # gradients of a weighted per-token loss, with a dropped token. Token 0 is confident (a
+  # loss of about 6e-8, from its tail): plain, against float64 to rtol 1e-4.
+  from jxent import _cpu
+  monkeypatch.setattr(_cpu, "FAST_ROW", 64)
+  rng = np.random.default_rng(5)
+  n, d, v = 24, 16, 256
+  h = rng.standard_normal((n, d)).astype(np.float32)
+  w = (rng.standard_normal((d, v)) * 0.5).astype(np.float32)
+  y = rng.integers(0, v, n).astype(np.int32)
+  w[:, y[0]] += h[0] * (30.0 / (h[0] @ h[0]))
+  y[5] = -100
+  kw = dict(ignore_index=-100, chunk_size=8)
+  if options == "smooth_zloss":
+    kw.update(label_smoothing=0.1, z_loss=1e-3)
+  cot = jnp.linspace(0.5, 1.5, n)
+
+  def run(impl):
+    with use_implementation(impl):
+      per_token = jax.jit(lambda h, w: jxent.linear_cross_entropy(
+          h, w, y, reduction="none", return_lse=True, **kw))(h, w)
+      total = jax.jit(jax.value_and_grad(lambda h, w: jxent.linear_cross_entropy(
+          h, w, y, reduction="sum", method=method, **kw), argnums=(0, 1)))(h, w)
+      weighted = jax.jit(jax.grad(lambda h, w: jnp.sum(cot * jxent.linear_cross_entropy(
+          h, w, y, reduction="none", **kw)), argnums=(0, 1)))(h, w)
+    return per_token, total, weighted
+
+  got, want = run("cpu"), run("reference")
+  assert _cpu.row_split(v) == 4
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  if options == "plain":
+    z = h.astype(np.float64) @ w.astype(np.float64)
+    nll0 = np.log1p(np.sum(np.exp(np.delete(z[0], y[0]) - z[0, y[0]])))
+    assert nll0 < 1e-6  # lse - z_y rounds at lse's resolution, ~2e-6 here
+    np.testing.assert_allclose(float(got[0][0][0]), nll0, rtol=1e-4)

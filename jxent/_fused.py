@@ -47,17 +47,17 @@ from jxent._softmax import class_weights_array
 Array = jax.Array
 
 # One [chunk, V] float32 block of logits is held at a time; its gradient is written over it in
-# place. The default makes the block about 64 MiB. The dW update h^T dz has the chunk as its
-# inner dimension and re-reads all of dW once per chunk, so small chunks lose: measured on
-# XLA:CPU (benchmarks/RESULTS.md, two machines), at N=4096, D=512, V=32768 128-token chunks
-# ran 1.0-1.06x the unfused time, 256 0.9-0.95x, 512 0.85-0.9x, 1024 only 0.01-0.03 better;
-# at N=8192, D=1024, V=65536 128 ran 0.9-1.04x, 256 0.82-0.98x (later, with the rows'
-# reductions in pieces and the label's tail: 1.12x, 0.98-0.99x; 512: 0.9x). Scratch is the
-# block plus one [D, slice] dW update: 74 MiB (7%) and 76 MiB (1.9%) of the unfused 1 and 4 GiB there;
-# 2048-column slices were as fast as 8192 and 24 MiB smaller; 1024 columns as fast again
-# (0.925x against 0.914x at the first size) and 9 MiB smaller at the second (1.84% of the
-# unfused scratch against 2.06%). The recompute method's tangent takes slices twice as wide
-# (its [chunk, slice] blocks are recomputed logits: 1.22x the unfused time against 1.28x).
+# place. The default makes the block about 64 MiB. The dW update h^T dz has the chunk as its inner
+# dimension and re-reads all of dW once per chunk, so small chunks lose: measured on XLA:CPU
+# (benchmarks/RESULTS.md, two machines), at N=4096, D=512, V=32768 128-token chunks ran 1.0-1.06x
+# the unfused time, 256 0.9-0.95x, 512 0.85-0.9x, 1024 only 0.01-0.03 better; at N=8192, D=1024,
+# V=65536 128 ran 0.9-1.04x, 256 0.82-0.98x (later, with the rows' reductions in pieces and the
+# label's tail: 1.12x, 0.98-0.99x; 512: 0.9x). Scratch is the block plus one [D, slice] dW update:
+# 74 MiB (7%) and 76 MiB (1.9%) of the unfused 1 and 4 GiB there; 2048-column slices were as fast as
+# 8192 and 24 MiB smaller; 1024 columns as fast again (0.925x against 0.914x at the first size) and
+# 9 MiB smaller at the second (1.84% of the unfused scratch against 2.06%). The recompute method's
+# tangent takes slices twice as wide (its [chunk, slice] blocks are recomputed logits: 1.22x the
+# unfused time against 1.28x).
 _TARGET_BLOCK_BYTES = 64 * 2**20
 _VOCAB_SLICE = 1024
 

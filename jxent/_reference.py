@@ -65,7 +65,22 @@ def sharpen(r: Array, rest: Array) -> Array:
   (two terms of 1 make r >= log 2), so s = 1 + rest exactly, while ``1 + rest`` rounds to 1
   and r to 0 once rest is below float resolution (a nearly one-hot row: float32 loses a
   confident prediction's loss of 1e-8 that way)."""
-  return jnp.where((r >= 0) & (r < _SMALL_LOSS), jnp.log1p(rest), r)
+  return same_value_where((r >= 0) & (r < _SMALL_LOSS), jnp.log1p(rest), r)
+
+
+@jax.custom_jvp
+def same_value_where(cond: Array, alt: Array, x: Array) -> Array:
+  """``where(cond, alt, x)`` where ``alt`` is another form of the same value as ``x``, to better
+  relative accuracy (``sharpen``, ``label_term``): differentiated as ``x`` (to every order),
+  so that autodiff does not go through ``alt``'s terms, which would cost a second pass over
+  the logits and keep [N, C] buffers for it."""
+  return jnp.where(cond, alt, x)
+
+
+@same_value_where.defjvp
+def _same_value_where_jvp(primals, tangents):
+  cond, alt, x = primals
+  return same_value_where(cond, alt, x), tangents[2]
 
 
 def finish_parts(z: Array, m: Array, row_sum, sharp: bool = False) -> tuple[Array, Array]:
@@ -136,7 +151,7 @@ def label_term(r: Array, gap_y: Array, tail: Array | None) -> Array:
   if tail is None:
     return plain
   small = plain < _SMALL_LOSS  # False for NaN and +inf: those stay as they are
-  return jnp.where(small, jnp.log1p(tail), plain)
+  return same_value_where(small, jnp.log1p(tail), plain)
 
 
 def max_rest(e: Array) -> Array:

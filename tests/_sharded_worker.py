@@ -89,10 +89,26 @@ def main():
   result["comm"] = {str(k): v for k, v in comm.items()}
   result["logits_elements"] = {str(v): N * v for v in (256, 1024)}
   result["axis_types"] = {k: axis_type_checks(k) for k in ("explicit", "auto", "classic")}
+  result["scratch"] = vocab_parallel_scratch()
   result["confident"] = confident_labels()
   result["property"] = sharded_equals_unsharded()
   result["head"] = head_quantities()
   print(json.dumps(result))
+
+
+def vocab_parallel_scratch():
+  """XLA's per-device scratch of the vocab-parallel loss's value_and_grad, [128, 2048] float32
+  logits on the 2x4 mesh, relative to one device's [64, 512] block of them."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  z = jax.ShapeDtypeStruct((128, 2048), jnp.float32,
+                           sharding=NamedSharding(mesh, P("data", "model")))
+  y = jax.ShapeDtypeStruct((128,), jnp.int32, sharding=NamedSharding(mesh, P("data")))
+  f = jxent.sharded.make_vocab_parallel_loss(mesh)
+  temp = jax.jit(jax.value_and_grad(lambda z, y: f(z, y).mean())).lower(z, y).compile() \
+      .memory_analysis().temp_size_in_bytes
+  return temp / (64 * 512 * 4)
 
 
 def confident_labels():

@@ -201,15 +201,43 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--quick", action="store_true", help="one small size; no RESULTS.md")
   p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--quantities", nargs="+", choices=QUANTITIES, default=QUANTITIES,
+                 help="measure these alone; their rows replace the same rows of the "
+                      "RESULTS.md table, the others stay as they were measured")
   p.add_argument("--rss", nargs=3, metavar=("QUANTITY", "VARIANT", "N,D,V"),
                  help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.rss:
     rss_probe(args.rss[0], args.rss[1], *map(int, args.rss[2].split(",")))
     return
-  rows = run(QUICK_SIZES if args.quick else SIZES, args.reps)
+  rows = run(QUICK_SIZES if args.quick else SIZES, args.reps, tuple(args.quantities))
   if not args.quick:
-    H.write_section("lmhead", to_markdown(rows, args.reps))
+    H.write_section("lmhead", merge_rows(to_markdown(rows, args.reps), rows))
+
+
+def _key(line):
+  """(size, quantity) of a table row of the section."""
+  cells = [c.strip() for c in line.strip().strip("|").split("|")]
+  return cells[0], cells[1]
+
+
+def merge_rows(markdown, rows):
+  """``markdown`` with, when ``rows`` are a part of the quantities, the RESULTS.md rows of the
+  others kept (in the table's order: size, then quantity)."""
+  if {r["quantity"] for r in rows} == set(QUANTITIES):
+    return markdown
+  text = H.RESULTS.read_text() if H.RESULTS.exists() else ""
+  start, end = "<!-- lmhead:start -->", "<!-- lmhead:end -->"
+  old = text.split(start, 1)[1].split(end, 1)[0] if start in text and end in text else ""
+  fresh = {(r["size"], r["quantity"]): _fmt(r) for r in rows}
+  kept = {_key(ln): ln for ln in old.splitlines() if ln.startswith("| N=")}
+  table = {**kept, **fresh}
+  order = {q: i for i, q in enumerate(QUANTITIES)}
+  sizes = [f"N={n}, D={d}, V={v}" for n, d, v in SIZES]
+  keys = sorted(table, key=lambda k: (sizes.index(k[0]) if k[0] in sizes else len(sizes),
+                                      order.get(k[1], len(order))))
+  head = [ln for ln in markdown.splitlines() if not ln.startswith("| N=")]
+  return "\n".join(head + [table[k] for k in keys])
 
 
 if __name__ == "__main__":

@@ -531,6 +531,11 @@ def _prepare(hidden, weight, labels, bias, weight_layout, where, temperature, ch
   return h3, weight, bias, y2, v2, v, cfg, unflat
 
 
+def _wide(*xs) -> bool:
+  """Every array given (None skipped) has at least 32-bit floats."""
+  return all(x is None or jnp.finfo(jnp.result_type(x)).bits >= 32 for x in xs)
+
+
 def _label_log_probs(z_y, lse, y2, v2, v):
   """Flat [N]: z_y - lse on kept tokens, 0 on dropped ones, NaN for a kept label outside
   [0, V)."""
@@ -579,8 +584,10 @@ def linear_log_probs(
       computed once, as in the unfused computation), in every autodiff mode; per-token
       values take any cotangent, so their derivative computes the blocks again.
     chunk_size: tokens per block on CPU; default: a ``[chunk, V]`` float32 block of ~64 MiB
-      (half that for ``"sum"`` and ``"mean"``). On GPU and TPU the blocks are vocabulary
-      columns of all tokens instead (~128 MiB of float32 logits; ``chunk_size`` unused).
+      (half that for ``"sum"`` and ``"mean"`` of 16-bit inputs at ``T != 1``; otherwise
+      these are minus :func:`linear_cross_entropy` of ``h / T``, ``b / T``, with its
+      chunks). On GPU and TPU the blocks are vocabulary columns of all tokens instead
+      (~128 MiB of float32 logits; ``chunk_size`` unused).
 
   Returns:
     ``[...]`` log-probabilities (float32, float64 for float64 inputs), or their reduction:
@@ -597,6 +604,18 @@ def linear_log_probs(
                                               where, temperature, chunk_size,
                                               "linear_log_probs", reduction,
                                               "log_probs")
+  if reduction != "none" and (cfg.temperature == 1.0 or _wide(hidden, bias)):
+    # A sum or mean of log p_y is minus the fused cross-entropy of z = (h / T) W + b / T: its
+    # token chunks (XLA:CPU, 0.93x the unfused time at 7% of its scratch at N=4096, D=512,
+    # V=32768, where this module's statistics ran 1.03x at 4%), its vocabulary blocks on
+    # GPU/TPU, and a confident label's log-probability to its relative accuracy. Scaling h
+    # and b by 1/T is exact to their own rounding in 32 bits or more (not in 16).
+    s = 1.0 / cfg.temperature
+    scale = (lambda a: a) if s == 1.0 else (lambda a: None if a is None else a * s)
+    return -F.linear_cross_entropy(
+        scale(jnp.asarray(hidden)), weight, labels, bias=scale(bias),
+        weight_layout=weight_layout, where=where, weights=weights, reduction=reduction,
+        chunk_size=chunk_size)
   wt = _token_weights(weights, jnp.shape(hidden)[:-1], v2, _num_tokens(hidden), cfg.acc)
 
   def per_token():

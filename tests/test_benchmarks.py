@@ -84,3 +84,28 @@ def test_sharp_benchmark_times_what_it_says(capsys):
     for cell in cells[4:]:
       med, lo, hi = map(float, re.match(r"([\d.]+) \(([\d.]+)–([\d.]+)\)", cell).groups())
       assert 0 < lo <= med <= hi
+
+
+def test_lmhead_rows_of_some_quantities_replace_only_theirs(tmp_path, monkeypatch):
+  # `python -m benchmarks lmhead --quantities ...` keeps the other rows as they were, in the
+  # table's order.
+  sys.path.insert(0, str(ROOT))
+  from benchmarks import _harness as H
+  from benchmarks import lmhead as L
+  results = tmp_path / "RESULTS.md"
+  monkeypatch.setattr(H, "RESULTS", results)
+
+  def row(size, q, ms):
+    return {"size": size, "quantity": q, "ms": ms, "ms_ref": 2.0, "ratio": {
+        "ratio": 0.5, "lo": 0.4, "hi": 0.6}, "temp_mib": 1.0, "temp_ref_mib": 2.0,
+        "temp_frac": 0.5, "peak": 1.0, "peak_ref": 2.0, "rss": 0.0, "rss_ref": 0.0, "err": 0.0}
+
+  sizes = [f"N={n}, D={d}, V={v}" for n, d, v in L.SIZES]
+  old = [row(s, q, 1.0) for s in sizes for q in L.QUANTITIES]
+  H.write_section("lmhead", L.to_markdown(old, 3))
+  new = [row(s, "entropy", 7.0) for s in sizes]
+  H.write_section("lmhead", L.merge_rows(L.to_markdown(new, 3), new))
+  lines = [ln for ln in results.read_text().splitlines() if ln.startswith("| N=")]
+  assert [L._key(ln) for ln in lines] == [(s, q) for s in sizes for q in L.QUANTITIES]
+  for ln in lines:
+    assert ("| 7 |" in ln) == (L._key(ln)[1] == "entropy"), ln

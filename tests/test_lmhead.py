@@ -207,6 +207,16 @@ def test_bfloat16_inputs_accumulate_in_float32():
       g_want = jax.grad(lambda h: jnp.sum(ref(h, *f64(up(wb), up(bb)))))(f64(up(hb))[0])
     assert g.dtype == jnp.bfloat16
     assert rel(g.astype(jnp.float32), g_want) < 1e-2, name  # bf16 rounding of the output
+  # A sum of log-probabilities: at T = 1 minus the fused cross-entropy, at T != 1 (16-bit
+  # inputs, where h / T would round) the statistics' blocks; value and gradient in W.
+  for temp in (1.0, TEMP):
+    f = lambda w: fused_log_probs(hb, w, bb, temp=temp, reduction="sum")
+    got, g = jax.jit(jax.value_and_grad(f))(wb)
+    with jax.enable_x64(True):
+      r = lambda w: jnp.sum(ref_log_probs(*f64(up(hb)), w, *f64(up(bb)), temp=temp))
+      want, g_want = jax.value_and_grad(r)(f64(up(wb))[0])
+    assert rel(got, want) < 1e-5, temp
+    assert rel(g.astype(jnp.float32), g_want) < 1e-2, temp
 
 
 @pytest.mark.parametrize("top", [0, V - 5])  # in the first block; in the last (moving)

@@ -201,7 +201,7 @@ def sharp_parts(z: Array, k: int, acc) -> tuple[Array, Array]:
   # The same exponentials spelled z + (-m): XLA:CPU otherwise materialises the broadcast
   # shift the two sums share as an [N, C] buffer.
   e = jnp.exp(pieces.astype(acc) + (-shift))
-  rest = jnp.sum(R.max_rest(e).reshape(n, k), axis=-1)
+  rest = jnp.sum(R.frac_sum(e).reshape(n, k), axis=-1)
   r = R.sharpen(jnp.log(s), rest)
   return m, jnp.where(m_raw == jnp.inf, jnp.nan, r)
 

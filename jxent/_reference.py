@@ -143,10 +143,7 @@ def label_term(r: Array, gap_y: Array, tail: Array | None) -> Array:
   ``tail = sum_{c != y} exp(z_c - z_y)``, the same value to float resolution relative to
   itself. A loss below log 2 puts the label strictly above every other logit (p_y > 1/2).
   ``tail`` None: the plain sum (exact where r is sharp, ``sharpen``, and m the max: z_y = m
-  there). ``tail`` may equally be the rest beside the row max (``max_rest``): where the
-  loss is that small the label's logit is the max, and that form needs no second copy of it
-  (a label logit computed apart, as the fused loss does, differs from the block's by
-  rounding, and its own term must not enter the tail)."""
+  there)."""
   plain = r + gap_y
   if tail is None:
     return plain
@@ -154,10 +151,11 @@ def label_term(r: Array, gap_y: Array, tail: Array | None) -> Array:
   return same_value_where(small, jnp.log1p(tail), plain)
 
 
-def max_rest(e: Array) -> Array:
-  """``sum_c frac(e_c)`` per row of ``e = exp(z - m)``, m the row max: the exp-sum without
-  the max's own term exp(0) = 1 (no fractional part; every other term is below 1, and where
-  one rounds to 1 the row's r is at least log 2 and its rest is not used). Arithmetic only
+def frac_sum(e: Array) -> Array:
+  """``sum_c frac(e_c)`` per row of exponentials at most 1, taken relative to one entry of the
+  row (the max: ``_cpu.sharp_parts``; the label: ``label_tail``): the sum without that
+  entry's own term exp(0) = 1 (no fractional part; every other term is below 1, and where
+  one rounds to 1 the row's loss is at least log 2 and the sum is not used). Arithmetic only
   (no select, which XLA:CPU's fused reductions pay for)."""
   return jnp.sum(e - jnp.floor(e), axis=-1)
 
@@ -180,7 +178,7 @@ def label_tail(z: Array, z_y: Array, slack: float = 0.0) -> Array:
   # a block-sized buffer.
   shift = (z_y - slack)[:, None]
   e = jnp.exp(jnp.minimum(z, shift) - shift)
-  tail = jnp.sum(e - jnp.floor(e), axis=-1)
+  tail = frac_sum(e)
   return tail if slack == 0 else tail * math.exp(-slack)
 
 

@@ -59,7 +59,7 @@ import optax  # noqa: E402
 
 import jxent  # noqa: E402
 from benchmarks import _harness as H  # noqa: E402
-from jxent import _fused  # noqa: E402
+from jxent import _fused, _pallas  # noqa: E402
 from jxent._platform import use_implementation  # noqa: E402
 
 DENSE_SHAPES = [(8192, 50304), (16384, 128256)]
@@ -378,20 +378,24 @@ def _fused_inputs(n, d, v):
 
 # "filtered": Cut Cross-Entropy's default gradient filter for bfloat16 (eps(bf16) / 32).
 FILTER_EPS = 2.0**-12
-FUSED_JAX = ("jxent", "jxent filtered", f"jxent block={BIG_BLOCK_MIB}MiB", "unfused JAX")
+# "(Pallas)": the filtered tiles' products by the Triton kernels of jxent/_pallas.py instead
+# of XLA's gathered products.
+FUSED_JAX = ("jxent", "jxent filtered", "jxent filtered (Pallas)",
+             f"jxent block={BIG_BLOCK_MIB}MiB", "unfused JAX")
 
 
 def _fused_jax(name: str, y):
   if name.startswith("jxent"):
     block = int(name.split("=")[1][:-3]) * 2**20 if "=" in name else None
 
-    def f(h, w):  # the block size is read when the function is traced
+    def f(h, w):  # the block size and the kernels' switch are read when it is traced
       old = _fused._ACCEL_BLOCK_BYTES
       _fused._ACCEL_BLOCK_BYTES = block or old
       try:
-        return jxent.linear_cross_entropy(
-            h, w, y, weight_layout="vd",
-            gradient_filter=FILTER_EPS if name.endswith("filtered") else None)
+        with _pallas.use_pallas_filter(name.endswith("(Pallas)")):
+          return jxent.linear_cross_entropy(
+              h, w, y, weight_layout="vd",
+              gradient_filter=FILTER_EPS if "filtered" in name else None)
       finally:
         _fused._ACCEL_BLOCK_BYTES = old
   else:  # the unfused reference: [N, V] logits in float32
@@ -513,14 +517,14 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
              "vs jxent": _ratio(times, "jxent", name) if name != "jxent" else None,
              "peak": mem[name].get("peak"), "xla": mem[name].get("xla"),
              "loss err": abs(loss - ref) / abs(ref)}
-      if name == "jxent filtered":  # how far the filtered dW is from the exact one
+      if "filtered" in name:  # how far the filtered dW is from the exact one
         exact, got = outs["unfused JAX"][1][1], outs[name][1][1]
         err = jnp.max(jnp.abs(got.astype(jnp.float32) - exact.astype(jnp.float32)))
         row["note"] = (f"dW max abs. diff / max abs. dW: "
                        f"{float(err / jnp.max(jnp.abs(exact.astype(jnp.float32)))):.1e}")
       if name == "cut-cross-entropy" and "jxent filtered" in times:
-        r = _ratio(times, "jxent filtered", name)
-        row["note"] = f"jxent filtered / this: {_fmt_ratio(r)}"
+        row["note"] = "; ".join(f"{j} / this: {_fmt_ratio(_ratio(times, j, name))}"
+                                for j in ("jxent filtered", "jxent filtered (Pallas)"))
       rows.append(row)
       print(_fused_line(row), flush=True)
     del h, w, y, fns, outs

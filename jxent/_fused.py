@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jxent import _checks, _cpu
+from jxent import _checks, _cpu, _pallas
 from jxent import _reference as R
 from jxent._platform import dispatch, explicitly_sharded
 from jxent._softmax import class_weights_array
@@ -77,13 +77,16 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["eps", "zl"],
                    meta_fields=["softcap", "layout", "vocab_slice", "acc", "accel_block",
-                                "filter_eps", "pieces"])
+                                "filter_eps", "pieces", "kernels"])
 class _Config:
   def __init__(self, eps, zl, softcap, layout, vocab_slice, acc, accel_block=0,
-               filter_eps=None, pieces=1):
+               filter_eps=None, pieces=1, kernels=False):
     self.eps, self.zl, self.softcap = eps, zl, softcap
     self.layout, self.vocab_slice, self.acc = layout, vocab_slice, acc
     self.accel_block, self.filter_eps = accel_block, filter_eps
+    # The filtered tiles' products by the Pallas kernels (read from the context when the
+    # loss is traced; part of the configuration, so that a traced rule is not reused across).
+    self.kernels = kernels
     # Each [T, V] block's row reductions over [T * pieces, V / pieces] pieces (XLA:CPU).
     self.pieces = pieces
 
@@ -342,8 +345,24 @@ def _filtered_block(dh, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, 
     db_j = zeros(vt, tv).at[tj].add(jnp.sum(dz, axis=1)).reshape(size) if bias else None
     return dh, (dw_j.T if cfg.layout == "dv" else dw_j), db_j
 
+  if cfg.kernels and _pallas.d_block(d) is not None:
+    sparse = functools.partial(_pallas_tiles, z=z, lse_f=lse_f, coef=coef, loud=loud, hl=hl,
+                               w_j=w_j, cfg=cfg, low=low, bias=bias, xla=sparse)
   mode = jnp.where(whole, 2, jnp.where(count == 0, 0, 1))
   return jax.lax.switch(mode, (skip, sparse, full), dh)
+
+
+def _pallas_tiles(dh, *, z, lse_f, coef, loud, hl, w_j, cfg, low, bias, xla):
+  """``_filtered_block``'s loud tiles through the Pallas kernels (``jxent/_pallas.py``):
+  Triton on an NVIDIA GPU (float32 accumulation; float64 takes XLA's gathered products
+  there), interpreted on every other platform."""
+  def run(interpret):
+    return lambda dh: _pallas.filtered_products(
+        dh, z, lse_f, coef, loud, hl, w_j, tile=_FILTER_TILE, layout=cfg.layout,
+        softcap=cfg.softcap, low=low, bias=bias, interpret=interpret)
+
+  cuda = run(False) if cfg.acc == jnp.float32 else xla
+  return jax.lax.platform_dependent(dh, cuda=cuda, default=run(True))
 
 
 def _label_terms(h, y, valid, g, w, z_y, v, cfg):
@@ -999,7 +1018,8 @@ def linear_cross_entropy(
   valid = v2.reshape(-1)
 
   cfg = _Config(opts.label_smoothing, opts.z_loss, softcap, weight_layout, _VOCAB_SLICE, acc,
-                accelerator_vocab_block(n_chunks * t, v), filter_eps)
+                accelerator_vocab_block(n_chunks * t, v), filter_eps,
+                kernels=filter_eps is not None and _pallas.enabled())
   count = jnp.sum(valid).astype(acc)
 
   scalar = reduction in ("mean", "sum") and not return_lse

@@ -17,6 +17,7 @@ INFO = ["tests/test_information.py", "tests/test_torch_reference.py", "tests/tes
 FUSED = ["tests/test_fused.py", "tests/test_transforms.py", "tests/test_bad_values.py",
          "tests/test_properties.py"]
 SHARDED = ["tests/test_sharded.py"]
+PALLAS = ["tests/test_pallas.py", "tests/test_fused.py::test_gradient_filter_tiles"]
 GRADS = ["tests/test_grads.py", "jxent/grads.py"]
 LMHEAD = ["tests/test_lmhead.py"]
 # The head's mutants run the tests that exercise the mutated path (test_lmhead.py whole
@@ -197,6 +198,17 @@ MUTANTS = [
        "    rows = ti[:, None] * tb + jnp.arange(tb)[None, :]",
        "    rows = tj[:, None] * tb + jnp.arange(tb)[None, :]",
        "gradient filter: a computed tile reads the wrong tokens' logsumexp", FUSED),
+    _m("pallas-skip-flag", "jxent/_pallas.py",
+       "    return jax.lax.cond(loud_ref[i, j] != 0, add, lambda c: c, carry)",
+       "    return jax.lax.cond(loud_ref[i, j] != 2, add, lambda c: c, carry)",
+       "filter kernels: dW takes the quiet tiles too", PALLAS),
+    _m("pallas-dh-accumulate", "jxent/_pallas.py",
+       "  dh_ref[rows, dcols] = dh_in_ref[rows, dcols] + acc",
+       "  dh_ref[rows, dcols] = acc",
+       "filter kernels: dh overwritten by a block's products instead of added to", PALLAS),
+    _m("pallas-softcap-slope", "jxent/_pallas.py",
+       "    dz = dz * (1 - t * t)", "    dz = dz * (1 - t)",
+       "filter kernels: the softcap's slope as 1 - tanh", PALLAS),
     # --------------------------------------------------------- language-model head
     _m("lmhead-logp-grad-sign", "jxent/_lmhead.py",
        "    return val, R.poison_rows(jnp.where(onehot, 1 - p, -p), bad), None",

@@ -9,7 +9,7 @@ import pytest
 from jax.experimental import checkify
 
 import jxent
-from jxent import _fused
+from jxent import _fused, _pallas
 from jxent._platform import use_implementation
 
 N, D, V = 37, 16, 50  # N is not a multiple of the chunk size
@@ -442,15 +442,18 @@ def test_gradient_filter_against_float64_formula(monkeypatch, case, layout, impl
   _check_filter(case, layout, all_tokens, lambda pk: 0.7 * float(pk[:, 32:48].max()))
 
 
-@pytest.mark.parametrize("case,layout,quiet", [
-    ("plain", "dv", "three_tiles"), ("options", "vd", "three_tiles"),
-    ("softcap", "dv", "three_tiles"), ("softcap", "vd", "three_tiles"),
-    ("options", "dv", "none")])
-def test_gradient_filter_tiles(monkeypatch, case, layout, quiet):
+@pytest.mark.parametrize("case,layout,quiet,kernels", [
+    ("plain", "dv", "three_tiles", False), ("options", "vd", "three_tiles", False),
+    ("softcap", "dv", "three_tiles", False), ("softcap", "vd", "three_tiles", False),
+    ("options", "dv", "none", False), ("options", "dv", "three_tiles", True),
+    ("softcap", "vd", "three_tiles", True)])
+def test_gradient_filter_tiles(monkeypatch, case, layout, quiet, kernels):
   # The accelerator form's tiles, here 4 tokens x 8 columns, a block taking the tiled form
   # when at most 20 // 6 = 3 of its 20 tiles have an entry of at least eps. eps between the
   # third and fourth largest tile maxima of the quiet columns 16-31 (exactly three tiles
   # computed there), or above all of them (none: the block contributes no softmax term).
+  # ``kernels``: the tiles' products by the Pallas kernels (interpreted here) instead of
+  # XLA's gathered products.
   monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: min(16, v))
   monkeypatch.setattr(_fused, "_FILTER_TILE", (4, 8))
   monkeypatch.setattr(_fused, "_FILTER_TILES_KEPT", 6)
@@ -460,7 +463,7 @@ def test_gradient_filter_tiles(monkeypatch, case, layout, quiet):
     tops = np.sort(q.reshape(10, 4, 2, 8).max(axis=(1, 3)).ravel())[::-1]
     return float(np.sqrt(tops[2] * tops[3]) if quiet == "three_tiles" else 2 * tops[0])
 
-  with use_implementation("accelerator"):
+  with use_implementation("accelerator"), _pallas.use_pallas_filter(kernels):
     tiled = _check_filter(case, layout, True, pick, tile=(4, 8), frac=6)
   assert tiled == (quiet == "three_tiles")
 

@@ -458,10 +458,14 @@ def _jax_peaks(names, n, d, v, timeout) -> dict:
   return peaks
 
 
-def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 0.0
-          ) -> list[dict]:
-  """Appends one row per variant and size to ``rows``; stops ``reserve`` s before the end."""
+def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 0.0,
+          variants=None) -> list[dict]:
+  """Appends one row per variant and size to ``rows``; stops ``reserve`` s before the end.
+  ``variants``: a subset of FUSED_JAX + FUSED_TORCH (jxent and unfused JAX always run: the
+  ratios are against them)."""
   torch, dev = _torch()
+  keep = lambda name: variants is None or name in variants or name in ("jxent", "unfused JAX")
+  jax_names = tuple(filter(keep, FUSED_JAX))
   for n, d, v in shapes:
     size = f"N={n}, D={d}, V={v}"
     if budget.left() < reserve + 60:
@@ -469,7 +473,7 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
       continue
     h, w, y = _fused_inputs(n, d, v)
     fns, mem, outs = {}, {}, {}
-    for name in FUSED_JAX:
+    for name in jax_names:
       f = _fused_jax(name, y)
       outs[name] = f(h, w)
       fns[name] = lambda f=f, h=h, w=w: jax.block_until_ready(f(h, w))
@@ -478,7 +482,7 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
     if torch is not None:
       th, tw, ty = (_to_torch(torch, dev, a) for a in (h, w, y))
       ty = ty.long()
-      for name in FUSED_TORCH:
+      for name in filter(keep, FUSED_TORCH):
         f = _fused_torch(name) if dev == "cuda" else None  # both are Triton (GPU) kernels
         if f is None:
           continue
@@ -504,10 +508,10 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
     times = _alternate(fns, reps)
     if torch is not None and dev == "cuda":
       torch.cuda.empty_cache()  # the probes and the next steps get the cached blocks back
-    peaks = _jax_peaks(FUSED_JAX, n, d, v, min(120, budget.left() - 30))
+    peaks = _jax_peaks(jax_names, n, d, v, min(120, budget.left() - 30))
     ref = float(outs["unfused JAX"][0])
     for name in fns:
-      if name in FUSED_JAX:
+      if name in jax_names:
         mem[name]["peak"] = peaks[name]
       loss = outs[name][0]
       loss = float(loss.float().item()) if hasattr(loss, "detach") else float(loss)
@@ -522,9 +526,10 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
         err = jnp.max(jnp.abs(got.astype(jnp.float32) - exact.astype(jnp.float32)))
         row["note"] = (f"dW max abs. diff / max abs. dW: "
                        f"{float(err / jnp.max(jnp.abs(exact.astype(jnp.float32)))):.1e}")
-      if name == "cut-cross-entropy" and "jxent filtered" in times:
+      if name == "cut-cross-entropy":
         row["note"] = "; ".join(f"{j} / this: {_fmt_ratio(_ratio(times, j, name))}"
-                                for j in ("jxent filtered", "jxent filtered (Pallas)"))
+                                for j in ("jxent filtered", "jxent filtered (Pallas)")
+                                if j in times)
       rows.append(row)
       print(_fused_line(row), flush=True)
     del h, w, y, fns, outs
@@ -722,6 +727,11 @@ def main(argv=None):
                  "dense losses, and their soft-label HLO beside --out; head: the language-model "
                  "head quantities against unfused JAX")
   p.add_argument("--dense-shapes", help="e.g. 16384x128256,8192x50304 (default: both)")
+  p.add_argument("--fused-shapes", help="N,D,V triples, e.g. 8192x2304x256000 (default: "
+                 "both)")
+  p.add_argument("--fused-variants", help="a subset of the fused step's variants, comma-"
+                 f"separated (jxent and unfused JAX always run): {', '.join(FUSED_JAX[1:-1])}, "
+                 f"{', '.join(FUSED_TORCH)}")
   p.add_argument("--dense-losses", help=f"e.g. soft (default: {','.join(LOSSES)})")
   p.add_argument("--head-quantities", help=f"e.g. kl,js (default: {','.join(HEAD_QUANTITIES)})")
   p.add_argument("--head-chunks", action="store_true", help="head step: also time the "
@@ -782,10 +792,18 @@ def main(argv=None):
 
   if paths:
     step("tests", suite)
+  fused_shapes = SMOKE_FUSED if args.smoke else FUSED_SHAPES
+  if args.fused_shapes:
+    fused_shapes = [tuple(map(int, x.split("x"))) for x in args.fused_shapes.split(",")]
+  fused_variants = None
+  if args.fused_variants:
+    fused_variants = {x.strip() for x in args.fused_variants.split(",")}
+    if not fused_variants <= set(FUSED_JAX + FUSED_TORCH):
+      p.error(f"--fused-variants: {args.fused_variants!r}")
   if "fused" in steps:
-    step("fused", lambda: fused(SMOKE_FUSED if args.smoke else FUSED_SHAPES, budget,
-                                3 if args.smoke else 5, fused_rows,
-                                reserve=budget.left() * 0.3 if "dense" in steps else 0.0))
+    step("fused", lambda: fused(fused_shapes, budget, 3 if args.smoke else 5, fused_rows,
+                                reserve=budget.left() * 0.3 if "dense" in steps else 0.0,
+                                variants=fused_variants))
   if "dense" in steps:
     step("dense", lambda: dense(dense_shapes, budget, reps, inner, not args.no_compile,
                                 dense_rows, losses=dense_losses))

@@ -74,19 +74,25 @@ def _dh_kernel(z_ref, lse_ref, coef_ref, loud_ref, w_ref, dh_in_ref, dh_ref, *, 
   rows, dcols = pl.ds(i * tb, tb), pl.ds(k * bd, bd)
   lse, coef = lse_ref[rows], coef_ref[rows]
 
-  def tile(j, acc):
-    def add(acc):
+  def tile(j, carry):
+    def add(carry):
+      acc, count = carry
       cols = pl.ds(j * tv, tv)
       g = _tile_grad(z_ref[rows, cols], lse, coef, softcap).astype(low)
       if layout == "vd":  # W_j [S, D]: its [tv, bd] tile
-        return acc + jnp.dot(g, w_ref[cols, dcols].astype(low), preferred_element_type=acc.dtype)
-      return acc + jnp.dot(g, w_ref[dcols, cols].astype(low).T,  # W_j [D, S]
-                           preferred_element_type=acc.dtype)
+        wt = w_ref[cols, dcols].astype(low)
+      else:  # W_j [D, S]
+        wt = w_ref[dcols, cols].astype(low).T
+      return acc + jnp.dot(g, wt, preferred_element_type=acc.dtype), count + 1
 
-    return jax.lax.cond(loud_ref[i, j] != 0, add, lambda a: a, acc)
+    return jax.lax.cond(loud_ref[i, j] != 0, add, lambda c: c, carry)
 
-  acc = jax.lax.fori_loop(0, vt, tile, jnp.zeros((tb, bd), dh_ref.dtype))
-  dh_ref[rows, dcols] = dh_in_ref[rows, dcols] + acc
+  acc, count = jax.lax.fori_loop(0, vt, tile, (jnp.zeros((tb, bd), dh_ref.dtype), 0))
+
+  # dh's buffer is the input's (aliased): a stripe without a loud tile leaves it as it is.
+  @pl.when(count > 0)
+  def _():
+    dh_ref[rows, dcols] = dh_in_ref[rows, dcols] + acc
 
 
 def _dw_kernel(z_ref, lse_ref, coef_ref, loud_ref, h_ref, *out_refs, tb, tv, bd, nt, layout,

@@ -13,7 +13,7 @@ import jxent
 from jxent import _fused, _pallas
 from jxent._platform import use_implementation
 
-N, S, D = 128, 192, 64  # two token tiles, three vocabulary tiles of 64; D in one [*, 64] slice
+N, S, D = 192, 192, 64  # 3 x 3 tiles of 64; D in one [*, 64] slice
 TILE = (64, 64)
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -23,7 +23,7 @@ def _inputs(low):
   z = jax.random.normal(k[0], (N, S)) * 2
   lse = jax.random.normal(k[1], (N,)) + 4
   coef = jax.random.uniform(k[2], (N,), minval=-1.0, maxval=2.0).at[5].set(0.0)
-  loud = jnp.array([[1, 0, 1], [0, 1, 1]], bool)
+  loud = jnp.array([[1, 0, 1], [0, 0, 0], [0, 1, 1]], bool)  # token tile 1: no loud tile
   h = jax.random.normal(k[3], (N, D)).astype(low)
   w = (jax.random.normal(k[4], (S, D)) * 0.3).astype(low)
   dh0 = jax.random.normal(k[5], (N, D))
@@ -43,10 +43,10 @@ def _want(z, lse, coef, loud, h, w, dh0, softcap):
     ("vd", None, True, jnp.float32), ("dv", 3.0, False, jnp.float32),
     ("vd", 3.0, True, jnp.bfloat16), ("dv", None, True, jnp.bfloat16)])
 def test_kernels_against_float64_formula(layout, softcap, bias, low):
-  # dh + dz W_j, dz^T h and the column sums of dz over the loud tiles only (tiles (0, 1) and
-  # (1, 0) are quiet; token 5 has coef 0), for both layouts of W_j, with and without the
-  # softcap's slope, float32 and bfloat16 product operands. Interpreted on CPU, compiled on
-  # an NVIDIA GPU.
+  # dh + dz W_j, dz^T h and the column sums of dz over the loud tiles only (token 5 has coef
+  # 0; the middle token tile has no loud tile, its dh rows stay dh0's), for both layouts of
+  # W_j, with and without the softcap's slope, float32 and bfloat16 product operands.
+  # Interpreted on CPU, compiled on an NVIDIA GPU.
   z, lse, coef, loud, h, w, dh0 = _inputs(low)
   if softcap is not None:
     z = softcap * jnp.tanh(z / softcap)
@@ -64,13 +64,7 @@ def test_kernels_against_float64_formula(layout, softcap, bias, low):
   assert (db is None) == (not bias)
   if bias:
     assert np.abs(np.asarray(db) - want_db).max() <= 1e-5 * scale(want_db)
-  # the quiet tile (0, 1) leaves its dW rows 64:128 to the other token tile alone
-  g1 = np.asarray(coef, np.float64)[64:, None] * np.exp(
-      np.asarray(z, np.float64)[64:, 64:128] - np.asarray(lse, np.float64)[64:, None])
-  if softcap is not None:
-    g1 = g1 * (1 - (np.asarray(z, np.float64)[64:, 64:128] / softcap) ** 2)
-  np.testing.assert_allclose(dw[64:128], g1.T @ np.asarray(h, np.float64)[64:],
-                             rtol=0, atol=tol * scale(want_dw))
+  np.testing.assert_array_equal(dh[64:128], dh0[64:128])
 
 
 def test_fused_loss_through_the_kernels_matches_the_gathered_tiles(monkeypatch):

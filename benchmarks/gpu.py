@@ -16,10 +16,11 @@ dense losses:
 3. the fused linear cross-entropy, bfloat16, weight [V, D], at Cut Cross-Entropy's Gemma-2
    shape (N=8192, D=2304, V=256000) and at (8192, 4096, 128256), forward+backward with
    respect to h and W: jxent (default block, a 256 MiB block, and with Cut Cross-Entropy's
-   gradient filter for bfloat16) against unfused JAX, Cut Cross-Entropy (filtered, its
-   default, and exact) and Liger; time ratios as above and peak device memory (JAX:
+   gradient filter for bfloat16, its tiles by XLA or by the Pallas kernels) against unfused
+   JAX, Cut Cross-Entropy (filtered, its default, and exact) and Liger (dW accumulated in
+   bfloat16, its default, and in float32); time ratios as above, peak device memory (JAX:
    ``peak_bytes_in_use`` of a fresh process per variant; PyTorch: ``max_memory_allocated``
-   after a reset), minus the inputs;
+   after a reset) minus the inputs, and dW's relative distance from the unfused dW;
 4. writes the tables with the device, driver and library versions: the "gpu" section of
    benchmarks/RESULTS.md (full runs) and ``--out`` if given.
 
@@ -404,7 +405,10 @@ def _fused_jax(name: str, y):
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
 
-FUSED_TORCH = ("cut-cross-entropy", "cut-cross-entropy exact", "liger-kernel")
+# "fp32 accumulation": Liger's dW accumulated in float32 (``accum_dtype``); by default it is
+# accumulated in W's dtype (bfloat16) over its token chunks.
+FUSED_TORCH = ("cut-cross-entropy", "cut-cross-entropy exact", "liger-kernel",
+               "liger-kernel fp32 accumulation")
 
 
 def _fused_torch(name: str):
@@ -419,8 +423,36 @@ def _fused_torch(name: str):
   lk = _optional("liger_kernel.transformers.fused_linear_cross_entropy")
   if lk is None:
     return None
-  loss = lk.LigerFusedLinearCrossEntropyLoss()
+  if name.endswith("fp32 accumulation"):
+    import torch
+    loss = lk.LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32)
+  else:
+    loss = lk.LigerFusedLinearCrossEntropyLoss()
   return lambda h, w, y: loss(w, h, y)
+
+
+@jax.jit
+def _sq_diff_sums(a, b):
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.sum(jnp.square(a - b)), jnp.sum(jnp.square(b))
+
+
+def _dw_error(got, ref, torch) -> float | None:
+  """||dW - dW_ref|| / ||dW_ref|| (Frobenius, float32 sums), ``ref`` the unfused JAX dW; a
+  PyTorch ``got`` is read through DLPack, rows in slices (no dW-sized float32 temporary)."""
+  try:
+    if not hasattr(got, "detach"):
+      num, den = _sq_diff_sums(got, ref)
+      return float(jnp.sqrt(num / den))
+    r = torch.from_dlpack(ref)
+    num = den = 0.0
+    for i in range(0, r.shape[0], 8192):
+      a, b = got[i:i + 8192].float(), r[i:i + 8192].float()
+      num += float(torch.sum(torch.square(a - b)))
+      den += float(torch.sum(torch.square(b)))
+    return (num / den) ** 0.5
+  except Exception:  # noqa: BLE001 - no number is reported as n/a
+    return None
 
 
 def jax_peak_probe(name: str, n: int, d: int, v: int) -> None:
@@ -520,7 +552,9 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
              "vs unfused": _ratio(times, name, "unfused JAX"),
              "vs jxent": _ratio(times, "jxent", name) if name != "jxent" else None,
              "peak": mem[name].get("peak"), "xla": mem[name].get("xla"),
-             "loss err": abs(loss - ref) / abs(ref)}
+             "loss err": abs(loss - ref) / abs(ref),
+             "dw err": None if name == "unfused JAX" else _dw_error(
+                 outs[name][1][1], outs["unfused JAX"][1][1], torch)}
       if "filtered" in name:  # how far the filtered dW is from the exact one
         exact, got = outs["unfused JAX"][1][1], outs[name][1][1]
         err = jnp.max(jnp.abs(got.astype(jnp.float32) - exact.astype(jnp.float32)))
@@ -543,10 +577,11 @@ def _mib(b):
 
 def _fused_line(r) -> str:
   if "ms" not in r:
-    return f"| {r['size']} | {r.get('variant', '—')} | — | — | — | — | — | — | {r['note']} |"
+    return f"| {r['size']} | {r.get('variant', '—')} | — | — | — | — | — | — | {r['note']} | — |"
+  dw = "—" if r.get("dw err") is None else f"{r['dw err']:.1e}"
   return (f"| {r['size']} | {r['variant']} | {r['ms']:,.1f} | {_fmt_ratio(r['vs unfused'])} | "
           f"{_fmt_ratio(r['vs jxent'])} | {_mib(r['peak'])} | {_mib(r['xla'])} | "
-          f"{r['loss err']:.1e} | {r.get('note', '')} |")
+          f"{r['loss err']:.1e} | {r.get('note', '')} | {dw} |")
 
 
 # ------------------------------------------------------------ 4. language-model head
@@ -686,8 +721,8 @@ def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=()
           "to h and W (peak: device memory above the inputs during one call; XLA: compiled "
           "scratch + outputs):", "",
           "| size | variant | ms | time / unfused JAX | jxent time / this | peak MiB "
-          "| XLA MiB | loss rel. diff | note |",
-          "|---|---|---:|---:|---:|---:|---:|---:|---|",
+          "| XLA MiB | loss rel. diff | note | dW rel. diff |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
           *[_fused_line(r) for r in fused_rows]]
   if head_rows:
     out += ["", "Language-model head quantities, bfloat16, weight [V, D], the token mean under "

@@ -354,15 +354,16 @@ def _filtered_block(dh, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, 
 
 def _pallas_tiles(dh, *, z, lse_f, coef, loud, hl, w_j, cfg, low, bias, xla):
   """``_filtered_block``'s loud tiles through the Pallas kernels (``jxent/_pallas.py``):
-  Triton on an NVIDIA GPU (float32 accumulation; float64 takes XLA's gathered products
-  there), interpreted on every other platform."""
+  Triton on an NVIDIA GPU (float32 accumulation and tiles of powers of two from 16, as
+  Triton's products take; otherwise XLA's gathered products there), interpreted on every
+  other platform."""
   def run(interpret):
     return lambda dh: _pallas.filtered_products(
         dh, z, lse_f, coef, loud, hl, w_j, tile=_FILTER_TILE, layout=cfg.layout,
         softcap=cfg.softcap, low=low, bias=bias, interpret=interpret)
 
-  cuda = run(False) if cfg.acc == jnp.float32 else xla
-  return jax.lax.platform_dependent(dh, cuda=cuda, default=run(True))
+  triton = cfg.acc == jnp.float32 and all(t >= 16 and t & (t - 1) == 0 for t in _FILTER_TILE)
+  return jax.lax.platform_dependent(dh, cuda=run(False) if triton else xla, default=run(True))
 
 
 def _label_terms(h, y, valid, g, w, z_y, v, cfg):

@@ -60,7 +60,8 @@ def d_block(d: int) -> int | None:
 
 
 def _tile_grad(z, lse, coef, softcap):
-  """dz of one [tb, tv] tile of capped logits ``z`` (float32), without the label terms."""
+  """dz of one [tb, tv] tile of capped logits ``z`` (the accumulation dtype), without the
+  label terms."""
   dz = coef[:, None] * jnp.exp(z - lse[:, None])
   if softcap is not None:  # the cap's slope from the capped logit: tanh = z / cap
     t = z * (1 / softcap)

@@ -29,7 +29,8 @@ _ACCEL = _LM("values_and_gradients_against_float64", "ties_for_the_top_within_an
 LMHEAD_TESTS = {
     "lmhead-pair-accel-lse": _LM("distillation_values_and_gradients_against_float64"),
     "lmhead-topk-accel-rest": _TOPK + _LM("topk_kl_values_and_gradients_against_float64"),
-    "lmhead-logp-grad-sign": _LM("bfloat16_inputs_accumulate_in_float32"), "lmhead-entropy-grad-h": _SCALAR,
+    "lmhead-logp-grad-sign": _LM("bfloat16_inputs_accumulate_in_float32"),
+    "lmhead-entropy-grad-h": _SCALAR,
     "lmhead-temperature": _SCALAR, "lmhead-weights-slope": _SCALAR,
     "lmhead-dropped-tokens": _SCALAR, "lmhead-topk-rest-grad": _TOPK,
     "lmhead-topk-teacher-slope": _TOPK,

@@ -281,6 +281,10 @@ def _block_products(dz, hl, w_j, cfg, low):
 # so smaller tiles compute less, and each computed tile gathers [64, D] of h and of W.
 _FILTER_TILE = (64, 64)
 _FILTER_TILES_KEPT = 64
+# The Pallas kernels (``_pallas_tiles``) cost nothing for a quiet tile and gather nothing for a
+# loud one: they take a block with up to 1/_KERNEL_TILES_KEPT of its tiles loud (a guess, to
+# be measured against the whole block's cuBLAS products).
+_KERNEL_TILES_KEPT = 8
 
 
 def _filtered_block(dh, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, bias,
@@ -310,7 +314,8 @@ def _filtered_block(dh, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, 
 
   tb, tv = _FILTER_TILE
   nt, vt = n // tb, size // tv
-  k = nt * vt // _FILTER_TILES_KEPT
+  kernels = cfg.kernels and _pallas.d_block(d) is not None
+  k = nt * vt // (_KERNEL_TILES_KEPT if kernels else _FILTER_TILES_KEPT)
   if not (tiles and n % tb == 0 and size % tv == 0 and k >= 1):
     top = jnp.max(rel)
     keep = ~(jnp.exp(top) < cfg.filter_eps) | jnp.any(bad)
@@ -345,7 +350,7 @@ def _filtered_block(dh, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, 
     db_j = zeros(vt, tv).at[tj].add(jnp.sum(dz, axis=1)).reshape(size) if bias else None
     return dh, (dw_j.T if cfg.layout == "dv" else dw_j), db_j
 
-  if cfg.kernels and _pallas.d_block(d) is not None:
+  if kernels:
     sparse = functools.partial(_pallas_tiles, z=z, lse_f=lse_f, coef=coef, loud=loud, hl=hl,
                                w_j=w_j, cfg=cfg, low=low, bias=bias, xla=sparse)
   mode = jnp.where(whole, 2, jnp.where(count == 0, 0, 1))

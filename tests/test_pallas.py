@@ -73,6 +73,7 @@ def test_fused_loss_through_the_kernels_matches_the_gathered_tiles(monkeypatch):
   # tiles are computed, so value and gradients agree to float32 rounding.
   monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: min(128, v))
   monkeypatch.setattr(_fused, "_FILTER_TILES_KEPT", 4)
+  monkeypatch.setattr(_fused, "_KERNEL_TILES_KEPT", 4)  # both forms tile the same blocks
   k = jax.random.split(jax.random.key(3), 4)
   n, d, v = 128, 32, 384
   h = jax.random.normal(k[0], (n, d))
@@ -103,7 +104,7 @@ def test_fused_loss_through_the_kernels_matches_the_gathered_tiles(monkeypatch):
 def test_kernels_lower_to_triton_from_a_cpu_host(monkeypatch):
   # Lowered for "cuda" (Triton), which needs no GPU: every op of both kernels has a Triton
   # lowering, and the filtered loss's program calls them (two Triton custom calls).
-  monkeypatch.setattr(_fused, "_FILTER_TILES_KEPT", 4)  # 6 tiles: the tiled form may run
+  monkeypatch.setattr(_fused, "_KERNEL_TILES_KEPT", 4)  # 6 tiles: the tiled form may run
   z, lse, coef, loud, h, w, dh0 = _inputs(jnp.bfloat16)
   for layout in ("vd", "dv"):
     f = functools.partial(_pallas.filtered_products, tile=TILE, layout=layout, softcap=3.0,

@@ -80,6 +80,13 @@ def test_fused_loss_through_the_kernels_matches_the_gathered_tiles(monkeypatch):
   w = jax.random.normal(k[1], (v, d)) * 0.5
   b = jax.random.normal(k[2], (v,)).at[128:256].add(-9.0)  # a quiet middle block
   y = jax.random.randint(k[3], (n,), 0, v).at[7].set(-100)
+  # Loud tiles per block (2 x 2 tiles each): the middle block has one, at most 4 // 4, and
+  # takes the tiled form (the kernels); the others have all four and take the whole block.
+  z = np.asarray(h @ w.T + b, np.float64)
+  p = np.exp(z - np.log(np.exp(z).sum(1, keepdims=True)))
+  p[7] = 0  # the dropped token
+  tops = p.reshape(2, 64, 3, 2, 64).max(axis=(1, 4))  # [token tile, block, vocabulary tile]
+  assert [int(np.sum(tops[:, j] >= 2e-3)) for j in range(3)] == [4, 1, 4]
 
   def loss(h, w, b):
     return jxent.linear_cross_entropy(h, w, y, bias=b, weight_layout="vd", ignore_index=-100,

@@ -385,6 +385,44 @@ FUSED_JAX = ("jxent", "jxent filtered", "jxent filtered (Pallas)",
              f"jxent block={BIG_BLOCK_MIB}MiB", "unfused JAX")
 
 
+def _loud_tiles(h, w) -> str:
+  """How the gradient filter will see these inputs: each accelerator vocabulary block's share
+  of [64, 64] tiles with a softmax entry of at least FILTER_EPS, counted against the two
+  thresholds (XLA's gathered products take a block with at most 1/64 of its tiles loud, the
+  Pallas kernels one with at most 1/8; above, the whole block's products)."""
+  n, d = h.shape
+  v = w.shape[0]
+  tb, tv = _fused._FILTER_TILE
+  cols = _fused.accelerator_vocab_block(n, v) // tv * tv
+  nb, n_t = v // cols if cols else 0, n // tb * tb
+  if not nb or not n_t:
+    return "loud tiles: n/a"
+
+  @jax.jit
+  def shares(h, w):  # (arguments, not constants: XLA would fold the products at compile time)
+    def logits(j):
+      w_j = jax.lax.dynamic_slice_in_dim(w, j * cols, cols)
+      return jnp.dot(h[:n_t], w_j.T, preferred_element_type=jnp.float32)
+
+    lse = jax.nn.logsumexp(jax.lax.map(lambda j: jax.nn.logsumexp(logits(j), axis=-1),
+                                       jnp.arange(nb)), axis=0)
+    rest = w[nb * cols:]
+    if rest.shape[0]:  # the columns past the last full block count in the logsumexp
+      lse = jnp.logaddexp(lse, jax.nn.logsumexp(
+          jnp.dot(h[:n_t], rest.T, preferred_element_type=jnp.float32), axis=-1))
+
+    def share(j):
+      top = jnp.max((logits(j) - lse[:, None]).reshape(n_t // tb, tb, cols // tv, tv),
+                    axis=(1, 3))
+      return jnp.mean(jnp.exp(top) >= FILTER_EPS)
+    return jax.lax.map(share, jnp.arange(nb))
+
+  s = np.asarray(shares(h, w))
+  return (f"loud-tile share per vocabulary block of {cols}: median {np.median(s):.3f}, "
+          f"max {s.max():.3f}; blocks <=1/64: {int(np.sum(s <= 1 / 64))}, "
+          f"<=1/8: {int(np.sum(s <= 1 / 8))} of {nb}")
+
+
 def _fused_jax(name: str, y):
   if name.startswith("jxent"):
     block = int(name.split("=")[1][:-3]) * 2**20 if "=" in name else None
@@ -507,7 +545,15 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
     fns, mem, outs = {}, {}, {}
     for name in jax_names:
       f = _fused_jax(name, y)
-      outs[name] = f(h, w)
+      try:
+        outs[name] = f(h, w)
+      except Exception as e:  # noqa: BLE001 - report, do not abort the run
+        if name in ("jxent", "unfused JAX"):
+          raise
+        rows.append({"size": size, "variant": name,
+                     "note": f"failed: {type(e).__name__}: "
+                             + (str(e).splitlines() or [""])[0][:120].replace("|", "/")})
+        continue
       fns[name] = lambda f=f, h=h, w=w: jax.block_until_ready(f(h, w))
       xla = H.xla_memory(f, h, w)
       mem[name] = {"xla": xla["temp"] + xla["output"]}
@@ -540,7 +586,8 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
     times = _alternate(fns, reps)
     if torch is not None and dev == "cuda":
       torch.cuda.empty_cache()  # the probes and the next steps get the cached blocks back
-    peaks = _jax_peaks(jax_names, n, d, v, min(120, budget.left() - 30))
+    peaks = _jax_peaks([k for k in jax_names if k in fns], n, d, v, min(120, budget.left() - 30))
+    loud = _loud_tiles(h, w) if any("filtered" in k for k in fns) else ""
     ref = float(outs["unfused JAX"][0])
     for name in fns:
       if name in jax_names:
@@ -560,6 +607,8 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
         err = jnp.max(jnp.abs(got.astype(jnp.float32) - exact.astype(jnp.float32)))
         row["note"] = (f"dW max abs. diff / max abs. dW: "
                        f"{float(err / jnp.max(jnp.abs(exact.astype(jnp.float32)))):.1e}")
+        if name == "jxent filtered":
+          row["note"] += f"; {loud}"
       if name == "cut-cross-entropy":
         row["note"] = "; ".join(f"{j} / this: {_fmt_ratio(_ratio(times, j, name))}"
                                 for j in ("jxent filtered", "jxent filtered (Pallas)")

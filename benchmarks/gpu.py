@@ -381,7 +381,7 @@ def _fused_inputs(n, d, v):
 FILTER_EPS = 2.0**-12
 # "(Pallas)": the filtered tiles' products by the Triton kernels of jxent/_pallas.py instead
 # of XLA's gathered products.
-FUSED_JAX = ("jxent", "jxent filtered", "jxent filtered (Pallas)",
+FUSED_JAX = ("jxent", "jxent filtered", "jxent filtered (Pallas)", "jxent filtered (XLA tiles)",
              f"jxent block={BIG_BLOCK_MIB}MiB", "unfused JAX")
 
 
@@ -431,7 +431,9 @@ def _fused_jax(name: str, y):
       old = _fused._ACCEL_BLOCK_BYTES
       _fused._ACCEL_BLOCK_BYTES = block or old
       try:
-        with _pallas.use_pallas_filter(name.endswith("(Pallas)")):
+        kernels = (True if name.endswith("(Pallas)") else
+                   False if name.endswith("(XLA tiles)") else None)
+        with _pallas.use_pallas_filter(kernels):  # None: the library's default
           return jxent.linear_cross_entropy(
               h, w, y, weight_layout="vd",
               gradient_filter=FILTER_EPS if "filtered" in name else None)
@@ -611,7 +613,8 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
           row["note"] += f"; {loud}"
       if name == "cut-cross-entropy":
         row["note"] = "; ".join(f"{j} / this: {_fmt_ratio(_ratio(times, j, name))}"
-                                for j in ("jxent filtered", "jxent filtered (Pallas)")
+                                for j in ("jxent filtered", "jxent filtered (Pallas)",
+                                          "jxent filtered (XLA tiles)")
                                 if j in times)
       rows.append(row)
       print(_fused_line(row), flush=True)
@@ -822,8 +825,15 @@ def main(argv=None):
                  "functions forced to their token-chunked (XLA:CPU) form")
   p.add_argument("--tests-share", type=float, default=0.4,
                  help="share of the budget the suite may take (default 0.4)")
+  p.add_argument("--kernel-tiles-kept", type=int, help="the Pallas filter kernels take a "
+                 "block with up to 1/K of its tiles loud (default: the library's, "
+                 f"{_fused._KERNEL_TILES_KEPT})")
   p.add_argument("--probe", nargs=2, metavar=("VARIANT", "N,D,V"), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.kernel_tiles_kept:  # read at trace time; the memory probes inherit it
+    os.environ["JXENT_BENCH_KERNEL_TILES_KEPT"] = str(args.kernel_tiles_kept)
+  if "JXENT_BENCH_KERNEL_TILES_KEPT" in os.environ:
+    _fused._KERNEL_TILES_KEPT = int(os.environ["JXENT_BENCH_KERNEL_TILES_KEPT"])
   if args.probe:
     jax_peak_probe(args.probe[0], *map(int, args.probe[1].split(",")))
     return

@@ -80,12 +80,13 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
                                 "filter_eps", "pieces", "kernels"])
 class _Config:
   def __init__(self, eps, zl, softcap, layout, vocab_slice, acc, accel_block=0,
-               filter_eps=None, pieces=1, kernels=False):
+               filter_eps=None, pieces=1, kernels="off"):
     self.eps, self.zl, self.softcap = eps, zl, softcap
     self.layout, self.vocab_slice, self.acc = layout, vocab_slice, acc
     self.accel_block, self.filter_eps = accel_block, filter_eps
-    # The filtered tiles' products by the Pallas kernels (read from the context when the
-    # loss is traced; part of the configuration, so that a traced rule is not reused across).
+    # The filtered tiles' products by the Pallas kernels: "auto" (on cuda), "on" or "off"
+    # (read from the context when the loss is traced; part of the configuration, so that a
+    # traced rule is not reused across settings).
     self.kernels = kernels
     # Each [T, V] block's row reductions over [T * pieces, V / pieces] pieces (XLA:CPU).
     self.pieces = pieces
@@ -314,47 +315,61 @@ def _filtered_block(dh, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, 
 
   tb, tv = _FILTER_TILE
   nt, vt = n // tb, size // tv
-  kernels = cfg.kernels and _pallas.d_block(d) is not None
-  k = nt * vt // (_KERNEL_TILES_KEPT if kernels else _FILTER_TILES_KEPT)
-  if not (tiles and n % tb == 0 and size % tv == 0 and k >= 1):
-    top = jnp.max(rel)
-    keep = ~(jnp.exp(top) < cfg.filter_eps) | jnp.any(bad)
-    return jax.lax.cond(keep, full, skip, dh)
-
+  if not (tiles and n % tb == 0 and size % tv == 0):
+    return _whole_or_none(dh, rel, bad, cfg, full, skip)
   tile_top = jnp.max(rel.reshape(nt, tb, vt, tv), axis=(1, 3))  # [nt, vt]
   loud = ~(jnp.exp(tile_top) < cfg.filter_eps)
   count = jnp.sum(loud)
-  whole = jnp.any(bad) | jnp.isnan(jnp.max(tile_top)) | (count > k)
+  any_bad = jnp.any(bad) | jnp.isnan(jnp.max(tile_top))
 
-  def sparse(dh):
-    flat = jnp.nonzero(loud.reshape(-1), size=k, fill_value=0)[0]
-    used = jnp.arange(k) < count  # the padding tiles contribute 0
-    ti, tj = flat // vt, flat % vt
-    zt = z.reshape(nt, tb, vt, tv)[ti, :, tj, :]  # [k, tb, tv]
-    rows = ti[:, None] * tb + jnp.arange(tb)[None, :]  # [k, tb]
-    dz = coef[rows][..., None] * jnp.exp(zt - lse_f[rows][..., None])
-    if tanh is not None:  # the cap's slope, from the capped logits: tanh = z / cap
-      t = zt / cfg.softcap
-      dz = dz * (1 - t * t)
-    dz = jnp.where(used[:, None, None], dz, 0)
-    ht = hl.reshape(nt, tb, d)[ti]  # [k, tb, d]
-    if cfg.layout == "dv":
-      wt = jnp.moveaxis(w_j.reshape(d, vt, tv)[:, tj, :], 0, -1)  # [k, tv, d]
-    else:
-      wt = w_j.reshape(vt, tv, d)[tj]
-    dzl = dz.astype(low)
-    dh_t = jnp.einsum("kab,kbd->kad", dzl, wt.astype(low), preferred_element_type=cfg.acc)
-    dw_t = jnp.einsum("kab,kad->kbd", dzl, ht, preferred_element_type=cfg.acc)
-    dh = dh.reshape(nt, tb, d).at[ti].add(dh_t).reshape(n, d)
-    dw_j = zeros(vt, tv, d).at[tj].add(dw_t).reshape(size, d)
-    db_j = zeros(vt, tv).at[tj].add(jnp.sum(dz, axis=1)).reshape(size) if bias else None
-    return dh, (dw_j.T if cfg.layout == "dv" else dw_j), db_j
+  def tiled(kernels):
+    k = nt * vt // (_KERNEL_TILES_KEPT if kernels else _FILTER_TILES_KEPT)
+    if k < 1:
+      return lambda dh: _whole_or_none(dh, rel, bad, cfg, full, skip)
 
-  if kernels:
-    sparse = functools.partial(_pallas_tiles, z=z, lse_f=lse_f, coef=coef, loud=loud, hl=hl,
-                               w_j=w_j, cfg=cfg, low=low, bias=bias, xla=sparse)
-  mode = jnp.where(whole, 2, jnp.where(count == 0, 0, 1))
-  return jax.lax.switch(mode, (skip, sparse, full), dh)
+    def sparse(dh):
+      flat = jnp.nonzero(loud.reshape(-1), size=k, fill_value=0)[0]
+      used = jnp.arange(k) < count  # the padding tiles contribute 0
+      ti, tj = flat // vt, flat % vt
+      zt = z.reshape(nt, tb, vt, tv)[ti, :, tj, :]  # [k, tb, tv]
+      rows = ti[:, None] * tb + jnp.arange(tb)[None, :]  # [k, tb]
+      dz = coef[rows][..., None] * jnp.exp(zt - lse_f[rows][..., None])
+      if tanh is not None:  # the cap's slope, from the capped logits: tanh = z / cap
+        t = zt / cfg.softcap
+        dz = dz * (1 - t * t)
+      dz = jnp.where(used[:, None, None], dz, 0)
+      ht = hl.reshape(nt, tb, d)[ti]  # [k, tb, d]
+      if cfg.layout == "dv":
+        wt = jnp.moveaxis(w_j.reshape(d, vt, tv)[:, tj, :], 0, -1)  # [k, tv, d]
+      else:
+        wt = w_j.reshape(vt, tv, d)[tj]
+      dzl = dz.astype(low)
+      dh_t = jnp.einsum("kab,kbd->kad", dzl, wt.astype(low), preferred_element_type=cfg.acc)
+      dw_t = jnp.einsum("kab,kad->kbd", dzl, ht, preferred_element_type=cfg.acc)
+      dh = dh.reshape(nt, tb, d).at[ti].add(dh_t).reshape(n, d)
+      dw_j = zeros(vt, tv, d).at[tj].add(dw_t).reshape(size, d)
+      db_j = zeros(vt, tv).at[tj].add(jnp.sum(dz, axis=1)).reshape(size) if bias else None
+      return dh, (dw_j.T if cfg.layout == "dv" else dw_j), db_j
+
+    if kernels:
+      sparse = functools.partial(_pallas_tiles, z=z, lse_f=lse_f, coef=coef, loud=loud, hl=hl,
+                                 w_j=w_j, cfg=cfg, low=low, bias=bias, xla=sparse)
+    mode = jnp.where(any_bad | (count > k), 2, jnp.where(count == 0, 0, 1))
+    return lambda dh: jax.lax.switch(mode, (skip, sparse, full), dh)
+
+  fits = _pallas.d_block(d) is not None  # and, on cuda, Triton's tiles and float32 sums:
+  triton = fits and cfg.acc == jnp.float32 and all(t >= 16 and t & (t - 1) == 0
+                                                   for t in _FILTER_TILE)
+  if cfg.kernels == "auto":  # the kernels where they were measured faster: NVIDIA GPUs
+    return jax.lax.platform_dependent(dh, cuda=tiled(triton), default=tiled(False))
+  return tiled(cfg.kernels == "on" and fits)(dh)
+
+
+def _whole_or_none(dh, rel, bad, cfg, full, skip):
+  """The whole block's products, or none when every softmax entry is below eps (a NaN or a
+  bad label always takes the whole block)."""
+  keep = ~(jnp.exp(jnp.max(rel)) < cfg.filter_eps) | jnp.any(bad)
+  return jax.lax.cond(keep, full, skip, dh)
 
 
 def _pallas_tiles(dh, *, z, lse_f, coef, loud, hl, w_j, cfg, low, bias, xla):
@@ -1025,7 +1040,7 @@ def linear_cross_entropy(
 
   cfg = _Config(opts.label_smoothing, opts.z_loss, softcap, weight_layout, _VOCAB_SLICE, acc,
                 accelerator_vocab_block(n_chunks * t, v), filter_eps,
-                kernels=filter_eps is not None and _pallas.enabled())
+                kernels=_pallas.setting() if filter_eps is not None else "off")
   count = jnp.sum(valid).astype(acc)
 
   scalar = reduction in ("mean", "sum") and not return_lse

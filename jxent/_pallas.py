@@ -31,23 +31,27 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-_USE = contextvars.ContextVar("jxent_pallas_filter", default=False)
+_USE = contextvars.ContextVar("jxent_pallas_filter", default=None)
 
 
 @contextlib.contextmanager
-def use_pallas_filter(enabled: bool = True):
+def use_pallas_filter(enabled: bool | None = True):
   """Within this context (at trace time) the accelerator form's filtered tiles take the
-  Pallas kernels below: compiled with Triton when lowered for an NVIDIA GPU, interpreted on
-  every other platform. Outside it they take XLA's gathered products."""
-  token = _USE.set(bool(enabled))
+  Pallas kernels below (``True``: compiled with Triton when lowered for an NVIDIA GPU,
+  interpreted on every other platform) or XLA's gathered products everywhere (``False``).
+  ``None``, the default outside any context: the kernels on NVIDIA GPUs, where they were
+  measured faster (``benchmarks/RESULTS.md``), and XLA's gathered products elsewhere."""
+  token = _USE.set(None if enabled is None else bool(enabled))
   try:
     yield
   finally:
     _USE.reset(token)
 
 
-def enabled() -> bool:
-  return _USE.get()
+def setting() -> str:
+  """The context's choice: ``"auto"`` (kernels on cuda only), ``"on"`` or ``"off"``."""
+  use = _USE.get()
+  return "auto" if use is None else ("on" if use else "off")
 
 
 def d_block(d: int) -> int | None:

@@ -980,10 +980,12 @@ def linear_cross_entropy(
       softmax terms, each under ``eps`` times the token's cotangent. Blocks are
       ``[chunk_size, 1024]`` on CPU; on GPU/TPU ``[64, 64]`` tiles of each ``[N, vocabulary
       block]`` block, the block computing only its tiles with an entry of at least ``eps``
-      when they are at most 1/64 of its tiles, and all of them otherwise. The loss is exact;
-      every derivative mode uses the filtered gradient. It pays only where such entries are
-      rare (measured on an H100 with random logits, benchmarks/RESULTS.md: 0.94x the exact
-      time at V = 256000, 1.12x at V = 128256 where no block qualified). Needs the forward
+      when they are at most 1/64 of its tiles (on NVIDIA GPUs, Pallas kernels: 1/8), and all
+      of them otherwise. The loss is exact; every derivative mode uses the filtered
+      gradient. It pays only where such entries are rare (measured with random logits,
+      benchmarks/RESULTS.md: on an H200 with the kernels 0.84-0.85x the exact time at
+      V = 256000, 0.98-1.05x Cut Cross-Entropy's filtered time; 1.08x the exact time at
+      V = 128256, where no block qualified). Needs the forward
       method (a ``"mean"`` or ``"sum"`` loss, no ``return_lse``); not with
       ``label_smoothing`` and ``logit_softcap`` together.
 

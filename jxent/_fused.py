@@ -286,7 +286,7 @@ _FILTER_TILES_KEPT = 64
 # loud one: they take a block with up to 1/_KERNEL_TILES_KEPT of its tiles loud. Measured on
 # an H200 (benchmarks/RESULTS.md, run G): with under 1% of the tiles loud they beat XLA's
 # gathered products; forced onto blocks with 15% loud, they lost to the whole block's cuBLAS
-# products (1.12x the exact time).
+# products (1.11x the exact time).
 _KERNEL_TILES_KEPT = 8
 
 
@@ -335,10 +335,7 @@ def _filtered_block(dh, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, 
       ti, tj = flat // vt, flat % vt
       zt = z.reshape(nt, tb, vt, tv)[ti, :, tj, :]  # [k, tb, tv]
       rows = ti[:, None] * tb + jnp.arange(tb)[None, :]  # [k, tb]
-      dz = coef[rows][..., None] * jnp.exp(zt - lse_f[rows][..., None])
-      if tanh is not None:  # the cap's slope, from the capped logits: tanh = z / cap
-        t = zt / cfg.softcap
-        dz = dz * (1 - t * t)
+      dz = _pallas.tile_grad(zt, lse_f[rows], coef[rows], cfg.softcap)
       dz = jnp.where(used[:, None, None], dz, 0)
       ht = hl.reshape(nt, tb, d)[ti]  # [k, tb, d]
       if cfg.layout == "dv":
@@ -359,11 +356,10 @@ def _filtered_block(dh, hl, z, tanh, lse, y, valid, g, w_j, start, v, cfg, low, 
     mode = jnp.where(any_bad | (count > k), 2, jnp.where(count == 0, 0, 1))
     return lambda dh: jax.lax.switch(mode, (skip, sparse, full), dh)
 
-  fits = _pallas.d_block(d) is not None  # and, on cuda, Triton's tiles and float32 sums:
-  triton = fits and cfg.acc == jnp.float32 and all(t >= 16 and t & (t - 1) == 0
-                                                   for t in _FILTER_TILE)
+  fits = _pallas.d_block(d) is not None
   if cfg.kernels == "auto":  # the kernels where they were measured faster: NVIDIA GPUs
-    return jax.lax.platform_dependent(dh, cuda=tiled(triton), default=tiled(False))
+    return jax.lax.platform_dependent(dh, cuda=tiled(fits and _triton_takes(cfg)),
+                                      default=tiled(False))
   return tiled(cfg.kernels == "on" and fits)(dh)
 
 
@@ -384,8 +380,14 @@ def _pallas_tiles(dh, *, z, lse_f, coef, loud, hl, w_j, cfg, low, bias, xla):
         dh, z, lse_f, coef, loud, hl, w_j, tile=_FILTER_TILE, layout=cfg.layout,
         softcap=cfg.softcap, low=low, bias=bias, interpret=interpret)
 
-  triton = cfg.acc == jnp.float32 and all(t >= 16 and t & (t - 1) == 0 for t in _FILTER_TILE)
-  return jax.lax.platform_dependent(dh, cuda=run(False) if triton else xla, default=run(True))
+  return jax.lax.platform_dependent(dh, cuda=run(False) if _triton_takes(cfg) else xla,
+                                    default=run(True))
+
+
+def _triton_takes(cfg) -> bool:
+  """Whether Triton's products take the filter's tiles: float32 accumulation, tile sides
+  powers of two from 16."""
+  return cfg.acc == jnp.float32 and all(t >= 16 and t & (t - 1) == 0 for t in _FILTER_TILE)
 
 
 def _label_terms(h, y, valid, g, w, z_y, v, cfg):
@@ -985,9 +987,9 @@ def linear_cross_entropy(
       when they are at most 1/64 of its tiles (on NVIDIA GPUs, Pallas kernels: 1/8), and all
       of them otherwise. The loss is exact; every derivative mode uses the filtered
       gradient. It pays only where such entries are rare (measured with random logits,
-      benchmarks/RESULTS.md: on an H200 with the kernels 0.84-0.85x the exact time at
-      V = 256000, 0.98-1.05x Cut Cross-Entropy's filtered time; 1.08x the exact time at
-      V = 128256, where no block qualified). Needs the forward
+      benchmarks/RESULTS.md: on an H200 with the kernels 0.81-0.83x the exact time at
+      V = 256000, 0.98-1.05x Cut Cross-Entropy's filtered time; 1.06-1.09x the exact time
+      at V = 128256, where no block qualified). Needs the forward
       method (a ``"mean"`` or ``"sum"`` loss, no ``return_lse``); not with
       ``label_smoothing`` and ``logit_softcap`` together.
 

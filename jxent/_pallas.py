@@ -63,10 +63,11 @@ def d_block(d: int) -> int | None:
   return None
 
 
-def _tile_grad(z, lse, coef, softcap):
-  """dz of one [tb, tv] tile of capped logits ``z`` (the accumulation dtype), without the
-  label terms."""
-  dz = coef[:, None] * jnp.exp(z - lse[:, None])
+def tile_grad(z, lse, coef, softcap):
+  """dz of [..., tb, tv] tiles of capped logits ``z`` (the accumulation dtype) from their
+  rows' ``lse`` and ``coef`` [..., tb], without the label terms (the kernels' and XLA's
+  gathered tiles' common formula)."""
+  dz = coef[..., None] * jnp.exp(z - lse[..., None])
   if softcap is not None:  # the cap's slope from the capped logit: tanh = z / cap
     t = z * (1 / softcap)
     dz = dz * (1 - t * t)
@@ -83,7 +84,7 @@ def _dh_kernel(z_ref, lse_ref, coef_ref, loud_ref, w_ref, dh_in_ref, dh_ref, *, 
     def add(carry):
       acc, count = carry
       cols = pl.ds(j * tv, tv)
-      g = _tile_grad(z_ref[rows, cols], lse, coef, softcap).astype(low)
+      g = tile_grad(z_ref[rows, cols], lse, coef, softcap).astype(low)
       if layout == "vd":  # W_j [S, D]: its [tv, bd] tile
         wt = w_ref[cols, dcols].astype(low)
       else:  # W_j [D, S]
@@ -110,7 +111,7 @@ def _dw_kernel(z_ref, lse_ref, coef_ref, loud_ref, h_ref, *out_refs, tb, tv, bd,
     def add(carry):
       acc, db = carry
       rows = pl.ds(i * tb, tb)
-      g = _tile_grad(z_ref[rows, cols], lse_ref[rows], coef_ref[rows], softcap)
+      g = tile_grad(z_ref[rows, cols], lse_ref[rows], coef_ref[rows], softcap)
       acc = acc + jnp.dot(g.astype(low).T, h_ref[rows, dcols].astype(low),
                           preferred_element_type=acc.dtype)
       return acc, (db + jnp.sum(g, axis=0) if bias else db)

@@ -96,7 +96,6 @@ def test_sharp_benchmark_times_what_it_says(capsys):
 def test_lmhead_rows_of_some_quantities_replace_only_theirs(tmp_path, monkeypatch):
   # `python -m benchmarks lmhead --quantities ...` keeps the other rows as they were, in the
   # table's order.
-  sys.path.insert(0, str(ROOT))
   from benchmarks import _harness as H
   from benchmarks import lmhead as L
   results = tmp_path / "RESULTS.md"
@@ -116,3 +115,34 @@ def test_lmhead_rows_of_some_quantities_replace_only_theirs(tmp_path, monkeypatc
   assert [L._key(ln) for ln in lines] == [(s, q) for s in sizes for q in L.QUANTITIES]
   for ln in lines:
     assert ("| 7 |" in ln) == (L._key(ln)[1] == "entropy"), ln
+
+
+def test_loud_tile_count_against_numpy(monkeypatch):
+  # The filtered row's note: each vocabulary block's share of [64, 64] tiles holding a softmax
+  # entry of at least 2^-12, counted here in float64 NumPy. Blocks of 1024 columns; the
+  # weights of blocks 4-7 shrunk so that their tiles are mostly quiet, and 100 larger
+  # columns past the last full block, which count in the logsumexp only (without them every
+  # block's share would differ).
+  import jax.numpy as jnp
+  import numpy as np
+
+  from benchmarks import gpu
+  from jxent import _fused
+
+  n, d, cols = 256, 16, 1024
+  monkeypatch.setattr(_fused, "_ACCEL_BLOCK_BYTES", 4 * n * cols)
+  rng = np.random.default_rng(0)
+  block = np.arange(8 * cols + 100) // cols
+  scale = np.where(block < 4, 1.0, np.where(block < 8, 0.7, 2.0))[:, None]
+  h = jnp.asarray(rng.standard_normal((n, d)) * 2, jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((8 * cols + 100, d)) * scale, jnp.bfloat16)
+  z = np.asarray(h, np.float64) @ np.asarray(w, np.float64).T
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  share = np.array([np.mean(p[:, j * cols:(j + 1) * cols].reshape(4, 64, 16, 64)
+                            .max(axis=(1, 3)) >= 2**-12) for j in range(8)])
+  assert np.sum(share <= 1 / 8) > 0 and np.sum(share > 1 / 8) > 0  # both sides of a limit
+  want = (f"loud-tile share per vocabulary block of {cols}: median {np.median(share):.3f}, "
+          f"max {share.max():.3f}; blocks <=1/64: {int(np.sum(share <= 1 / 64))}, "
+          f"<=1/8: {int(np.sum(share <= 1 / 8))} of 8")
+  assert gpu._loud_tiles(h, w) == want

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +38,10 @@ from jax.typing import ArrayLike
 from jxent import _checks
 from jxent import _fused as F
 from jxent import _reference as R
+from jxent import _stats as S
 from jxent._information import plog_p_over_m
 from jxent._platform import dispatch
+from jxent._stats import TokenStats
 
 Array = jax.Array
 
@@ -77,52 +78,6 @@ def _tangent_logits(h, w, dh, dw, db, cfg):
   return dz if cfg.temperature == 1.0 else dz * (1.0 / cfg.temperature)
 
 
-def _row_sums(xs, k=128):
-  """Row sums of [T, V] arrays in one variadic reduction (XLA then fuses their common
-  operands into it rather than keep them as [T, V] blocks), in two stages: XLA:CPU adds a
-  variadic reduction's terms one after another, and 32768 of them in one float32 running sum
-  lose 1e-5 relative accuracy; sums of k first keep it near float32's resolution."""
-  t, v = xs[0].shape
-  add = lambda a, b: tuple(p + q for p, q in zip(a, b))
-  zero = tuple(np.array(0, x.dtype) for x in xs)
-  full = (v // k) * k
-  out = tuple(jnp.zeros((t,), x.dtype) for x in xs)
-  if full:
-    parts = jax.lax.reduce(tuple(x[:, :full].reshape(t, full // k, k) for x in xs), zero, add,
-                           (2,))
-    out = tuple(jnp.sum(p, axis=-1) for p in parts)
-  if v > full:
-    out = add(out, jax.lax.reduce(tuple(x[:, full:] for x in xs), zero, add, (1,)))
-  return out
-
-
-def _chunk_stats(z, y):
-  """(lse, entropy, label logit, argmax) of one [T, V] block of logits."""
-  # The shift is the logit at one argmax, taken with its gradient, and that one term is left
-  # out of the sum as its exact value 1: s = sum e = 1 + rest, rest the other terms (ties
-  # included), so that log s = log1p(rest) keeps the tail's mass when it is below float
-  # resolution next to 1 (a nearly one-hot row). Every term is then an exact smooth function
-  # of z: the custom rule's primal is differentiated by autodiff at second order.
-  am = jnp.argmax(z, axis=-1)
-  m = jnp.take_along_axis(z, am[:, None], axis=-1)[:, 0]
-  m = jnp.where(jnp.isfinite(m), m, 0)
-  zm = z - m[:, None]
-  e = jnp.exp(zm)
-  top = jnp.arange(z.shape[-1])[None, :] == am[:, None]
-  # No select against a constant 0 here nor below: XLA:CPU hoists a [T, V] broadcast of it out
-  # of the scan and keeps it as one more block of scratch. e is finite (at most 1).
-  # e * zm is 0 where e underflows (z = -inf gives 0 * -inf: taken as e = 0, 0 log 0 = 0).
-  # Both sums in one (variadic) reduction: e then has one consumer, and XLA:CPU fuses the
-  # exponentials into it rather than keep them and each sum's operand as [T, V] blocks
-  # (the label's logit stays a gather: as a third sum it ran slower).
-  rest, t = _row_sums((e * ~top, jnp.where(e > 0, e * zm, e)))
-  z_y = jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
-  log_s = jnp.log1p(rest)
-  lse = m + log_s
-  ent = log_s - t / (1 + rest)
-  return lse, ent, z_y, am.astype(jnp.int32)
-
-
 def _forward(h3, w, b, y2, cfg, with_argmax=False):
   """(lse, entropy, label logit[, argmax]), each [n_chunks, T]: token chunks (reference,
   XLA:CPU) or vocabulary blocks over all tokens (GPU, TPU)."""
@@ -134,7 +89,7 @@ def _forward(h3, w, b, y2, cfg, with_argmax=False):
 def _chunks_forward(h3, w, b, y2, cfg, with_argmax=False):
   def body(_, xs):
     h, y = xs
-    lse, ent, z_y, am = _chunk_stats(_block_logits(h, w, b, cfg), y)
+    lse, ent, z_y, am = S.chunk_stats(_block_logits(h, w, b, cfg), y)
     return None, (lse, ent, z_y, am) if with_argmax else (lse, ent, z_y)
 
   return jax.lax.scan(body, None, (h3, y2))[1]
@@ -196,7 +151,7 @@ def _tangent(h3, y2, valid, res, dh3, w, b, dw, db, cfg, block):
 # hundreds of thin products, each re-reading W (the cross-entropy ran 9.9x the unfused time
 # so on an H100). There each step takes one block of vocabulary columns for all N tokens
 # ([N, block] logits, ~128 MiB in float32). The statistics are gathered online over the
-# blocks with _chunk_stats's arithmetic (the running top logit is the shift, its own term
+# blocks with jxent/_stats.py's arithmetic (the running top logit is the shift, its own term
 # stays out of the running sum, both sums are rescaled when the top moves); the forward
 # method's second pass recomputes each block, writes its dW columns once and accumulates dh;
 # the per-token tangent walks the same blocks. Tested here against the reference; on an H200
@@ -209,40 +164,18 @@ def _vocab_stats(h, y, w, b, cfg, with_argmax=False):
   v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
   axis = 1 if cfg.layout == "dv" else 0
   yc = jnp.clip(y, 0, v - 1)
-  refs = (h, w, b, y)
-  full = lambda value, dtype: F._varying_like(jnp.full(y.shape, value, dtype), *refs)
-  init = (full(-jnp.inf, cfg.acc), full(0, cfg.acc), full(0, cfg.acc), full(0, cfg.acc),
-          full(0, jnp.int32))
+  like = lambda x: F._varying_like(x, h, w, b, y)
+  init = (S.online_init(y.shape, cfg.acc, like), like(jnp.zeros(y.shape, cfg.acc)))
 
   def block(carry, start, size):
-    m, rest, t, z_y, am = carry
+    stats, z_y = carry
     z = _block_logits(h, F._cut(w, start, size, axis), F._cut(b, start, size, 0), cfg)
-    a = jnp.argmax(z, axis=-1)
-    top_z = jnp.take_along_axis(z, a[:, None], axis=-1)[:, 0]  # with its gradient
-    new = top_z > m  # the top moves into this block
-    m_new = jnp.where(new, top_z, m)
-    seen = jnp.isfinite(m)
-    mf, mf_new = _finite(m), _finite(m_new)
-    # The 1 + rest terms so far, relative to the new shift: all of them, the old top's
-    # included, are now among the rest. t = sum e (z - m) moves with its shift.
-    shift = jnp.where(seen, mf - mf_new, 0)
-    s_old = jnp.where(seen, 1 + rest, 0)
-    scale = jnp.exp(shift)
-    rest = jnp.where(new, s_old * scale, rest)
-    t = jnp.where(new, scale * (t + s_old * shift), t)
-    zm = z - mf_new[:, None]
-    e = jnp.exp(zm)
-    top = (jnp.arange(size)[None, :] == a[:, None]) & new[:, None]
-    b_rest, b_t = _row_sums((e * ~top, jnp.where(e > 0, e * zm, e)))
     inside = (yc >= start) & (yc < start + size)
     got = jnp.take_along_axis(z, jnp.clip(yc - start, 0, size - 1)[:, None], axis=-1)[:, 0]
-    return (m_new, rest + b_rest, t + b_t, z_y + jnp.where(inside, got, 0),
-            jnp.where(new, (start + a).astype(jnp.int32), am))
+    return S.online_block(stats, z, start), z_y + jnp.where(inside, got, 0)
 
-  m, rest, t, z_y, am = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
-  log_s = jnp.log1p(rest)
-  lse = _finite(m) + log_s
-  ent = log_s - t / (1 + rest)
+  stats, z_y = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
+  lse, ent, am = S.online_finish(stats)
   return (lse, ent, z_y, am) if with_argmax else (lse, ent, z_y)
 
 
@@ -307,7 +240,7 @@ def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
   low = _low_dtype(h, w, cfg.acc)
   hl = h.astype(low)
   coef = scale.reshape(-1) / cfg.temperature  # z = (h W + b) / T
-  lse_f = _finite(lse)
+  lse_f = S.finite(lse)
   floor = jnp.asarray(jnp.finfo(cfg.acc).min / 4, cfg.acc)
   init = _grads_init(h, w, b, cfg.acc, h, w, b, coef)
 
@@ -337,10 +270,6 @@ def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
 # input tangents: linear, so reverse mode scales the saved gradients.
 
 
-def _finite(a):
-  return jnp.where(jnp.isfinite(a), a, 0)
-
-
 def _topk_value(lse, lse_rest, z_i, lpt):
   """The top-k KL per token from the student's logsumexps (all classes; outside the k) and
   its logits at the k classes, given the teacher's k log-probabilities ([..., k])."""
@@ -367,14 +296,14 @@ def _one_head_chunk(z, data, kind, want):
     if not want:
       return val, None, slope
     # d lse / dz = q, d lse_rest / dz = q restricted to the other classes and renormalised.
-    q = jnp.exp(z - _finite(lse)[:, None])
-    q_rest = jnp.exp(zr - _finite(lse_rest)[:, None])
+    q = jnp.exp(z - S.finite(lse)[:, None])
+    q_rest = jnp.exp(zr - S.finite(lse_rest)[:, None])
     g = g_lse[:, None] * q + g_rest[:, None] * q_rest
     g = g.at[jnp.arange(z.shape[0])[:, None], idx].add(g_zi)
     return val, g, slope
   y, valid = data
-  lse, ent, z_y, _ = _chunk_stats(z, y)
-  zl = z - _finite(lse)[:, None]
+  lse, ent, z_y, _ = S.chunk_stats(z, y)
+  zl = z - S.finite(lse)[:, None]
   p = jnp.exp(zl)
   if kind == "log_probs":
     _, bad = R.split_labels(y, valid, z.shape[-1])
@@ -686,19 +615,6 @@ def linear_entropy(
 
   return _reduce_tokens("entropy", h3, w, b, (y2, v2), v2, wt, cfg, reduction, per_token,
                         unflat)
-
-
-class TokenStats(NamedTuple):
-  """Per-token statistics of a language-model head (``linear_token_stats``)."""
-
-  logsumexp: Array
-  """``[...]`` :math:`\\log \\sum_v e^{z_v}` of the (tempered) logits."""
-  entropy: Array
-  """``[...]`` entropy of the softmax, in nats."""
-  argmax: Array
-  """``[...]`` int32 index of the largest logit (the greedy prediction)."""
-  label_log_prob: Array | None
-  """``[...]`` :math:`\\log p_y`, or None without labels."""
 
 
 def linear_token_stats(
@@ -1050,7 +966,7 @@ _pair_sum.defjvp(_pair_sum_jvp, symbolic_zeros=True)
 def _online_lse(m, s, z):
   """The running (max, sum of exp(z - max)) per row moved on by one [N, block] block."""
   m_new = jnp.maximum(m, jnp.max(z, axis=-1))
-  mf = _finite(m_new)
+  mf = S.finite(m_new)
   return m_new, s * jnp.exp(m - mf) + jnp.sum(jnp.exp(z - mf[:, None]), axis=-1)
 
 
@@ -1072,7 +988,7 @@ def _pair_vocab_lse(h, w, b, cfg):
     return out
 
   m_s, s_s, m_t, s_t = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
-  return _finite(m_s) + jnp.log(s_s), _finite(m_t) + jnp.log(s_t)
+  return S.finite(m_s) + jnp.log(s_s), S.finite(m_t) + jnp.log(s_t)
 
 
 def _pair_vocab_logprobs(h, w, b, lse, start, size, cfg):
@@ -1445,7 +1361,7 @@ def _topk_vocab_stats(h, idx, w, b, cfg):
             z_i + _take_topk(z, idx, start))
 
   m, s, m_r, s_r, z_i = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
-  return _finite(m) + jnp.log(s), _finite(m_r) + jnp.log(s_r), z_i
+  return S.finite(m) + jnp.log(s), S.finite(m_r) + jnp.log(s_r), z_i
 
 
 def _rest_vocab_forward(h3, w, b, idx3, cfg):
@@ -1474,7 +1390,7 @@ def _topk_vocab_grads(h3, w, b, data, scale, cfg, want):
   low = _low_dtype(h, w, cfg.acc)
   hl = h.astype(low)
   coef = scale.reshape(-1) / cfg.temperature  # z = (h W + b) / T
-  lse_f, rest_f = _finite(lse)[:, None], _finite(lse_rest)[:, None]
+  lse_f, rest_f = S.finite(lse)[:, None], S.finite(lse_rest)[:, None]
   rows = jnp.arange(h.shape[0])[:, None]
   init = _grads_init(h, w, b, cfg.acc, h, w, b, coef)
 

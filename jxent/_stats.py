@@ -1,0 +1,127 @@
+"""Per-token statistics of blocks of logits: logsumexp, entropy and argmax.
+
+Shared by the language-model head's quantities (``jxent/_lmhead.py``) and the fused
+cross-entropy's ``return_stats`` (``jxent/_fused.py``): one ``[T, V]`` block at a time
+(``chunk_stats``), or gathered online over blocks of vocabulary columns (``online_init``,
+``online_block``, ``online_finish``).
+
+The entropy is formed from ``log s - t / s`` with ``s = sum exp(z - m)`` and
+``t = sum exp(z - m) (z - m)`` (``m`` the row's top logit), and ``log s`` as ``log1p`` of the
+sum without the top's own term: it keeps its relative accuracy when the distribution is
+nearly one-hot (no difference of two large numbers, no tail lost next to 1).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+class TokenStats(NamedTuple):
+  """Per-token statistics of a language-model head (``linear_token_stats``,
+  ``linear_cross_entropy(..., return_stats=True)``)."""
+
+  logsumexp: Array
+  """``[...]`` :math:`\\log \\sum_v e^{z_v}` of the (tempered) logits."""
+  entropy: Array
+  """``[...]`` entropy of the softmax, in nats."""
+  argmax: Array
+  """``[...]`` int32 index of the largest logit (the greedy prediction)."""
+  label_log_prob: Array | None
+  """``[...]`` :math:`\\log p_y`, or None without labels."""
+
+
+def finite(a):
+  return jnp.where(jnp.isfinite(a), a, 0)
+
+
+def row_sums(xs, k=128):
+  """Row sums of [T, V] arrays in one variadic reduction (XLA then fuses their common
+  operands into it rather than keep them as [T, V] blocks), in two stages: XLA:CPU adds a
+  variadic reduction's terms one after another, and 32768 of them in one float32 running sum
+  lose 1e-5 relative accuracy; sums of k first keep it near float32's resolution."""
+  t, v = xs[0].shape
+  add = lambda a, b: tuple(p + q for p, q in zip(a, b))
+  zero = tuple(np.array(0, x.dtype) for x in xs)
+  full = (v // k) * k
+  out = tuple(jnp.zeros((t,), x.dtype) for x in xs)
+  if full:
+    parts = jax.lax.reduce(tuple(x[:, :full].reshape(t, full // k, k) for x in xs), zero, add,
+                           (2,))
+    out = tuple(jnp.sum(p, axis=-1) for p in parts)
+  if v > full:
+    out = add(out, jax.lax.reduce(tuple(x[:, full:] for x in xs), zero, add, (1,)))
+  return out
+
+
+def chunk_stats(z, y):
+  """(lse, entropy, label logit, argmax) of one [T, V] block of logits."""
+  # The shift is the logit at one argmax, taken with its gradient, and that one term is left
+  # out of the sum as its exact value 1: s = sum e = 1 + rest, rest the other terms (ties
+  # included), so that log s = log1p(rest) keeps the tail's mass when it is below float
+  # resolution next to 1 (a nearly one-hot row). Every term is then an exact smooth function
+  # of z: the custom rule's primal is differentiated by autodiff at second order.
+  am = jnp.argmax(z, axis=-1)
+  m = jnp.take_along_axis(z, am[:, None], axis=-1)[:, 0]
+  m = finite(m)
+  zm = z - m[:, None]
+  e = jnp.exp(zm)
+  top = jnp.arange(z.shape[-1])[None, :] == am[:, None]
+  # No select against a constant 0 here nor below: XLA:CPU hoists a [T, V] broadcast of it out
+  # of the scan and keeps it as one more block of scratch. e is finite (at most 1).
+  # e * zm is 0 where e underflows (z = -inf gives 0 * -inf: taken as e = 0, 0 log 0 = 0).
+  # Both sums in one (variadic) reduction: e then has one consumer, and XLA:CPU fuses the
+  # exponentials into it rather than keep them and each sum's operand as [T, V] blocks
+  # (the label's logit stays a gather: as a third sum it ran slower).
+  rest, t = row_sums((e * ~top, jnp.where(e > 0, e * zm, e)))
+  z_y = jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+  log_s = jnp.log1p(rest)
+  lse = m + log_s
+  ent = log_s - t / (1 + rest)
+  return lse, ent, z_y, am.astype(jnp.int32)
+
+
+# Online over blocks of vocabulary columns: the running top logit is the shift, its own term
+# stays out of the running sum, both sums are rescaled when the top moves.
+
+
+def online_init(shape, dtype, like):
+  """The running (top logit, rest, t, argmax) before any block; ``like(x)`` marks a fresh
+  array as the inputs' (``_fused._varying_like`` under ``shard_map``)."""
+  full = lambda value, dt: like(jnp.full(shape, value, dt))
+  return (full(-jnp.inf, dtype), full(0, dtype), full(0, dtype), full(0, jnp.int32))
+
+
+def online_block(carry, z, start):
+  """The running statistics after the block ``z`` of columns ``start:start + size``."""
+  m, rest, t, am = carry
+  a = jnp.argmax(z, axis=-1)
+  top_z = jnp.take_along_axis(z, a[:, None], axis=-1)[:, 0]  # with its gradient
+  new = top_z > m  # the top moves into this block
+  m_new = jnp.where(new, top_z, m)
+  seen = jnp.isfinite(m)
+  mf, mf_new = finite(m), finite(m_new)
+  # The 1 + rest terms so far, relative to the new shift: all of them, the old top's
+  # included, are now among the rest. t = sum e (z - m) moves with its shift.
+  shift = jnp.where(seen, mf - mf_new, 0)
+  s_old = jnp.where(seen, 1 + rest, 0)
+  scale = jnp.exp(shift)
+  rest = jnp.where(new, s_old * scale, rest)
+  t = jnp.where(new, scale * (t + s_old * shift), t)
+  zm = z - mf_new[:, None]
+  e = jnp.exp(zm)
+  top = (jnp.arange(z.shape[-1])[None, :] == a[:, None]) & new[:, None]
+  b_rest, b_t = row_sums((e * ~top, jnp.where(e > 0, e * zm, e)))
+  return (m_new, rest + b_rest, t + b_t, jnp.where(new, (start + a).astype(jnp.int32), am))
+
+
+def online_finish(carry):
+  """(lse, entropy, argmax) from the running statistics over all blocks."""
+  m, rest, t, am = carry
+  log_s = jnp.log1p(rest)
+  return finite(m) + log_s, log_s - t / (1 + rest), am

@@ -7,6 +7,7 @@ COMMANDS = {
     "losses": "dense losses: jxent vs Optax vs PyTorch (CPU), forward and forward+backward",
     "fused": "fused linear + cross-entropy vs the unfused loss: time, XLA scratch, peak RSS",
     "lmhead": "log-probs, entropy, KL, JS, top-k KL of an LM head, fused vs unfused",
+    "extras": "the fused loss's statistics and token scaling in its pass vs extra calls",
     "sharded": "vocab-parallel cross-entropy on an 8-device CPU mesh vs the unsharded loss",
     "floors": "what bounds a forward: read floor against the exp/softplus compute floors",
     "bad_values": "NaN/inf inputs: what jxent, Optax and PyTorch return",

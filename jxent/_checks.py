@@ -227,6 +227,14 @@ def static_number(value: Any, name: str) -> float:
     ) from e
 
 
+def static_bool(value: Any, name: str) -> bool:
+  """A Python bool from a static flag, or a TypeError naming the argument."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  raise TypeError(f"{name} must be a Python bool (it fixes the outputs' structure), got "
+                  f"{value!r}.")
+
+
 def _coefficient(value: Any, name: str, hi: float, dtype) -> jax.Array | None:
   """None for a static 0; otherwise a scalar array in ``dtype`` (traced values accepted)."""
   if value is None:

@@ -20,6 +20,8 @@ SHARDED = ["tests/test_sharded.py"]
 PALLAS = ["tests/test_pallas.py", "tests/test_fused.py::test_gradient_filter_tiles"]
 GRADS = ["tests/test_grads.py", "jxent/grads.py"]
 LMHEAD = ["tests/test_lmhead.py"]
+_STATS_TESTS = ["tests/test_fused.py::test_return_stats_and_token_scaling_against_float64",
+                "tests/test_fused.py::test_return_stats_in_row_pieces_ties_and_nearly_one_hot"]
 # The head's mutants run the tests that exercise the mutated path (test_lmhead.py whole
 # takes minutes per mutant); each was checked to fail on its mutant.
 _LM = lambda *names: [f"tests/test_lmhead.py::test_{n}" for n in names]
@@ -293,7 +295,7 @@ MUTANTS = [
        "    tangent = tangent + jnp.sum(scale[..., None] * slope * ddata[1])",
        "    tangent = tangent + 0 * jnp.sum(scale[..., None] * slope * ddata[1])",
        "top-k KL, sum/mean: the derivative in the teacher's log-probabilities dropped", LMHEAD),
-    _m("lmhead-stats-tail", "jxent/_lmhead.py",
+    _m("lmhead-stats-tail", "jxent/_stats.py",
        "  log_s = jnp.log1p(rest)\n  lse = m + log_s",
        "  log_s = jnp.log(1 + rest)\n  lse = m + log_s",
        "head statistics: log s as log(1 + rest), the tail's mass lost next to 1", LMHEAD),
@@ -307,13 +309,13 @@ MUTANTS = [
        "  return parts[0] if cfg.kind != \"js\" else beta * parts[0] + (1 - beta) * parts[1]",
        "  return parts[0] if cfg.kind != \"js\" else 0.5 * parts[0] + 0.5 * parts[1]",
        "JS divergence: β ignored in the value (always ½, ½)", LMHEAD),
-    _m("lmhead-accel-moment-shift", "jxent/_lmhead.py",
-       "    t = jnp.where(new, scale * (t + s_old * shift), t)",
-       "    t = jnp.where(new, scale * t, t)",
+    _m("lmhead-accel-moment-shift", "jxent/_stats.py",
+       "  t = jnp.where(new, scale * (t + s_old * shift), t)",
+       "  t = jnp.where(new, scale * t, t)",
        "GPU/TPU head statistics: the first moment not moved with its shift", LMHEAD),
-    _m("lmhead-accel-old-top", "jxent/_lmhead.py",
-       "    rest = jnp.where(new, s_old * scale, rest)",
-       "    rest = jnp.where(new, rest * scale, rest)",
+    _m("lmhead-accel-old-top", "jxent/_stats.py",
+       "  rest = jnp.where(new, s_old * scale, rest)",
+       "  rest = jnp.where(new, rest * scale, rest)",
        "GPU/TPU head statistics: the old top's term lost when the top moves", LMHEAD),
     _m("lmhead-pair-accel-lse", "jxent/_lmhead.py",
        "  return m_new, s * jnp.exp(m - mf) + jnp.sum(jnp.exp(z - mf[:, None]), axis=-1)",
@@ -352,6 +354,23 @@ MUTANTS = [
        "    tail = R.label_tail(z, z_y, R.LABEL_SLACK)",
        "GPU/TPU fused loss: a tiny loss's tail from the last vocabulary block only",
        ["tests/test_fused.py::test_confident_labels_through_a_real_head"]),
+    _m("fused-scaling-recompute-tangent", "jxent/_fused.py",
+       'dloss + (dl * extras["p"] if cfg.scaled else dl)', "dloss + dl",
+       "token_scaling, recompute method: the tangent not scaled by p_y", _STATS_TESTS),
+    _m("fused-scaling-accel-grad", "jxent/_fused.py",
+       '    g = g * extras["p"]\n', "    g = g\n",
+       "token_scaling, GPU/TPU forward method: the gradient not scaled by p_y", _STATS_TESTS),
+    _m("fused-stats-sharp-entropy", "jxent/_fused.py",
+       "  return r, (R.sharpen(r, rest) - t / s, am)", "  return r, (r - t / s, am)",
+       "return_stats: the entropy's log s not sharpened (a nearly one-hot row's lost)",
+       _STATS_TESTS),
+    _m("fused-stats-argmax-pieces", "jxent/_fused.py",
+       "    am = piece.astype(jnp.int32) * width + jnp.take_along_axis(",
+       "    am = piece.astype(jnp.int32) * (width - 1) + jnp.take_along_axis(",
+       "return_stats, XLA:CPU row pieces: the argmax's piece offset wrong", _STATS_TESTS),
+    _m("fused-stats-accel-offset", "jxent/_fused.py",
+       "      st = S.online_block(st, z, start)", "      st = S.online_block(st, z, 0)",
+       "return_stats, GPU/TPU: the argmax without its block's offset", _STATS_TESTS),
     # -------------------------------------------------------------- grads and apps
     _m("grads-mse-factor", "jxent/grads.py",
        "  return (s - targets) * s * jax.nn.sigmoid(-logits)", "  return (s - targets) * s",

@@ -282,6 +282,21 @@ def axis_type_checks(kind):
       out["fused_weights_grad_h"] = rel(gw[0], gw0[0])
       out["fused_weights_grad_w"] = rel(gw[1], gw0[1])
       out["fused_weights_grad_weights"] = rel(gw[2], gw0[2])
+      # return_stats and token_scaling with the tokens over the mesh: the loss
+      # mean_i sg(p_i) (-log p_i), its gradients, and the statistics laid out as the tokens.
+      def scaled(h, w):
+        nll = jxent.softmax_cross_entropy_with_integer_labels(h @ w, y)
+        return jnp.mean(jax.lax.stop_gradient(jnp.exp(-nll)) * nll)
+
+      (_, st), gs = jax.jit(jax.value_and_grad(
+          lambda h, w, y: jxent.linear_cross_entropy(h, w, y, return_stats=True,
+                                                     token_scaling=True),
+          argnums=(0, 1), has_aux=True))(hs, w, ys)
+      gs0 = jax.grad(scaled, argnums=(0, 1))(h, w)
+      out["fused_scaled_grad_h"] = rel(gs[0], gs0[0])
+      out["fused_scaled_grad_w"] = rel(gs[1], gs0[1])
+      out["fused_stats_entropy"] = rel(st.entropy, jxent.entropy_from_logits(h @ w))
+      out["fused_stats_argmax"] = float(jnp.mean(st.argmax != jnp.argmax(h @ w, -1)))
   return out
 
 

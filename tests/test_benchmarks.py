@@ -146,3 +146,20 @@ def test_loud_tile_count_against_numpy(monkeypatch):
           f"max {share.max():.3f}; blocks <=1/64: {int(np.sum(share <= 1 / 64))}, "
           f"<=1/8: {int(np.sum(share <= 1 / 8))} of 8")
   assert gpu._loud_tiles(h, w) == want
+
+
+def test_extras_benchmark_times_what_it_says(capsys):
+  # Every variant's row, with its loss and gradients near the unfused ones of the same loss
+  # (scaled or not) and, where it returns statistics, those too.
+  from benchmarks import extras
+  extras.main(["--quick"])
+  rows = [[c.strip() for c in ln.strip("|").split("|")]
+          for ln in capsys.readouterr().out.splitlines() if ln.startswith("| N=256, D=32,")]
+  assert [c[1] for c in rows] == list(extras.variants(None))
+  for c in rows:
+    med, lo, hi = map(float, re.match(r"([\d.]+) \(([\d.]+)–([\d.]+)\)", c[3]).groups())
+    assert 0 < lo <= med <= hi and float(c[5]) < 1e-5
+    if c[6] != "—":
+      err, mism = re.match(r"([\d.e+-]+); argmax differs on (\d+)", c[6]).groups()
+      assert float(err) < 1e-5 and mism == "0"
+  assert sum(c[6] != "—" for c in rows) == 4

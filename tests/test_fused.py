@@ -572,3 +572,174 @@ def test_cpu_row_pieces_match_the_reference(monkeypatch, options, method):
     nll0 = np.log1p(np.sum(np.exp(np.delete(z[0], y[0]) - z[0, y[0]])))
     assert nll0 < 1e-6  # lse - z_y rounds at lse's resolution, ~2e-6 here
     np.testing.assert_allclose(float(got[0][0][0]), nll0, rtol=1e-4)
+
+
+def np_head(h, w, b, y, *, eps=0.0, zl=0.0, cap=None, cw=None):
+  """float64 NumPy, written out apart from jxent: per token the loss
+  (1 - eps) c_y (-log p_y) + eps / V sum_v c_v (-log p_v) + zl lse^2 (c = 1 without class
+  weights), its gradient in the pre-cap logits, and the statistics (lse, entropy, argmax,
+  log p_y)."""
+  h, w, b = (np.asarray(a, np.float64) for a in (h, w, b))
+  u = h @ w + b
+  z = u if cap is None else cap * np.tanh(u / cap)
+  m = z.max(-1, keepdims=True)
+  lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[:, 0]
+  lp = z - lse[:, None]
+  p = np.exp(lp)
+  n, v = z.shape
+  yc = np.clip(np.asarray(y), 0, v - 1)
+  c = np.ones(v) if cw is None else np.asarray(cw, np.float64)
+  nll = -lp[np.arange(n), yc]
+  loss = (1 - eps) * c[yc] * nll + eps / v * (-lp @ c) + zl * lse**2
+  onehot = np.eye(v)[yc]
+  dz = ((1 - eps) * c[yc][:, None] * (p - onehot) + eps / v * (c.sum() * p - c)
+        + 2 * zl * lse[:, None] * p)
+  if cap is not None:
+    dz = dz * (1 - np.tanh(u / cap) ** 2)
+  ent = -(p * lp).sum(-1)
+  return loss, dz, (lse, ent, z.argmax(-1), -nll)
+
+
+STATS_CASES = {
+    "plain": dict(),
+    "options": dict(ignore_index=-100, where=MASK, label_smoothing=0.1, z_loss=1e-2,
+                    logit_softcap=4.0),
+}
+
+
+@pytest.mark.parametrize("method", ["forward", "recompute"])
+@pytest.mark.parametrize("case", list(STATS_CASES))
+def test_return_stats_and_token_scaling_against_float64(case, method, impl):
+  # token_scaling multiplies each kept token's loss by p_y held constant: the value
+  # sum_i c_i p_i loss_i and the gradient sum_i c_i p_i d loss_i. The statistics come from the
+  # same pass; they equal a float64 NumPy head on kept tokens and are 0 on dropped ones.
+  opts = dict(STATS_CASES[case])
+  y = Y if "ignore_index" in opts else jnp.clip(Y, 0, V - 1)
+  keep = np.ones(N, bool) if case == "plain" else np.asarray(MASK & (Y != -100))
+  cot = np.linspace(0.3, 1.3, N)
+  mean = method == "forward"
+
+  def fused(h, w, b):
+    out, stats = jxent.linear_cross_entropy(
+        h, w, y, bias=b, chunk_size=8, method=method, reduction="mean" if mean else "none",
+        return_stats=True, token_scaling=True, **opts)
+    return (1.7 * out if mean else jnp.sum(jnp.asarray(cot, jnp.float32) * out)), stats
+
+  (val, stats), grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2), has_aux=True))(
+      H, W, B)
+  loss, dz, want_stats = np_head(H, W, B, y, eps=opts.get("label_smoothing", 0.0),
+                                 zl=opts.get("z_loss", 0.0), cap=opts.get("logit_softcap"))
+  q = np.exp(want_stats[3])  # p_y
+  g = np.where(keep, (1.7 / keep.sum() if mean else cot) * q, 0)
+  assert float(val) == pytest.approx(float(np.sum(g * loss)), rel=1e-5)
+  dzs = g[:, None] * dz
+  want = (dzs @ np.asarray(W, np.float64).T, np.asarray(H, np.float64).T @ dzs, dzs.sum(0))
+  for i, (a, r) in enumerate(zip(grads, want)):
+    assert rel(a, r) < 1e-5, i
+  for name, a, r in zip(stats._fields, stats, want_stats):
+    a = np.asarray(a)
+    assert a.shape == (N,) and not np.any(a[~keep]), name
+    if name == "argmax":
+      assert a.dtype == np.int32 and np.array_equal(a[keep], r[keep])
+    else:
+      assert rel(a[keep], r[keep]) < 1e-5, name
+
+
+def test_return_stats_outputs_and_transformations(impl):
+  f = lambda h, w, **kw: jxent.linear_cross_entropy(h, w, Y, ignore_index=-100, chunk_size=8,
+                                                    **kw)
+  plain = f(H, W)
+  stats = jxent.linear_token_stats(H, W, jnp.clip(Y, 0, V - 1), where=Y != -100)
+  out, got = f(H, W, return_stats=True)
+  assert float(out) == float(plain)
+  for name, a, r in zip(got._fields, got, stats):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6, err_msg=name)
+  # With return_lse: (loss, lse, stats); the gradient filter changes no statistic.
+  per, lse, got2 = f(H, W, reduction="none", return_lse=True, return_stats=True)
+  np.testing.assert_allclose(per, f(H, W, reduction="none"), rtol=1e-6)
+  np.testing.assert_allclose(lse, f(H, W, reduction="none", return_lse=True)[1], rtol=1e-6)
+  got3 = f(H, W, return_stats=True, gradient_filter=1e-3)[1]
+  for a, b in zip(got, (got2, got3)[0]):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for a, b in zip(got, got3):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  # Forward mode: the loss's tangent is the plain loss's, the statistics have none.
+  t = (jnp.cos(H), jnp.sin(W))
+  (o, s), (do, ds) = jax.jvp(lambda h, w: f(h, w, return_stats=True), (H, W), t)
+  assert float(do) == pytest.approx(float(jax.jvp(f, (H, W), t)[1]), rel=1e-5)
+  assert not np.any(np.asarray(ds.entropy)) and not np.any(np.asarray(ds.logsumexp))
+  # vmap over two token sets equals each alone.
+  hs = jnp.stack([H, H[::-1]])
+  vo, vs = jax.vmap(lambda h: f(h, W, return_stats=True))(hs)
+  for i in range(2):
+    o, s = f(hs[i], W, return_stats=True)
+    assert float(vo[i]) == pytest.approx(float(o), rel=1e-6)
+    np.testing.assert_array_equal(vs.argmax[i], s.argmax)
+  for bad in ("yes", 1, None):
+    with pytest.raises(TypeError, match="return_stats must be a Python bool"):
+      f(H, W, return_stats=bad)
+  with pytest.raises(TypeError, match="token_scaling must be a Python bool"):
+    f(H, W, token_scaling=1.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_token_scaling_with_class_weights_against_float64(reduction):
+  # Class weights with smoothing and z-loss (the per-token NLL and logsumexp form), and
+  # without (per-token weights c_y, the forward method): scaled by p_y, the mean divided by
+  # sum_i c_{y_i} over kept tokens as without scaling.
+  cw = jnp.linspace(0.2, 2.0, V)
+  keep = np.asarray(MASK & (Y != -100))
+  cot = np.linspace(0.3, 1.3, N)
+  for eps, zl in ((0.15, 2e-3), (0.0, 0.0)):
+    def fused(h, w, b):
+      out, stats = jxent.linear_cross_entropy(
+          h, w, Y, bias=b, ignore_index=-100, where=MASK, class_weights=cw,
+          label_smoothing=eps, z_loss=zl, reduction=reduction, chunk_size=8,
+          return_stats=True, token_scaling=True)
+      return (out if reduction == "mean" else jnp.sum(jnp.asarray(cot, jnp.float32) * out),
+              stats)
+
+    (val, stats), grads = jax.value_and_grad(fused, argnums=(0, 1, 2), has_aux=True)(H, W, B)
+    loss, dz, want_stats = np_head(H, W, B, Y, eps=eps, zl=zl, cw=cw)
+    yc = np.clip(np.asarray(Y), 0, V - 1)
+    q = np.exp(want_stats[3])
+    denom = np.sum(np.where(keep, np.asarray(cw)[yc], 0))
+    g = np.where(keep, (1 / denom if reduction == "mean" else cot) * q, 0)
+    assert float(val) == pytest.approx(float(np.sum(g * loss)), rel=1e-5)
+    dzs = g[:, None] * dz
+    want = (dzs @ np.asarray(W, np.float64).T, np.asarray(H, np.float64).T @ dzs, dzs.sum(0))
+    for i, (a, r) in enumerate(zip(grads, want)):
+      assert rel(a, r) < 1e-5, (eps, i)
+    np.testing.assert_allclose(np.asarray(stats.entropy)[keep], want_stats[1][keep], rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["cpu", "reference", "accelerator"])
+def test_return_stats_in_row_pieces_ties_and_nearly_one_hot(monkeypatch, form):
+  # XLA:CPU's rows in 4 pieces (rows of 64 allowed, V = 256), the reference's whole rows, the
+  # accelerator's blocks of 64 columns. Token 3's top logit is tied between columns 70 and 130
+  # (two pieces, two blocks): argmax 70, the first. Token 0 is nearly one-hot: an entropy of
+  # below 1e-6, to relative accuracy. Against float64 NumPy, element by element.
+  from jxent import _cpu
+  monkeypatch.setattr(_cpu, "FAST_ROW", 64)
+  monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: min(64, v))
+  rng = np.random.default_rng(7)
+  n, d, v = 24, 16, 256
+  h = rng.standard_normal((n, d)).astype(np.float32)
+  w = (rng.standard_normal((d, v)) * 0.5).astype(np.float32)
+  y = rng.integers(0, v, n).astype(np.int32)
+  w[:, y[0]] += h[0] * (30.0 / (h[0] @ h[0]))
+  w[:, 70] += h[3] * (9.0 / (h[3] @ h[3]))
+  w[:, 130] = w[:, 70]
+  with use_implementation(form):
+    (_, stats), grads = jax.jit(jax.value_and_grad(
+        lambda h, w: jxent.linear_cross_entropy(h, w, y, chunk_size=8, return_stats=True),
+        argnums=(0, 1), has_aux=True))(h, w)
+  _, _, want = np_head(h, w, np.zeros(v, np.float32), y)
+  assert want[2][3] == 70 and np.float32(h[3] @ w[:, 130]) == np.float32(h[3] @ w[:, 70])
+  assert 1e-10 < want[1][0] < 1e-6
+  np.testing.assert_array_equal(stats.argmax, want[2])
+  # atol 1e-14: token 6 happens to be nearly one-hot as well (4e-12, a logit gap of ~28,
+  # whose float32 rounding alone moves it by 5e-4 relative); token 0 still needs 2e-6.
+  for name, i in (("logsumexp", 0), ("entropy", 1), ("label_log_prob", 3)):
+    np.testing.assert_allclose(getattr(stats, name), want[i], rtol=1e-5, atol=1e-14,
+                               err_msg=name)

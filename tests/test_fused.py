@@ -531,6 +531,21 @@ def test_confident_labels_through_a_real_head(impl):
   np.testing.assert_allclose(float(total), want.sum(), rtol=1e-4)
 
 
+def _pieces_head(monkeypatch, seed):
+  """h [24, 16], W [16, 256], labels: XLA:CPU cuts V = 256 into 4 row pieces (rows of 64
+  allowed). Token 0 is confident: its label's weight column gets 30 h_0 / |h_0|^2, which
+  lifts that logit by 30 (a loss near 1e-8)."""
+  from jxent import _cpu
+  monkeypatch.setattr(_cpu, "FAST_ROW", 64)
+  rng = np.random.default_rng(seed)
+  n, d, v = 24, 16, 256
+  h = rng.standard_normal((n, d)).astype(np.float32)
+  w = (rng.standard_normal((d, v)) * 0.5).astype(np.float32)
+  y = rng.integers(0, v, n).astype(np.int32)
+  w[:, y[0]] += h[0] * (30.0 / (h[0] @ h[0]))
+  return h, w, y
+
+
 @pytest.mark.parametrize("method", ["forward", "recompute"])
 @pytest.mark.parametrize("options", ["plain", "smooth_zloss"])
 def test_cpu_row_pieces_match_the_reference(monkeypatch, options, method):
@@ -540,13 +555,8 @@ def test_cpu_row_pieces_match_the_reference(monkeypatch, options, method):
   # gradients of a weighted per-token loss, with a dropped token. Token 0 is confident (a
   # loss of about 6e-8, from its tail): plain, against float64 to rtol 1e-4.
   from jxent import _cpu
-  monkeypatch.setattr(_cpu, "FAST_ROW", 64)
-  rng = np.random.default_rng(5)
-  n, d, v = 24, 16, 256
-  h = rng.standard_normal((n, d)).astype(np.float32)
-  w = (rng.standard_normal((d, v)) * 0.5).astype(np.float32)
-  y = rng.integers(0, v, n).astype(np.int32)
-  w[:, y[0]] += h[0] * (30.0 / (h[0] @ h[0]))
+  h, w, y = _pieces_head(monkeypatch, seed=5)
+  n, v = len(y), w.shape[1]
   y[5] = -100
   kw = dict(ignore_index=-100, chunk_size=8)
   if options == "smooth_zloss":
@@ -719,15 +729,9 @@ def test_return_stats_in_row_pieces_ties_and_nearly_one_hot(monkeypatch, form):
   # accelerator's blocks of 64 columns. Token 3's top logit is tied between columns 70 and 130
   # (two pieces, two blocks): argmax 70, the first. Token 0 is nearly one-hot: an entropy of
   # below 1e-6, to relative accuracy. Against float64 NumPy, element by element.
-  from jxent import _cpu
-  monkeypatch.setattr(_cpu, "FAST_ROW", 64)
   monkeypatch.setattr(_fused, "accelerator_vocab_block", lambda n, v: min(64, v))
-  rng = np.random.default_rng(7)
-  n, d, v = 24, 16, 256
-  h = rng.standard_normal((n, d)).astype(np.float32)
-  w = (rng.standard_normal((d, v)) * 0.5).astype(np.float32)
-  y = rng.integers(0, v, n).astype(np.int32)
-  w[:, y[0]] += h[0] * (30.0 / (h[0] @ h[0]))
+  h, w, y = _pieces_head(monkeypatch, seed=7)
+  v = w.shape[1]
   w[:, 70] += h[3] * (9.0 / (h[3] @ h[3]))
   w[:, 130] = w[:, 70]
   with use_implementation(form):

@@ -36,6 +36,10 @@ class TokenStats(NamedTuple):
   """``[...]`` :math:`\\log p_y`, or None without labels."""
 
 
+# A jax.export of a function returning TokenStats serializes (the tree needs a stable name).
+jax.export.register_namedtuple_serialization(TokenStats, serialized_name="jxent.TokenStats")
+
+
 def finite(a):
   return jnp.where(jnp.isfinite(a), a, 0)
 

@@ -281,6 +281,20 @@ def test_export_symbolic_batch_dimension_and_other_platforms():
                                atol=1e-6)
 
 
+def test_token_stats_export_and_serialize():
+  # Functions returning a TokenStats (a named tuple) serialize; the statistics come back.
+  h = jnp.asarray(Z[:, :4], jnp.float32)
+  w = jnp.asarray(np.linspace(-1, 1, 4 * 7).reshape(4, 7), jnp.float32)
+  y = jnp.asarray(Y % 7, jnp.int32)
+  for f in (lambda h, w: jxent.linear_token_stats(h, w, y),
+            lambda h, w: jxent.linear_cross_entropy(h, w, y, return_stats=True)[1]):
+    back = export.deserialize(export.export(jax.jit(f))(h, w).serialize()).call(h, w)
+    want = f(h, w)
+    assert type(back) is jxent.TokenStats
+    for a, b in zip(back, want):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_linear_cross_entropy_with_a_symbolic_token_count_names_n():
   (b,) = export.symbolic_shape("b")
   f = jax.jit(lambda h, y: jxent.linear_cross_entropy(h, jnp.eye(4, 7), y))

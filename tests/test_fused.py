@@ -747,3 +747,28 @@ def test_return_stats_in_row_pieces_ties_and_nearly_one_hot(monkeypatch, form):
   for name, i in (("logsumexp", 0), ("entropy", 1), ("label_log_prob", 3)):
     np.testing.assert_allclose(getattr(stats, name), want[i], rtol=1e-5, atol=1e-14,
                                err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["forward", "recompute"])
+def test_token_scaling_second_order_in_float64(method):
+  # Hessian-vector products (forward over reverse) of the scaled loss, p_y held constant at
+  # every order, against the same loss on the logits in float64; the statistics ride along.
+  with jax.enable_x64(True):
+    h, w, b = (x.astype(jnp.float64) for x in (H, W, B))
+    y = jnp.clip(Y, 0, V - 1)
+
+    def fused(h, w, b):
+      return jxent.linear_cross_entropy(h, w, y, bias=b, chunk_size=8, method=method,
+                                        z_loss=1e-2, return_stats=True,
+                                        token_scaling=True)[0]
+
+    def ref(h, w, b):
+      z = h @ w + b
+      lse = jax.nn.logsumexp(z, axis=-1)
+      nll = lse - z[jnp.arange(N), y]
+      return jnp.mean(jax.lax.stop_gradient(jnp.exp(-nll)) * (nll + 1e-2 * lse**2))
+
+    t = (jnp.cos(h), jnp.sin(w), jnp.cos(b))
+    hvp = lambda f: jax.jvp(jax.grad(f, argnums=(0, 1, 2)), (h, w, b), t)[1]
+    for a, r in zip(hvp(fused), hvp(ref)):
+      assert rel(a, r) < 1e-11

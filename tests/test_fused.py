@@ -669,10 +669,9 @@ def test_return_stats_outputs_and_transformations(impl):
   np.testing.assert_allclose(per, f(H, W, reduction="none"), rtol=1e-6)
   np.testing.assert_allclose(lse, f(H, W, reduction="none", return_lse=True)[1], rtol=1e-6)
   got3 = f(H, W, return_stats=True, gradient_filter=1e-3)[1]
-  for a, b in zip(got, (got2, got3)[0]):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
-  for a, b in zip(got, got3):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for other in (got2, got3):
+    for a, b in zip(got, other):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
   # Forward mode: the loss's tangent is the plain loss's, the statistics have none.
   t = (jnp.cos(H), jnp.sin(W))
   (o, s), (do, ds) = jax.jvp(lambda h, w: f(h, w, return_stats=True), (H, W), t)

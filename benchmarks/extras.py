@@ -36,17 +36,19 @@ QUICK_SIZES = [(256, 32, 2048)]
 
 
 def _dense(h, w, y, scaled):
-  """The unfused loss (scaled by p_y held constant when ``scaled``) and its statistics."""
+  """The unfused loss and its statistics, or (``scaled``) the loss scaled by p_y held constant
+  and no statistics (those are the unscaled row's)."""
   z = jnp.dot(h, w, preferred_element_type=jnp.float32)
   lp = jax.nn.log_softmax(z)
   nll = -jnp.take_along_axis(lp, y[:, None], axis=-1)[:, 0]
-  loss = jnp.mean(jax.lax.stop_gradient(jnp.exp(-nll)) * nll if scaled else nll)
+  if scaled:
+    return jnp.mean(jax.lax.stop_gradient(jnp.exp(-nll)) * nll), None
   ent = -jnp.sum(jnp.exp(lp) * lp, axis=-1)
   zs = jax.lax.stop_gradient(z)
   stats = jxent.TokenStats(jax.nn.logsumexp(zs, axis=-1), jax.lax.stop_gradient(ent),
                            jnp.argmax(zs, axis=-1).astype(jnp.int32),
                            jax.lax.stop_gradient(-nll))
-  return loss, stats
+  return jnp.mean(nll), stats
 
 
 def variants(y):

@@ -33,7 +33,7 @@ def _offset(v_local: int, axis_name):
   return jax.lax.axis_index(axis_name) * v_local
 
 
-def _local_vocab(weight, layout):
+def local_vocab(weight, layout):
   if layout not in ("dv", "vd"):
     raise ValueError(f"weight_layout must be 'dv' or 'vd', got {layout!r}.")
   weight = _checks.as_array(weight, "weight")
@@ -61,7 +61,7 @@ def _local_stats(hidden, weight, labels, bias, layout, where, temperature, chunk
   """Per token, flat [N]: this shard's L_k, H_k and label logit (differentiable), where the
   label falls in this shard (None without labels) and the kept mask; then the unflattening
   function and V_local."""
-  v_l = _local_vocab(weight, layout)
+  v_l = local_vocab(weight, layout)
   local = None
   if labels is not None:
     labels = _checks.integer(labels, "labels")
@@ -177,7 +177,7 @@ def vocab_parallel_linear_token_stats(
     chunk_size: tokens per block of the local function.
   """
   hidden, weight, bias = jax.lax.stop_gradient((hidden, weight, bias))
-  v_l = _local_vocab(weight, weight_layout)
+  v_l = local_vocab(weight, weight_layout)
   local_y = None
   if labels is not None:
     labels = _checks.integer(labels, "labels")
@@ -191,17 +191,10 @@ def vocab_parallel_linear_token_stats(
   shape = s.logsumexp.shape
   kept = jnp.ones(shape, bool) if where is None else jnp.asarray(where)
   flat = lambda a: a.reshape(-1)
-  lse_k, ent_k, kept = flat(s.logsumexp), flat(s.entropy), flat(kept)
-  lse, pi = _global_lse(lse_k, axis_name)
-  ent = jax.lax.psum(jnp.where(pi > 0, pi * ent_k, 0) - _xlogy_share(pi, lse_k - lse),
-                     axis_name)
-  # The global argmax: the largest of the shards' maxima, the smallest index among ties.
+  lse_k, kept = flat(s.logsumexp), flat(kept)
   top = flat(s.argmax)
-  zmax = _local_max_logit(hidden, weight, bias, weight_layout, temperature, top)
-  best = jax.lax.pmax(zmax, axis_name)
-  big = jnp.iinfo(jnp.int32).max
-  idx = jnp.where(zmax == best, top + _offset(v_l, axis_name), big).astype(jnp.int32)
-  am = jax.lax.pmin(idx, axis_name)
+  zmax = logit_at(hidden, weight, bias, weight_layout, top) / temperature
+  lse, ent, am = combine_stats(lse_k, flat(s.entropy), top, zmax, v_l, axis_name)
   keep = lambda a: jnp.where(kept, a, 0).reshape(shape)
   logp = None
   if labels is not None:
@@ -213,19 +206,33 @@ def vocab_parallel_linear_token_stats(
   return L.TokenStats(keep(lse), keep(ent), keep(am), logp)
 
 
-def _local_max_logit(hidden, weight, bias, layout, temperature, top):
-  """The (tempered) logit of this shard's argmax column, [N]: one gathered column per token."""
+def combine_stats(lse_k, ent_k, top_k, zmax_k, v_l, axis_name):
+  """The whole vocabulary's (logsumexp, entropy, argmax) per token from each shard's
+  logsumexp, entropy, argmax (local index) and the logit there: the argmax is the largest of
+  the shards' maxima, the smallest global index among ties (as ``jnp.argmax``)."""
+  lse, pi = _global_lse(lse_k, axis_name)
+  ent = jax.lax.psum(jnp.where(pi > 0, pi * ent_k, 0) - _xlogy_share(pi, lse_k - lse),
+                     axis_name)
+  best = jax.lax.pmax(zmax_k, axis_name)
+  big = jnp.iinfo(jnp.int32).max
+  idx = jnp.where(zmax_k == best, top_k + _offset(v_l, axis_name), big).astype(jnp.int32)
+  return lse, ent, jax.lax.pmin(idx, axis_name)
+
+
+def logit_at(hidden, weight, bias, layout, index):
+  """The logit of column ``index`` [N] of this shard per token, [N] (accumulated in float32,
+  or float64): one gathered column of the weight per token, differentiable."""
   h = hidden.reshape(-1, hidden.shape[-1])
-  w_top = jnp.take(weight, top, axis=1).T if layout == "dv" else jnp.take(weight, top, axis=0)
+  w_at = jnp.take(weight, index, axis=1).T if layout == "dv" else jnp.take(weight, index, axis=0)
   acc = jnp.float64 if jnp.float64 in (h.dtype, weight.dtype) else jnp.float32
-  z = jnp.sum(h.astype(acc) * w_top.astype(acc), axis=-1)
+  z = jnp.sum(h.astype(acc) * w_at.astype(acc), axis=-1)
   if bias is not None:
-    z = z + jnp.asarray(bias)[top].astype(acc)
-  return z / temperature
+    z = z + jnp.asarray(bias)[index].astype(acc)
+  return z
 
 
 def _check_pair(student_hidden, teacher_hidden, student_weight, teacher_weight, layout):
-  vs, vt = _local_vocab(student_weight, layout), _local_vocab(teacher_weight, layout)
+  vs, vt = local_vocab(student_weight, layout), local_vocab(teacher_weight, layout)
   if vs != vt:
     raise ValueError(f"student and teacher must share the vocabulary slice, got V_local={vs} "
                      f"and {vt}.")

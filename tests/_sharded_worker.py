@@ -93,6 +93,7 @@ def main():
   result["confident"] = confident_labels()
   result["property"] = sharded_equals_unsharded()
   result["head"] = head_quantities()
+  result["options"] = loss_options()
   print(json.dumps(result))
 
 
@@ -407,6 +408,120 @@ def head_quantities():
   txt = jax.jit(jax.grad(lambda h, w: kl(h, w, h, w).mean(), argnums=(0, 1))).lower(
       hb, wb).compile().as_text()
   out["comm"] = collectives(txt)
+  return out
+
+
+def loss_options():
+  """The vocab-parallel losses with every option against the unsharded ones, in float64 on a
+  (data=2, model=4) mesh: values, gradients in every float argument under a non-uniform
+  cotangent, the logsumexp and the statistics; and make_vocab_parallel_loss's outputs."""
+  from jax.sharding import AxisType
+  from jax.sharding import PartitionSpec as P
+
+  out = {}
+  sh = jxent.sharded
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  tok, col, row, vec = P("data"), P(None, "model"), P("model", None), P("model")
+  with jax.enable_x64(True):
+    k = jax.random.split(jax.random.PRNGKey(4), 8)
+    n, d, v = 12, 5, 32
+    h = jax.random.normal(k[0], (n, d), jnp.float64)
+    w = 2 * jax.random.normal(k[1], (d, v), jnp.float64)
+    b = jax.random.normal(k[2], (v,), jnp.float64)
+    y = jax.random.randint(k[3], (n,), 0, v).at[3].set(-100)
+    mask = jax.random.uniform(k[4], (n,)) > 0.2
+    tw = jax.random.uniform(k[5], (n,), jnp.float64, 0.2, 1.8)
+    cw = jax.random.uniform(k[6], (v,), jnp.float64, 0.5, 2.0)
+    cot = jax.random.uniform(k[7], (n,), jnp.float64, 0.5, 1.5)
+    z = h @ w + b
+    # name: (options, tokens' spec, weight layout, reduction); the tokens whole on every
+    # device for the scalar reductions (a mean over all of them).
+    cases = {
+        "smooth_zloss_vd": (dict(label_smoothing=0.1, z_loss=1e-3), tok, "vd", "none"),
+        "softcap_smooth_scaled": (dict(logit_softcap=3.0, label_smoothing=0.2,
+                                       token_scaling=True), tok, "dv", "none"),
+        "class_weights_weights_mean": (dict(label_smoothing=0.1, z_loss=1e-2, cw=True,
+                                            tw=True), P(), "dv", "mean"),
+        "softcap_class_weights_sum": (dict(logit_softcap=2.0, cw=True, tw=True,
+                                           token_scaling=True), P(), "vd", "sum"),
+    }
+    for name, (opts, t, layout, red) in cases.items():
+      o = dict(opts)
+      use_cw, use_tw = o.pop("cw", False), o.pop("tw", False)
+      stats = red == "none"
+      ww = w if layout == "dv" else w.T
+      o.update(ignore_index=-100, weight_layout=layout, reduction=red, return_stats=stats,
+               return_lse=stats)
+      pick = lambda c, t: dict(class_weights=c if use_cw else None,
+                               weights=t if use_tw else None)
+
+      def sharded(h, w, b, c, t, o=o, pick=pick, spec=t, layout=layout, red=red, stats=stats):
+        outs = spec if red == "none" else P()
+        if stats:
+          outs = (spec, spec, jxent.TokenStats(spec, spec, spec, spec))
+        f = jax.shard_map(
+            lambda h, w, b, c, t, y, m: sh.vocab_parallel_linear_cross_entropy(
+                h, w, y, bias=b, where=m, axis_name="model", chunk_size=4, **pick(c, t), **o),
+            mesh=mesh, in_specs=(spec, col if layout == "dv" else row, vec, vec, spec, spec,
+                                 spec), out_specs=outs)
+        return f(h, w, b, c, t, y, mask)
+
+      def ref(h, w, b, c, t, o=o, pick=pick):
+        return jxent.linear_cross_entropy(h, w, y, bias=b, where=mask, chunk_size=4,
+                                          **pick(c, t), **o)
+
+      def both(args):
+        res = []
+        for g in (sharded, ref):
+          first = lambda *a, g=g: g(*a)[0] if stats else g(*a)
+          loss = lambda *a, first=first: jnp.sum(cot * first(*a)) if stats else first(*a)
+          res.append((g(*args), jax.grad(loss, tuple(range(5)))(*args)))
+        return res
+
+      (got, grads), (want, grads0) = jax.jit(both)((h, ww, b, cw, tw))
+      for field, a, c in zip(("loss", "lse", "stats"), *((x,) if not stats else x
+                                                          for x in (got, want))):
+        if field == "stats":
+          for sf, sa, sc in zip(c._fields, a, c):
+            out[f"{name}_{sf}"] = rel(sa.astype(jnp.float64), sc.astype(jnp.float64))
+        elif field == "lse":  # 0 on dropped tokens (their hidden states are not used)
+          kept = mask & (y != -100)
+          out[f"{name}_lse"] = rel(a, jnp.where(kept, c, 0))
+        else:
+          out[f"{name}_loss"] = rel(a, c)
+      for i, (a, c) in enumerate(zip(grads, grads0)):
+        if (i == 3 and not use_cw) or (i == 4 and not use_tw):
+          assert float(jnp.max(jnp.abs(a))) == 0 == float(jnp.max(jnp.abs(c)))
+          continue
+        out[f"{name}_grad{i}"] = rel(a, c)
+    # The loss on logits with where, class weights and smoothing: a mean and its gradients.
+    dense = jax.shard_map(
+        lambda z, c, y, m: sh.vocab_parallel_cross_entropy(
+            z, y, axis_name="model", where=m, ignore_index=-100, class_weights=c,
+            label_smoothing=0.1, z_loss=1e-3, reduction="mean"),
+        mesh=mesh, in_specs=(col, vec, P(), P()), out_specs=P())
+    dense0 = lambda z, c, y, m: jxent.softmax_cross_entropy_with_integer_labels(
+        z, y, where=m, ignore_index=-100, class_weights=c, label_smoothing=0.1, z_loss=1e-3,
+        reduction="mean")
+    for f, key in ((dense, "dense"), (dense0, "dense0")):
+      out[key] = jax.jit(jax.value_and_grad(f, (0, 1)))(z, cw, y, mask)
+    (val, g), (val0, g0) = out.pop("dense"), out.pop("dense0")
+    out["dense_where_class_weights"] = rel(val, val0)
+    out["dense_where_class_weights_grad0"] = rel(g[0], g0[0])
+    out["dense_where_class_weights_grad1"] = rel(g[1], g0[1])
+    # make_vocab_parallel_loss with the [V, D] layout, a softcap and both extra outputs.
+    fl = sh.make_vocab_parallel_loss(mesh, linear=True, weight_layout="vd", logit_softcap=3.0,
+                                     label_smoothing=0.1, return_lse=True, return_stats=True,
+                                     ignore_index=-100, chunk_size=4)
+    loss, lse, st = fl(h, w.T, y)
+    loss0, lse0, st0 = jxent.linear_cross_entropy(
+        h, w.T, y, weight_layout="vd", logit_softcap=3.0, label_smoothing=0.1,
+        ignore_index=-100, reduction="none", return_lse=True, return_stats=True)
+    out["maker_loss"] = rel(loss, loss0)
+    kept = y != -100
+    out["maker_lse"] = rel(jnp.where(kept, lse, 0), jnp.where(kept, lse0, 0))
+    for sf, sa, sc in zip(st0._fields, st, st0):
+      out[f"maker_{sf}"] = rel(sa.astype(jnp.float64), sc.astype(jnp.float64))
   return out
 
 

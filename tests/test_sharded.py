@@ -146,3 +146,64 @@ def test_vocab_parallel_head_quantities_equal_unsharded(worker):
   # ([D, V / 4] = 8 x 256); nothing of the logits' size (N x V = 16 x 1024).
   assert comm and all(op == "all-reduce" for op, _, _ in comm)
   assert all(n <= 8 * 8 or n == 8 * 256 for _, n, _ in comm)
+
+
+def test_vocab_parallel_losses_take_every_option_of_the_unsharded_ones(worker):
+  # In float64 on a (data=2, model=4) mesh: the linear loss with a bias, a mask, both layouts,
+  # smoothing, z-loss, a softcap (with smoothing: each shard's capped sum), per-token and
+  # class weights, token scaling, every reduction, its logsumexp and statistics; the loss on
+  # logits with a mask and class weights; make_vocab_parallel_loss's extra outputs. Values,
+  # and gradients in every float argument (hidden, weight, bias, class and token weights).
+  r = worker["options"]
+  assert {"smooth_zloss_vd_lse", "smooth_zloss_vd_argmax", "softcap_smooth_scaled_entropy",
+          "class_weights_weights_mean_grad3", "class_weights_weights_mean_grad4",
+          "softcap_class_weights_sum_grad4", "dense_where_class_weights_grad1",
+          "maker_label_log_prob"} <= set(r)
+  for key, err in r.items():
+    assert err < 1e-12, (key, err)
+
+
+def _one_device(f, *args, specs):
+  """``f`` inside shard_map over a one-device "model" axis (the trace-time checks)."""
+  import jax
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+
+
+def test_vocab_parallel_losses_check_their_options():
+  import re
+
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+
+  import jxent
+
+  h, w, y = jnp.ones((4, 3)), jnp.ones((3, 8)), jnp.arange(4)
+  lin = lambda **kw: lambda h, w, y: jxent.sharded.vocab_parallel_linear_cross_entropy(
+      h, w, y, axis_name="model", reduction="sum", **kw)
+  specs = (P(), P(None, "model"), P())
+  cases = [
+      (dict(where=jnp.ones(3, bool)), "where must be a boolean mask of labels' shape (4,)"),
+      (dict(where=jnp.ones(4)), "where must be a boolean mask of labels' shape"),
+      (dict(weights=jnp.ones(5)), "weights must have hidden's shape without D, i.e. (4,)"),
+      (dict(class_weights=jnp.ones(7)), "class_weights must have shape (8,)"),
+      (dict(class_weights=jnp.ones(8), label_smoothing=0.1, logit_softcap=2.0),
+       "class_weights, label_smoothing and logit_softcap together"),
+      (dict(weight_layout="dvv"), "weight_layout must be 'dv' or 'vd'"),
+      (dict(return_stats=1), "return_stats must be"),
+  ]
+  for kw, msg in cases:
+    with pytest.raises((ValueError, TypeError), match=re.escape(msg)):
+      _one_device(lin(**kw), h, w, y, specs=specs)
+  with pytest.raises(ValueError, match=re.escape("labels must have hidden's shape without D")):
+    _one_device(lin(), h, w, jnp.arange(3), specs=specs)
+  with pytest.raises(ValueError, match=re.escape("where must be a boolean mask of labels'")):
+    _one_device(lambda z, y: jxent.sharded.vocab_parallel_cross_entropy(
+        z, y, axis_name="model", where=jnp.ones(2, bool), reduction="sum"),
+        h @ w, y, specs=(P(None, "model"), P()))
+  mesh = jax.make_mesh((1, 1), ("data", "model"))
+  with pytest.raises(ValueError, match="does not take bias, class_weights: arrays"):
+    jxent.sharded.make_vocab_parallel_loss(mesh, linear=True, bias=jnp.ones(8),
+                                           class_weights=jnp.ones(8))

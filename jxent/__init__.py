@@ -15,6 +15,8 @@ from jxent._information import (
     kl_divergence_from_logits,
     log_probs,
     self_information,
+    tv_distance,
+    tv_distance_from_logits,
 )
 from jxent._lmhead import (
     TokenStats,
@@ -24,6 +26,7 @@ from jxent._lmhead import (
     linear_log_probs,
     linear_token_stats,
     linear_topk_kl_divergence,
+    linear_tv_distance,
 )
 from jxent._probability import (
     binary_cross_entropy,
@@ -66,7 +69,10 @@ __all__ = [
     "linear_log_probs",
     "linear_token_stats",
     "linear_topk_kl_divergence",
+    "linear_tv_distance",
     "TokenStats",
     "self_information",
+    "tv_distance",
+    "tv_distance_from_logits",
     "value_checks",
 ]

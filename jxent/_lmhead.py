@@ -707,15 +707,24 @@ def _block_log_softmax(z):
   return z - m - jnp.log(jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True))
 
 
+# The number of per-token parts of each divergence (their sums over all classes).
+_PARTS = {"forward": 1, "reverse": 1, "js": 2, "tv": 3}
+
+
 def _pair_terms(lp, lq, cfg, beta):
   """The per-class terms of the divergence's parts from a block of the teacher's (lp) and
   the student's (lq) log-probabilities: (p log p/q,) for the forward KL, (q log q/p,) for
-  the reverse, (p log p/m, q log q/m) for JS (``beta`` a number or [T, 1])."""
+  the reverse, (p log p/m, q log q/m) for JS (``beta`` a number or [T, 1]), and for the
+  total variation (|p - q| / 2, p s, q s) with s = sign(p - q) (the last two for the
+  gradients)."""
   p, q = jnp.exp(lp), jnp.exp(lq)
   if cfg.kind == "forward":
     return (_xlogx_diff(p, lp, lq),)
   if cfg.kind == "reverse":
     return (_xlogx_diff(q, lq, lp),)
+  if cfg.kind == "tv":
+    s = jnp.sign(p - q)
+    return 0.5 * jnp.abs(p - q), p * s, q * s
   return plog_p_over_m(lp, lq, beta), plog_p_over_m(lq, lp, 1 - beta)
 
 
@@ -738,6 +747,9 @@ def _pair_terms_grads(lp, lq, terms, parts, cfg, beta, want_s, want_t):
   elif cfg.kind == "reverse":
     gs = terms[0] - q * col(0) if want_s else None
     gt = p - q if want_t else None
+  elif cfg.kind == "tv":  # d/dz of |p - q| / 2 through each softmax: r (s - E_r[s]) / 2
+    gs = -0.5 * (terms[2] - q * col(2)) if want_s else None
+    gt = 0.5 * (terms[1] - p * col(1)) if want_t else None
   else:
     gs = (1 - beta) * (terms[1] - q * col(1)) if want_s else None
     gt = beta * (terms[0] - p * col(0)) if want_t else None
@@ -747,12 +759,15 @@ def _pair_terms_grads(lp, lq, terms, parts, cfg, beta, want_s, want_t):
 def _pair_needs_parts(cfg, want):
   """Whether the wanted gradients need the divergence's parts before their block."""
   want_s, want_t = want
-  return (cfg.kind == "js" or (cfg.kind == "forward" and want_t)
+  return (cfg.kind in ("js", "tv") or (cfg.kind == "forward" and want_t)
           or (cfg.kind == "reverse" and want_s))
 
 
 def _pair_res(lse_s, lse_t, parts, cfg, beta):
-  """The per-token tangent's residuals: both logsumexps, the KL or JS's parts and beta."""
+  """The per-token tangent's residuals: both logsumexps, the KL or JS's parts and beta, or
+  the total variation's two expectations of the sign."""
+  if cfg.kind == "tv":
+    return lse_s, lse_t, parts[1:]
   return lse_s, lse_t, (parts[0] if cfg.kind != "js" else (*parts, beta))
 
 
@@ -821,6 +836,13 @@ def _pair_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
       out = out + jnp.sum(_xlogx_diff(q, lq, lp) * dzs - q * val[:, None] * dzs, axis=-1)
     if dzt is not None:
       out = out + jnp.sum((p - q) * dzt, axis=-1)
+  elif cfg.kind == "tv":
+    s = jnp.sign(p - q)
+    e_p, e_q = (e[:, None] for e in val)
+    if dzs is not None:
+      out = out - 0.5 * jnp.sum(q * (s - e_q) * dzs, axis=-1)
+    if dzt is not None:
+      out = out + 0.5 * jnp.sum(p * (s - e_p) * dzt, axis=-1)
   else:
     kl_pm, kl_qm, beta = val
     kl_pm, kl_qm, beta = kl_pm[:, None], kl_qm[:, None], beta[:, None]
@@ -1002,8 +1024,8 @@ def _pair_vocab_logprobs(h, w, b, lse, start, size, cfg):
 def _pair_vocab_parts(h, w, b, lse, cfg, beta):
   """The divergence's parts per token ([N] each), summed over vocabulary blocks."""
   v = w[0].shape[1] if cfg.layout == "dv" else w[0].shape[0]
-  n = 1 if cfg.kind != "js" else 2
-  init = tuple(F._varying_like(jnp.zeros(h[0].shape[:1], cfg.acc), *h, *w) for _ in range(n))
+  init = tuple(F._varying_like(jnp.zeros(h[0].shape[:1], cfg.acc), *h, *w)
+               for _ in range(_PARTS[cfg.kind]))
 
   def block(carry, start, size):
     lp, lq = _pair_vocab_logprobs(h, w, b, lse, start, size, cfg)
@@ -1046,9 +1068,8 @@ def _pair_vocab_grads(h3, w, b, scale, cfg, want):
   refs = (*h, *w, coef)
   heads = tuple(_grads_init(h_i, w_i, b_i, cfg.acc, *refs) if want_i else None
                 for want_i, h_i, w_i, b_i in zip(want, h, w, b))
-  n_parts = 1 if cfg.kind != "js" else 2
   sums = () if known is not None else tuple(
-      F._varying_like(jnp.zeros(coef.shape, cfg.acc), *refs) for _ in range(n_parts))
+      F._varying_like(jnp.zeros(coef.shape, cfg.acc), *refs) for _ in range(_PARTS[cfg.kind]))
 
   def block(carry, start, size):
     heads, sums = carry
@@ -1249,6 +1270,65 @@ def linear_js_divergence(
                   weight_layout=weight_layout, where=where, temperature=temperature,
                   teacher_grad=teacher_grad, reduction=reduction, chunk_size=chunk_size,
                   name="linear_js_divergence")
+
+
+def linear_tv_distance(
+    student_hidden: ArrayLike,
+    student_weight: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_weight: ArrayLike,
+    *,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    weight_layout: str = "dv",
+    where: ArrayLike | None = None,
+    temperature: float = 1.0,
+    teacher_grad: bool = False,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> Array:
+  r"""Total variation distance between a teacher's (:math:`p`) and a student's (:math:`q`)
+  next-token distributions, :math:`\tfrac12 \sum_v |p_v - q_v|` per token, from both heads
+  one ``[chunk_size, V]`` block at a time (neither head's logits are held): Liger's
+  ``LigerTVDLoss`` from the heads, as :func:`jxent.tv_distance_from_logits` on their logits
+  (divided by :math:`T`).
+
+  The student's gradient in its logits is :math:`-\tfrac12\, q \odot (s - \sum_v q_v s_v)/T`
+  with :math:`s = \operatorname{sign}(p - q)`, 0 where :math:`p_v = q_v` (the middle of the
+  subdifferential at the kink, as :func:`jxent.tv_distance`). The two expectations of
+  :math:`s` are summed with the distance, so on CPU the derivative needs no pass before its
+  blocks; on GPU/TPU the vocabulary blocks take one more pass for them. A class whose
+  :math:`p_v` and :math:`q_v` agree to the rounding of the logits (float32: a relative gap
+  near 1e-6) can take either sign, so two float32 computations of the gradient (this one and
+  the unfused one) may differ there by :math:`q_v/T`; the value does not jump.
+
+  Args:
+    student_hidden, student_weight, teacher_hidden, teacher_weight: as
+      :func:`linear_kl_divergence`.
+    student_bias, teacher_bias: optional ``[V]``.
+    weight_layout: ``"dv"`` or ``"vd"`` (both heads).
+    where: optional boolean ``[...]`` mask of tokens to keep.
+    temperature: :math:`T > 0`, a Python number (static).
+    teacher_grad: differentiate the teacher's inputs too.
+    reduction: ``"mean"`` (over kept tokens; 0 if none), ``"sum"`` or ``"none"``.
+    chunk_size: tokens per block on CPU; default and GPU/TPU blocks as
+      :func:`linear_kl_divergence`.
+
+  Returns:
+    The distance (scalar, or ``[...]`` for ``"none"``), in :math:`[0, 1]` per token,
+    finite whatever the masks (1 for disjoint supports).
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> h = jnp.ones((3, 2)); w = jnp.arange(8.0).reshape(2, 4)
+  >>> float(jxent.linear_tv_distance(h, w, h, w))
+  0.0
+  """
+  return _distill("tv", None, student_hidden, student_weight, teacher_hidden,
+                  teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+                  weight_layout=weight_layout, where=where, temperature=temperature,
+                  teacher_grad=teacher_grad, reduction=reduction, chunk_size=chunk_size,
+                  name="linear_tv_distance")
 
 
 # ------------------------------------------------- distillation from a teacher's top-k

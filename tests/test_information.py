@@ -71,6 +71,10 @@ _AXIS_CASES = {  # name: (function of (float arrays..., **options), its float in
     "js_divergence_from_logits": (
         lambda a, b, **kw: jxent.js_divergence_from_logits(a, b, beta=0.3, temperature=1.5,
                                                            **kw), ("z", "zq")),
+    "tv_distance": (jxent.tv_distance, ("p", "q")),
+    "tv_distance_from_logits": (
+        lambda a, b, **kw: jxent.tv_distance_from_logits(a, b, temperature=1.5, **kw),
+        ("z", "zq")),
     "log_probs": (lambda z, **kw: jxent.log_probs(z, _AX_Y, temperature=1.5, **kw), ("z",)),
     "categorical_cross_entropy": (jxent.categorical_cross_entropy, ("p", "q")),
     "softmax_cross_entropy": (
@@ -81,7 +85,8 @@ _AXIS_CASES = {  # name: (function of (float arrays..., **options), its float in
 }
 _BASE_CASES = {n: c for n, c in _AXIS_CASES.items()
                if n not in ("log_probs", "categorical_cross_entropy", "softmax_cross_entropy",
-                            "grads.softmax_cross_entropy_grad")}
+                            "grads.softmax_cross_entropy_grad", "tv_distance",
+                            "tv_distance_from_logits")}
 
 
 def _value_and_grads(fn, args, cot, **kw):
@@ -183,6 +188,54 @@ def test_js_divergence():
                              got, rtol=1e-6)
   disjoint = jxent.js_divergence(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]), base=2)
   np.testing.assert_allclose(disjoint, 1.0)
+
+
+def test_tv_distance():
+  ref = 0.5 * np.abs(P - Q).sum(-1)
+  got = jax.jit(jxent.tv_distance)(P.astype(np.float32), Q.astype(np.float32))
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  np.testing.assert_array_equal(  # symmetric
+      jxent.tv_distance(Q.astype(np.float32), P.astype(np.float32)), got)
+  assert np.all(np.asarray(got) <= np.sqrt(sp.rel_entr(P, Q).sum(-1) / 2))  # Pinsker
+  assert float(jxent.tv_distance(jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]))) == 1.0
+  assert float(jxent.tv_distance(Q[0], Q[0])) == 0.0
+  # no distribution (an entry outside [0, 1], a row without mass): NaN, not a distance
+  bad = jxent.tv_distance(jnp.array([[1.5, -0.5], [0.0, 0.0], [0.5, 0.5]]),
+                          jnp.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]))
+  assert np.all(np.isnan(bad[:2])) and bad[2] == 0
+  # the gradient: sign(p - q) / 2 in p, its negative in q, 0 where they agree
+  p, q = jnp.array([0.5, 0.2, 0.3]), jnp.array([0.3, 0.2, 0.5])
+  g_p, g_q = jax.grad(lambda a, b: 1.7 * jxent.tv_distance(a, b), argnums=(0, 1))(p, q)
+  np.testing.assert_allclose(g_p, 1.7 * np.array([0.5, 0.0, -0.5]))
+  np.testing.assert_allclose(g_q, -np.asarray(g_p))
+
+
+def test_tv_distance_from_logits():
+  with jax.enable_x64(True):
+    t = 1.5
+    lp, lq = _np_logsoftmax(Z / t), _np_logsoftmax(Z2 / t)
+    p, q = np.exp(lp), np.exp(lq)
+    a, b = jnp.asarray(Z), jnp.asarray(Z2)
+    cot = jnp.asarray(np.linspace(0.4, 1.6, Z.shape[0]))
+    f = jax.jit(lambda a, b: jxent.tv_distance_from_logits(a, b, temperature=t))
+    np.testing.assert_allclose(f(a, b), 0.5 * np.abs(p - q).sum(-1), rtol=1e-13)
+    g_a, g_b = jax.grad(lambda a, b: jnp.sum(cot * f(a, b)), argnums=(0, 1))(a, b)
+    s = np.sign(p - q)
+    c = np.asarray(cot)[:, None] / t
+    np.testing.assert_allclose(g_b, -0.5 * c * q * (s - np.sum(q * s, -1, keepdims=True)),
+                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(g_a, 0.5 * c * p * (s - np.sum(p * s, -1, keepdims=True)),
+                               rtol=1e-12, atol=1e-15)
+  # masks and extremes: disjoint supports give 1; |z| = 1e4 stays finite; no distribution
+  # (a row of -inf) gives NaN
+  z = jnp.array([[0.0, -jnp.inf], [1e4, -1e4], [-jnp.inf, -jnp.inf]])
+  zq = jnp.array([[-jnp.inf, 0.0], [-1e4, 1e4], [0.0, 0.0]])
+  got = jxent.tv_distance_from_logits(z, zq)
+  assert got[0] == 1.0 and got[1] == 1.0 and np.isnan(got[2])
+  g = jax.grad(lambda a: jnp.sum(jxent.tv_distance_from_logits(a, zq)[:2]))(z)
+  assert np.all(np.isfinite(g[:2]))
+  assert jxent.tv_distance_from_logits(jnp.asarray(Z, jnp.bfloat16),
+                                       jnp.asarray(Z2, jnp.bfloat16)).dtype == jnp.float32
 
 
 def test_seed_article_numbers():

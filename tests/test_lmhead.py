@@ -453,6 +453,8 @@ def ref_pair(hs, ws, bs, ht, wt, bt, kind, beta, layout="dv", temp=TEMP, mask=MA
     out = jnp.sum(p * (lp - lq), -1)
   elif kind == "reverse":
     out = jnp.sum(q * (lq - lp), -1)
+  elif kind == "tv":
+    out = 0.5 * jnp.sum(jnp.abs(p - q), -1)
   else:
     lm = jnp.log(beta * p + (1 - beta) * q)
     out = beta * jnp.sum(p * (lp - lm), -1) + (1 - beta) * jnp.sum(q * (lq - lm), -1)
@@ -462,16 +464,24 @@ def ref_pair(hs, ws, bs, ht, wt, bt, kind, beta, layout="dv", temp=TEMP, mask=MA
 def fused_pair(hs, ws, bs, ht, wt, bt, kind, beta, layout="dv", **kw):
   common = dict(student_bias=bs, teacher_bias=bt, weight_layout=layout, where=MASK,
                 temperature=TEMP, chunk_size=8, **kw)
+  return divergence(kind, beta, hs, ws, ht, wt, **common)
+
+
+def divergence(kind, beta, hs, ws, ht, wt, **kw):
+  """The fused KL (``kind`` its direction), JS or total variation distance."""
   if kind == "js":
-    return jxent.linear_js_divergence(hs, ws, ht, wt, beta=beta, **common)
-  return jxent.linear_kl_divergence(hs, ws, ht, wt, direction=kind, **common)
+    return jxent.linear_js_divergence(hs, ws, ht, wt, beta=beta, **kw)
+  if kind == "tv":
+    return jxent.linear_tv_distance(hs, ws, ht, wt, **kw)
+  return jxent.linear_kl_divergence(hs, ws, ht, wt, direction=kind, **kw)
 
 
 @pytest.mark.parametrize("kind, beta, layout, impl", [
     # JS on this platform: test_distillation_every_autodiff_mode_in_float64 (float64, every
     # mode). The reverse KL's GPU/TPU path (its gradients after the terms' pass) is JS's.
     ("forward", None, "dv", "platform"), ("reverse", None, "vd", "platform"),
-    ("forward", None, "vd", "accelerator"), ("js", 0.3, "vd", "accelerator")],
+    ("forward", None, "vd", "accelerator"), ("js", 0.3, "vd", "accelerator"),
+    ("tv", None, "dv", "platform"), ("tv", None, "vd", "accelerator")],
     indirect=["impl"])
 def test_distillation_values_and_gradients_against_float64(kind, beta, layout, impl,
                                                            monkeypatch):
@@ -530,7 +540,8 @@ def test_distillation_values_and_gradients_against_float64(kind, beta, layout, i
 
 
 @pytest.mark.parametrize("kind, impl", [("forward", "platform"), ("reverse", "platform"),
-                                        ("js", "platform"), ("js", "accelerator")],
+                                        ("js", "platform"), ("js", "accelerator"),
+                                        ("tv", "platform")],
                          indirect=["impl"])
 def test_distillation_every_autodiff_mode_in_float64(kind, impl):
   # First order against finite differences in both modes; second order (Hessian-vector
@@ -543,9 +554,7 @@ def test_distillation_every_autodiff_mode_in_float64(kind, impl):
     def f(hs, ws, bs, ht, wt):
       kw = dict(student_bias=bs, teacher_bias=bt, where=mask, temperature=TEMP,
                 teacher_grad=True, reduction="none", chunk_size=4)
-      if kind == "js":
-        return jnp.sum(cot * jxent.linear_js_divergence(hs, ws, ht, wt, beta=0.3, **kw))
-      return jnp.sum(cot * jxent.linear_kl_divergence(hs, ws, ht, wt, direction=kind, **kw))
+      return jnp.sum(cot * divergence(kind, 0.3, hs, ws, ht, wt, **kw))
 
     def r(hs, ws, bs, ht, wt):
       return jnp.sum(cot * ref_pair(hs, ws, bs, ht, wt, bt, kind, 0.3, mask=mask))
@@ -553,9 +562,7 @@ def test_distillation_every_autodiff_mode_in_float64(kind, impl):
     def f_mean(hs, ws, bs, ht, wt):  # a scalar reduction: the forward method's rule
       kw = dict(student_bias=bs, teacher_bias=bt, where=mask, temperature=TEMP,
                 teacher_grad=True, chunk_size=4)
-      if kind == "js":
-        return 0.7 * jxent.linear_js_divergence(hs, ws, ht, wt, beta=0.3, **kw)
-      return 0.7 * jxent.linear_kl_divergence(hs, ws, ht, wt, direction=kind, **kw)
+      return 0.7 * divergence(kind, 0.3, hs, ws, ht, wt, **kw)
 
     def r_mean(hs, ws, bs, ht, wt):
       return 0.7 * jnp.sum(ref_pair(hs, ws, bs, ht, wt, bt, kind, 0.3, mask=mask)) / mask.sum()
@@ -563,9 +570,10 @@ def test_distillation_every_autodiff_mode_in_float64(kind, impl):
     f, f_mean = jax.jit(f), jax.jit(f_mean)  # each derivative program compiled once
     check_grads(f, args, order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
     t = tuple(jnp.cos(a) for a in args)
-    # The scalar rule to second order for JS (whose gradient has the most terms); the KL
-    # directions' scalar rule is checked in every argument at first order above.
-    for fn, ref in ((f, r), (f_mean, r_mean)) if kind == "js" else ((f, r),):
+    # The scalar rule to second order for JS and the total variation (whose gradients have
+    # the most terms); the KL directions' scalar rule is checked in every argument at first
+    # order above.
+    for fn, ref in ((f, r), (f_mean, r_mean)) if kind in ("js", "tv") else ((f, r),):
       for a, b in zip(jax.grad(fn, argnums=tuple(range(5)))(*args),
                       jax.grad(ref, argnums=tuple(range(5)))(*args)):
         assert rel(a, b) < 1e-12
@@ -590,6 +598,15 @@ def test_distillation_edge_values_and_errors(impl):
   np.testing.assert_allclose(
       jxent.linear_js_divergence(H, W, HT, WT, beta=1.0),
       jxent.linear_kl_divergence(H, W, HT, WT, direction="reverse"), rtol=1e-6)
+  # The total variation: exactly 0 for the same head, 1 > TV > 0 with the masked class,
+  # below Pinsker's bound sqrt(KL / 2) per token, and the dense function on the logits.
+  assert np.all(np.asarray(jxent.linear_tv_distance(H, W, H, W, reduction="none")) == 0)
+  tv = np.asarray(jxent.linear_tv_distance(H, W, HT, WT, student_bias=b, reduction="none"))
+  assert np.all((tv > 0) & (tv < 1))
+  kl = np.asarray(jxent.linear_kl_divergence(H, W, HT, WT, reduction="none"))
+  assert np.all(np.asarray(jxent.linear_tv_distance(H, W, HT, WT, reduction="none"))
+                <= np.sqrt(kl / 2))
+  np.testing.assert_allclose(tv, jxent.tv_distance_from_logits(HT @ WT, H @ W + b), rtol=1e-5)
   with pytest.raises(ValueError, match=r"share the vocabulary.*V=50.*V=49"):
     jxent.linear_kl_divergence(H, W, HT, WT[:, :49])
   with pytest.raises(ValueError, match="same tokens"):

@@ -65,6 +65,11 @@ def _losses():
       "entropy": lambda z: jnp.sum(COT * jxent.entropy(jax.nn.softmax(z))),
       "kl": lambda z: jnp.sum(COT * jxent.kl_divergence(jnp.asarray(T), jax.nn.softmax(z))),
       "js": lambda z: jnp.sum(COT * jxent.js_divergence(jnp.asarray(T), jax.nn.softmax(z))),
+      "tv_from_logits": lambda z: jnp.sum(COT * jxent.tv_distance_from_logits(
+          z, 0.5 * z + 1, temperature=0.7)),
+      "fused-tv": lambda z: jnp.sum(COT * jxent.linear_tv_distance(
+          z, jnp.asarray(W[:, None] * np.eye(C, 7)), z[::-1], jnp.asarray(np.eye(C, 7)),
+          teacher_grad=True, reduction="none", chunk_size=4)),
       "categorical": lambda z: jxent.categorical_cross_entropy(
           jax.nn.softmax(z), jnp.asarray(T), where=KEEP, reduction="mean"),
       "binary": lambda z: jxent.binary_cross_entropy(jax.nn.sigmoid(z), jnp.asarray(B),
@@ -446,6 +451,10 @@ def test_information_quantities_in_every_argument_against_numpy_formulas():
     return jnp.sum(cot * (beta * jnp.sum(jnp.exp(lp) * (lp - jnp.log(m)), -1)
                           + (1 - beta) * jnp.sum(jnp.exp(lq) * (lq - jnp.log(m)), -1)))
 
+  def tv_ref(zp, zq, tau):
+    return jnp.sum(cot * 0.5 * jnp.sum(jnp.abs(jnp.exp(lsm(zp, tau)) - jnp.exp(lsm(zq, tau))),
+                                       -1))
+
   def lp_ref(zz, tau):
     return jnp.sum(cot * jnp.where(KEEP, lsm(zz, tau)[jnp.arange(N), Y], 0))
 
@@ -454,6 +463,10 @@ def test_information_quantities_in_every_argument_against_numpy_formulas():
           a, b, temperature=tau)), kl_ref, (z, z2, temp)),
       "js_from_logits": (lambda a, b, tau: jnp.sum(cot * jxent.js_divergence_from_logits(
           a, b, beta=0.3, temperature=tau)), js_ref, (z, z2, temp)),
+      "tv_from_logits": (lambda a, b, tau: jnp.sum(cot * jxent.tv_distance_from_logits(
+          a, b, temperature=tau)), tv_ref, (z, z2, temp)),
+      "tv": (lambda a, b: jnp.sum(cot * jxent.tv_distance(a, b)),
+             lambda a, b: jnp.sum(cot * 0.5 * jnp.sum(jnp.abs(a - b), -1)), (p, q)),
       "log_probs": (lambda a, tau: jnp.sum(cot * jxent.log_probs(
           a, jnp.asarray(Y), where=KEEP, temperature=tau)), lp_ref, (z, temp)),
       "entropy_bits": (lambda a: jnp.sum(cot * jxent.entropy(a, base=2)),

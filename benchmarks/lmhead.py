@@ -33,8 +33,12 @@ K = 64  # the teacher's top-k
 # "log_probs" and "entropy": the token mean taken by the function (reduction="mean", its
 # gradients formed with the values); "…/token": the mean of its per-token output (any
 # cotangent: the derivative computes the blocks again).
-QUANTITIES = ("log_probs", "log_probs/token", "entropy", "entropy/token", "kl", "js", "tv",
-              "topk_kl")
+# "log_probs+entropy/token": both per token from one pass (return_entropy), the sum of their
+# means; "…, two calls": the same from linear_log_probs and linear_entropy; "log_probs+entropy,
+# two calls": their own reduction="mean" (each forms its gradients with its values).
+QUANTITIES = ("log_probs", "log_probs/token", "entropy", "entropy/token",
+              "log_probs+entropy/token", "log_probs+entropy/token, two calls",
+              "log_probs+entropy, two calls", "kl", "js", "tv", "topk_kl")
 
 
 def _inputs(n, d, v):
@@ -58,7 +62,7 @@ DATA = ("y", "ht", "wt", "idx", "lpt")  # arguments, not constants XLA could fol
 def _dense(q):
   """The quantity's token mean on the materialised logits (the unfused reference)."""
 
-  q = q.split("/")[0]
+  q = q.split("/")[0].split(",")[0]
 
   def f(h, w, y, ht, wt, idx, lpt):
     lq = jax.nn.log_softmax(jnp.dot(h, w, preferred_element_type=jnp.float32))
@@ -66,6 +70,9 @@ def _dense(q):
       return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
     if q == "entropy":
       return jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1))
+    if q == "log_probs+entropy":
+      return (jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
+              + jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1)))
     if q in ("kl", "js", "tv"):
       lp = jax.lax.stop_gradient(jax.nn.log_softmax(jnp.dot(ht, wt)))
       p, qq = jnp.exp(lp), jnp.exp(lq)
@@ -96,6 +103,14 @@ def _fused(q):
       return jxent.linear_entropy(h, w, reduction="mean")
     if q == "entropy/token":
       return jnp.mean(jxent.linear_entropy(h, w))
+    if q == "log_probs+entropy/token":
+      lp, ent = jxent.linear_log_probs(h, w, y, return_entropy=True)
+      return jnp.mean(lp) + jnp.mean(ent)
+    if q == "log_probs+entropy/token, two calls":
+      return jnp.mean(jxent.linear_log_probs(h, w, y)) + jnp.mean(jxent.linear_entropy(h, w))
+    if q == "log_probs+entropy, two calls":
+      return (jxent.linear_log_probs(h, w, y, reduction="mean")
+              + jxent.linear_entropy(h, w, reduction="mean"))
     if q == "kl":
       return jxent.linear_kl_divergence(h, w, ht, wt)
     if q == "js":
@@ -192,10 +207,14 @@ def to_markdown(rows, reps):
       "high-water mark (`VmHWM`, reset after a warm-up run) of a fresh process during one "
       "run; RSS added: that peak minus the resident size before the run (near 0 when the "
       "run reuses the warm-up's memory). Error: largest relative difference of value, dh "
-      "and dW. The total variation's gradient jumps by q_v where p_v = q_v; a (token, class) "
-      "pair whose p_v and q_v agree to float32's rounding (a relative gap under 1e-6: 67 of "
-      "the 134M pairs at the first size, counted in float64) can take either sign in either "
-      "float32 computation, and one such pair moves a column of dW by about 1/sqrt(N) of its "
+      "and dW. \"log_probs+entropy/token\": both per token from one call "
+      "(`return_entropy=True`), the sum of their means; \"…, two calls\": the same from "
+      "`linear_log_probs` and `linear_entropy`; \"log_probs+entropy, two calls\": the sum of "
+      "their own `reduction=\"mean\"`. The total variation's gradient jumps by q_v where "
+      "p_v = q_v; a (token, class) pair whose p_v and q_v agree to float32's rounding (a "
+      "relative gap under 1e-6: 67 of the 134M pairs at the first size, counted in float64) "
+      "can take either sign in either float32 computation, and one such pair moves a column "
+      "of dW by about 1/sqrt(N) of its "
       "scale: its error column is that jump (its value agrees to float32 resolution).",
       "",
       "| size | quantity | jxent ms | unfused ms | time / unfused (min–max) | jxent scratch "

@@ -484,7 +484,8 @@ def linear_log_probs(
     weights: ArrayLike | None = None,
     reduction: str = "none",
     chunk_size: int | None = None,
-) -> Array:
+    return_entropy: bool = False,
+) -> Array | tuple[Array, Array]:
   r"""Log-probability of each token's label under ``softmax((hidden @ weight + bias) / T)``.
 
   .. math:: \log p_y = z_y - \log \sum_v e^{z_v}, \qquad z = (h W + b) / T,
@@ -517,11 +518,17 @@ def linear_log_probs(
       these are minus :func:`linear_cross_entropy` of ``h / T``, ``b / T``, with its
       chunks). On GPU and TPU the blocks are vocabulary columns of all tokens instead
       (~128 MiB of float32 logits; ``chunk_size`` unused).
+    return_entropy: also return the per-token entropy of the same softmax, as
+      :func:`linear_entropy` (not weighted), from the same pass over the blocks: both
+      differentiable, the derivative of the pair one pass again (a policy-gradient loss
+      with an entropy bonus; verl's and Liger's fused linear log-probs with entropy). Two
+      separate calls take two passes each way. Needs ``reduction="none"``.
 
   Returns:
     ``[...]`` log-probabilities (float32, float64 for float64 inputs), or their reduction:
     :math:`\le 0`, :math:`-\infty` where the label's logit is :math:`-\infty` (a masked
     class), NaN for a kept label outside ``[0, V)`` (also in the gradient of a sum or mean).
+    With ``return_entropy``, ``(log_probs, entropy)``.
 
   >>> import jax.numpy as jnp
   >>> import jxent
@@ -529,6 +536,10 @@ def linear_log_probs(
   >>> jxent.linear_log_probs(h, w, jnp.array([0, 1, 3]))  # uniform: log(1/4)
   Array([-1.3862944, -1.3862944, -1.3862944], dtype=float32)
   """
+  if _checks.static_bool(return_entropy, "return_entropy") and reduction != "none":
+    raise ValueError("return_entropy needs reduction='none' (the per-token log-probabilities "
+                     f"and entropies of one pass), got reduction={reduction!r}; reduce them "
+                     "outside.")
   h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
                                               where, temperature, chunk_size,
                                               "linear_log_probs", reduction,
@@ -546,6 +557,11 @@ def linear_log_probs(
         weight_layout=weight_layout, where=where, weights=weights, reduction=reduction,
         chunk_size=chunk_size)
   wt = _token_weights(weights, jnp.shape(hidden)[:-1], v2, _num_tokens(hidden), cfg.acc)
+  if return_entropy:
+    lse, ent, z_y = _head_stats(h3, w, b, y2, cfg)
+    lp = _label_log_probs(z_y, lse, y2, v2, v)
+    return (unflat(lp if wt is None else lp * wt.reshape(-1)),
+            unflat(jnp.where(v2, ent, 0).reshape(-1)))
 
   def per_token():
     lse, _, z_y = _head_stats(h3, w, b, y2, cfg)

@@ -91,7 +91,8 @@ def poison_out_of_range(out, labels, kept, vocab):
 def vocab_parallel_linear_log_probs(
     hidden: ArrayLike, weight: ArrayLike, labels: ArrayLike, *, axis_name,
     bias: ArrayLike | None = None, weight_layout: str = "dv", where: ArrayLike | None = None,
-    temperature: float = 1.0, chunk_size: int | None = None) -> Array:
+    temperature: float = 1.0, chunk_size: int | None = None,
+    return_entropy: bool = False) -> Array | tuple[Array, Array]:
   r""":func:`jxent.linear_log_probs` with the vocabulary split over ``axis_name``; call
   inside ``jax.shard_map``.
 
@@ -108,19 +109,33 @@ def vocab_parallel_linear_log_probs(
     where: optional boolean ``[...]`` mask of tokens to keep.
     temperature: :math:`T > 0`, a Python number (static).
     chunk_size: tokens per block of the local function.
+    return_entropy: also return the entropy over the whole vocabulary, as
+      :func:`vocab_parallel_linear_entropy`, from the same pass over this shard's blocks.
 
   Returns:
-    ``[...]`` log-probabilities over the whole vocabulary (the same on every shard).
+    ``[...]`` log-probabilities over the whole vocabulary (the same on every shard); with
+    ``return_entropy``, ``(log_probs, entropy)``.
   """
   labels = _checks.integer(labels, "labels")
-  lse_k, _, z_y, here, kept, unflat, v_l = _local_stats(
+  return_entropy = _checks.static_bool(return_entropy, "return_entropy")
+  lse_k, ent_k, z_y, here, kept, unflat, v_l = _local_stats(
       hidden, weight, labels, bias, weight_layout, where, temperature, chunk_size,
       "vocab_parallel_linear_log_probs", axis_name=axis_name)
-  lse, _ = _global_lse(lse_k, axis_name)
+  lse, pi = _global_lse(lse_k, axis_name)
   z_y = jax.lax.psum(jnp.where(here, z_y, 0), axis_name)
   vocab = v_l * jax.lax.axis_size(axis_name)
   out = poison_out_of_range(jnp.where(kept, z_y - lse, 0), labels.reshape(-1), kept, vocab)
+  if return_entropy:
+    return unflat(out), unflat(jnp.where(kept, _mixture_entropy(lse_k, ent_k, lse, pi,
+                                                                axis_name), 0))
   return unflat(out)
+
+
+def _mixture_entropy(lse_k, ent_k, lse, pi, axis_name):
+  """The entropy over the whole vocabulary from each shard's logsumexp and entropy (the
+  chain rule of entropy)."""
+  return jax.lax.psum(jnp.where(pi > 0, pi * ent_k, 0) - _xlogy_share(pi, lse_k - lse),
+                      axis_name)
 
 
 def vocab_parallel_linear_entropy(
@@ -152,9 +167,7 @@ def vocab_parallel_linear_entropy(
       hidden, weight, None, bias, weight_layout, where, temperature, chunk_size,
       "vocab_parallel_linear_entropy", axis_name=axis_name)
   lse, pi = _global_lse(lse_k, axis_name)
-  ent = jax.lax.psum(jnp.where(pi > 0, pi * ent_k, 0) - _xlogy_share(pi, lse_k - lse),
-                     axis_name)
-  return unflat(jnp.where(kept, ent, 0))
+  return unflat(jnp.where(kept, _mixture_entropy(lse_k, ent_k, lse, pi, axis_name), 0))
 
 
 def vocab_parallel_linear_token_stats(
@@ -211,8 +224,7 @@ def combine_stats(lse_k, ent_k, top_k, zmax_k, v_l, axis_name):
   logsumexp, entropy, argmax (local index) and the logit there: the argmax is the largest of
   the shards' maxima, the smallest global index among ties (as ``jnp.argmax``)."""
   lse, pi = _global_lse(lse_k, axis_name)
-  ent = jax.lax.psum(jnp.where(pi > 0, pi * ent_k, 0) - _xlogy_share(pi, lse_k - lse),
-                     axis_name)
+  ent = _mixture_entropy(lse_k, ent_k, lse, pi, axis_name)
   best = jax.lax.pmax(zmax_k, axis_name)
   big = jnp.iinfo(jnp.int32).max
   idx = jnp.where(zmax_k == best, top_k + _offset(v_l, axis_name), big).astype(jnp.int32)

@@ -31,6 +31,7 @@ _ACCEL = _LM("values_and_gradients_against_float64", "ties_for_the_top_within_an
 LMHEAD_TESTS = {
     "lmhead-pair-accel-lse": _LM("distillation_values_and_gradients_against_float64"),
     "lmhead-tv-student-mean": _LM("distillation_values_and_gradients_against_float64"),
+    "lmhead-return-entropy-weights": _LM("log_probs_with_entropy_from_one_pass"),
     "lmhead-tv-tangent": _LM("distillation_values_and_gradients_against_float64"),
     "lmhead-topk-accel-rest": _TOPK + _LM("topk_kl_values_and_gradients_against_float64"),
     "lmhead-logp-grad-sign": _LM("bfloat16_inputs_accumulate_in_float32"),
@@ -328,6 +329,10 @@ MUTANTS = [
        "    g = g + g_rest[:, None] * jnp.exp(_masked_topk(z, idx, start) - rest_f)",
        "    g = g + g_rest[:, None] * jnp.exp(z - rest_f)",
        "GPU/TPU top-k KL: the rest's gradient over all classes", LMHEAD),
+    _m("lmhead-return-entropy-weights", "jxent/_lmhead.py",
+       "    return (unflat(lp if wt is None else lp * wt.reshape(-1)),",
+       "    return (unflat(lp),",
+       "log-probs with their entropy: the token weights dropped", LMHEAD),
     _m("lmhead-tv-student-mean", "jxent/_lmhead.py",
        "    gs = -0.5 * (terms[2] - q * col(2)) if want_s else None",
        "    gs = -0.5 * terms[2] if want_s else None",

@@ -343,6 +343,14 @@ def head_quantities():
                 h, w, bias=b, where=m, **kin), one),
             lambda h, w, b, y, m: jxent.linear_entropy(h, w, bias=b, where=m, **kw),
             (h, w, b), (y, mask)),
+        # both from one pass, stacked [2, n]
+        "log_probs_entropy": (
+            smap(lambda h, w, b, y, m: jnp.stack(sh.vocab_parallel_linear_log_probs(
+                h, w, y, bias=b, where=m, return_entropy=True, **kin)), one,
+                 out_specs=P(None, "data")),
+            lambda h, w, b, y, m: jnp.stack(jxent.linear_log_probs(
+                h, w, y, bias=b, where=m, return_entropy=True, **kw)),
+            (h, w, b), (y, mask)),
     }
     for name, extra in (("kl_forward", {}), ("kl_reverse", {"direction": "reverse"})):
       cases[name] = (

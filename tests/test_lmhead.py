@@ -97,6 +97,57 @@ def test_values_and_gradients_against_float64(name, layout, impl, monkeypatch):
 TOKEN_W = RNG.uniform(0.2, 2.0, size=N)  # per-token weights
 
 
+@pytest.mark.parametrize("impl", ["platform", "accelerator"], indirect=True)
+def test_log_probs_with_entropy_from_one_pass(impl, monkeypatch):
+  # return_entropy: both outputs against float64, their gradients under non-uniform
+  # cotangents on both at once (every argument, the token weights too), a forward tangent;
+  # the same numbers as the two functions; one pass of the head statistics each way.
+  monkeypatch.setattr(_fused, "_VOCAB_SLICE", 16)
+  cot2 = RNG.uniform(0.5, 1.5, size=N)
+
+  def both(h, w, b, tw):
+    return fused_log_probs(h, w, b, "vd", weights=tw, return_entropy=True)
+
+  def objective(f):
+    return lambda *a: sum(jnp.sum(jnp.asarray(c, x.dtype) * x) for c, x in
+                          zip((COT, cot2), f(*a)))
+
+  args = (H, W.T, B, TOKEN_W.astype(np.float32))
+  lp, ent = jax.jit(both)(*args)
+  with jax.enable_x64(True):
+    a64 = f64(*args)
+
+    def ref(h, w, b, tw):
+      return ref_log_probs(h, w, b, "vd") * tw, ref_entropy(h, w, b, "vd")
+
+    want = ref(*a64)
+    g_want = jax.grad(objective(ref), argnums=(0, 1, 2, 3))(*a64)
+    t = f64(*(np.cos(x) for x in args))
+    jv_want = jax.jvp(ref, tuple(a64), tuple(t))[1]
+  assert rel(lp, want[0]) < 1e-5 and rel(ent, want[1]) < 1e-5
+  np.testing.assert_allclose(ent, fused_entropy(H, W.T, B, "vd"), rtol=1e-6)
+  np.testing.assert_allclose(lp, fused_log_probs(H, W.T, B, "vd", weights=args[3]),
+                             rtol=1e-6)
+  g = jax.jit(jax.grad(objective(both), argnums=(0, 1, 2, 3)))(*args)
+  for name, a, b in zip(["h", "w", "b", "weights"], g, g_want):
+    assert rel(a, b) < 1e-5, name
+  jv = jax.jvp(both, args, tuple(np.asarray(x, np.float32) for x in t))[1]
+  for a, b in zip(jv, jv_want):
+    assert rel(a, b) < 1e-5
+  # Half the loops over the blocks of the two functions' (each way: the values', the
+  # derivative's).
+  def two(h, w, b, tw):
+    return (fused_log_probs(h, w, b, "vd", weights=tw), fused_entropy(h, w, b, "vd"))
+
+  def loops(f):
+    text = str(jax.make_jaxpr(jax.grad(objective(f), argnums=(0, 1)))(*args))
+    return text.count("scan[") + text.count("while[")
+
+  assert 0 < 2 * loops(both) <= loops(two), (loops(both), loops(two))
+  with pytest.raises(ValueError, match="return_entropy needs reduction='none'"):
+    jxent.linear_log_probs(H, W, Y, reduction="mean", return_entropy=True)
+
+
 @pytest.mark.parametrize("name,reduction,impl", [
     ("log_probs", "sum", "platform"), ("log_probs", "mean", "platform"),
     ("entropy", "sum", "platform"), ("entropy", "mean", "platform"),

@@ -128,14 +128,14 @@ def test_two_processes_with_jax_distributed():
 
 
 def test_vocab_parallel_head_quantities_equal_unsharded(worker):
-  # Log-probs, entropy, token stats, forward and reverse KL and JS on a (data=2, model=4) mesh
-  # (both weight layouts; JS also as a mean)
-  # against the unsharded functions in float64: values, the gradient in every float argument
-  # (student and teacher) under a non-uniform cotangent, and (entropy, JS) Hessian-vector products.
+  # Log-probs, entropy, both from one pass, token stats, forward and reverse KL and JS on a
+  # (data=2, model=4) mesh (both weight layouts; JS also as a mean) against the unsharded
+  # functions in float64: values, the gradient in every float argument (student and
+  # teacher) under a non-uniform cotangent, and (entropy, JS) Hessian-vector products.
   r = dict(worker["head"])
   comm = r.pop("comm")
-  names = ("log_probs", "entropy", "kl_forward", "kl_reverse", "js", "log_probs_vd",
-           "js_mean_vd")
+  names = ("log_probs", "entropy", "log_probs_entropy", "kl_forward", "kl_reverse", "js",
+           "log_probs_vd", "js_mean_vd")
   assert all(f"{n}_grad1" in r for n in names) and "js_grad4" in r and "js_mean_vd_grad4" in r
   assert "js_hvp1" in r and "entropy_hvp1" in r
   assert {"stats_logsumexp", "stats_entropy", "stats_argmax", "stats_label_log_prob"} <= set(r)

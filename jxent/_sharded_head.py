@@ -24,6 +24,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jxent import _checks
+from jxent import _fused as F
 from jxent import _lmhead as L
 
 Array = jax.Array
@@ -231,16 +232,14 @@ def combine_stats(lse_k, ent_k, top_k, zmax_k, v_l, axis_name):
   return lse, ent, jax.lax.pmin(idx, axis_name)
 
 
-def logit_at(hidden, weight, bias, layout, index):
-  """The logit of column ``index`` [N] of this shard per token, [N] (accumulated in float32,
-  or float64): one gathered column of the weight per token, differentiable."""
+def logit_at(hidden, weight, bias, layout, index, softcap=None):
+  """The (capped) logit of this shard's column ``index`` [N] per token, [N] (accumulated in
+  float32, or float64): the fused loss's label logit, one gathered column of the weight per
+  token, differentiable."""
   h = hidden.reshape(-1, hidden.shape[-1])
-  w_at = jnp.take(weight, index, axis=1).T if layout == "dv" else jnp.take(weight, index, axis=0)
   acc = jnp.float64 if jnp.float64 in (h.dtype, weight.dtype) else jnp.float32
-  z = jnp.sum(h.astype(acc) * w_at.astype(acc), axis=-1)
-  if bias is not None:
-    z = z + jnp.asarray(bias)[index].astype(acc)
-  return z
+  cfg = F._Config(None, None, softcap, layout, F._VOCAB_SLICE, acc)
+  return F._label_logits(h, weight, None if bias is None else jnp.asarray(bias), index, cfg)
 
 
 def _check_pair(student_hidden, teacher_hidden, student_weight, teacher_weight, layout):

@@ -278,7 +278,7 @@ def vocab_parallel_linear_cross_entropy(
       label_smoothing=1.0 if capped_sum else 0.0, logit_softcap=cap, reduction="none",
       return_lse=True, return_stats=return_stats, chunk_size=chunk_size, method="recompute")
   if capped_sum:
-    z_y = _capped(logit_at(hidden, weight, bias, weight_layout, y_local.reshape(-1)), cap)
+    z_y = logit_at(hidden, weight, bias, weight_layout, y_local.reshape(-1), cap)
     z_y = jax.lax.psum(jnp.where(here, z_y.reshape(here.shape), 0), axis_name)
     sum_z_local, tail_local = v_local * (lse_local - local_loss), None
   else:
@@ -319,17 +319,13 @@ def vocab_parallel_linear_cross_entropy(
     st, hw = jax.lax.stop_gradient((local_stats[0], (hidden, weight, bias)))
     flat = lambda a: a.reshape(-1)
     top = flat(st.argmax)
-    zmax = _capped(logit_at(*hw, weight_layout, top), cap)
+    zmax = logit_at(*hw, weight_layout, top, cap)
     g_lse, g_ent, g_am = combine_stats(flat(st.logsumexp), flat(st.entropy), top, zmax,
                                        v_local, axis_name)
     keep = lambda a: jnp.where(valid, a.reshape(valid.shape), 0)
     logp = jax.lax.stop_gradient(poison(-nll))
     outs += (TokenStats(keep(g_lse), keep(g_ent), keep(g_am), keep(logp)),)
   return outs if len(outs) > 1 else outs[0]
-
-
-def _capped(z, cap):
-  return z if cap is None else cap * jnp.tanh(z / cap)
 
 
 def make_vocab_parallel_loss(mesh: jax.sharding.Mesh, *, data_axis: str = "data",

@@ -453,7 +453,7 @@ def loss_options():
         "softcap_class_weights_sum": (dict(logit_softcap=2.0, cw=True, tw=True,
                                            token_scaling=True), P(), "vd", "sum"),
     }
-    for name, (opts, t, layout, red) in cases.items():
+    for name, (opts, spec, layout, red) in cases.items():
       o = dict(opts)
       use_cw, use_tw = o.pop("cw", False), o.pop("tw", False)
       stats = red == "none"
@@ -463,7 +463,8 @@ def loss_options():
       pick = lambda c, t: dict(class_weights=c if use_cw else None,
                                weights=t if use_tw else None)
 
-      def sharded(h, w, b, c, t, o=o, pick=pick, spec=t, layout=layout, red=red, stats=stats):
+      def sharded(h, w, b, c, t, o=o, pick=pick, spec=spec, layout=layout, red=red,
+                  stats=stats):
         outs = spec if red == "none" else P()
         if stats:
           outs = (spec, spec, jxent.TokenStats(spec, spec, spec, spec))
@@ -478,25 +479,22 @@ def loss_options():
         return jxent.linear_cross_entropy(h, w, y, bias=b, where=mask, chunk_size=4,
                                           **pick(c, t), **o)
 
-      def both(args):
+      def both(args, stats=stats):
         res = []
-        for g in (sharded, ref):
-          first = lambda *a, g=g: g(*a)[0] if stats else g(*a)
-          loss = lambda *a, first=first: jnp.sum(cot * first(*a)) if stats else first(*a)
+        for g in (sharded, ref):  # the per-token loss under the cotangent, or the scalar
+          loss = lambda *a, g=g: jnp.sum(cot * g(*a)[0]) if stats else g(*a)
           res.append((g(*args), jax.grad(loss, tuple(range(5)))(*args)))
         return res
 
       (got, grads), (want, grads0) = jax.jit(both)((h, ww, b, cw, tw))
-      for field, a, c in zip(("loss", "lse", "stats"), *((x,) if not stats else x
-                                                          for x in (got, want))):
-        if field == "stats":
-          for sf, sa, sc in zip(c._fields, a, c):
-            out[f"{name}_{sf}"] = rel(sa.astype(jnp.float64), sc.astype(jnp.float64))
-        elif field == "lse":  # 0 on dropped tokens (their hidden states are not used)
-          kept = mask & (y != -100)
-          out[f"{name}_lse"] = rel(a, jnp.where(kept, c, 0))
-        else:
-          out[f"{name}_loss"] = rel(a, c)
+      if not stats:
+        out[f"{name}_loss"] = rel(got, want)
+      else:
+        out[f"{name}_loss"] = rel(got[0], want[0])
+        kept = mask & (y != -100)  # the logsumexp is 0 on dropped tokens
+        out[f"{name}_lse"] = rel(got[1], jnp.where(kept, want[1], 0))
+        for sf, sa, sc in zip(want[2]._fields, got[2], want[2]):
+          out[f"{name}_{sf}"] = rel(sa.astype(jnp.float64), sc.astype(jnp.float64))
       for i, (a, c) in enumerate(zip(grads, grads0)):
         if (i == 3 and not use_cw) or (i == 4 and not use_tw):
           assert float(jnp.max(jnp.abs(a))) == 0 == float(jnp.max(jnp.abs(c)))

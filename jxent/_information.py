@@ -266,9 +266,10 @@ def js_divergence(p: ArrayLike, q: ArrayLike, *, axis: int = -1,
 
 
 def _half_abs(d: Array) -> Array:
-  """|d| / 2 elementwise, with the derivative sign(d) / 2: 0 at d = 0, the middle of the
-  subdifferential there (``jnp.abs``'s own derivative at 0 is 1)."""
-  return 0.5 * jnp.where(d == 0, 0, jnp.abs(d))
+  """|d| / 2 elementwise as sign(d) d / 2, whose derivative is sign(d) / 2 (sign's own is
+  0): 0 at d = 0, the middle of the subdifferential there (``jnp.abs``'s derivative at 0 is
+  1)."""
+  return 0.5 * jnp.sign(d) * d
 
 
 def tv_distance(p: ArrayLike, q: ArrayLike, *, axis: int = -1) -> Array:
@@ -497,9 +498,9 @@ def tv_distance_from_logits(p_logits: ArrayLike, q_logits: ArrayLike, *, axis: i
     ``p_logits``' shape without ``axis``, in ``[0, 1]``; finite whatever the masks
     (``-inf`` classes have probability 0), NaN for a row with no distribution (all
     ``-inf``). The gradient in the logits of ``q`` is
-    :math:`-\tfrac12\, q \odot (s - \sum_i q_i s_i)` with
+    :math:`-\tfrac12\, q \odot (s - \sum_i q_i s_i) / T` with
     :math:`s = \operatorname{sign}(p - q)` (0 where :math:`p_i = q_i`), and in those of
-    ``p`` :math:`\tfrac12\, p \odot (s - \sum_i p_i s_i)`.
+    ``p`` :math:`\tfrac12\, p \odot (s - \sum_i p_i s_i) / T`.
 
   >>> import jax.numpy as jnp
   >>> import jxent

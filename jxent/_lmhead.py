@@ -740,7 +740,7 @@ def _pair_terms(lp, lq, cfg, beta):
     return (_xlogx_diff(q, lq, lp),)
   if cfg.kind == "tv":
     s = jnp.sign(p - q)
-    return 0.5 * jnp.abs(p - q), p * s, q * s
+    return 0.5 * s * (p - q), p * s, q * s
   return plog_p_over_m(lp, lq, beta), plog_p_over_m(lq, lp, 1 - beta)
 
 

@@ -381,8 +381,10 @@ def _fused_inputs(n, d, v):
 FILTER_EPS = 2.0**-12
 # "(Pallas)": the filtered tiles' products by the Triton kernels of jxent/_pallas.py instead
 # of XLA's gathered products.
+# "return_stats": the loss with its per-token entropy, argmax and label log-probability
+# (``return_stats=True``) from the same pass.
 FUSED_JAX = ("jxent", "jxent filtered", "jxent filtered (Pallas)", "jxent filtered (XLA tiles)",
-             f"jxent block={BIG_BLOCK_MIB}MiB", "unfused JAX")
+             f"jxent block={BIG_BLOCK_MIB}MiB", "jxent return_stats", "unfused JAX")
 
 
 def _loud_tiles(h, w) -> str:
@@ -434,21 +436,43 @@ def _fused_jax(name: str, y):
         kernels = (True if name.endswith("(Pallas)") else
                    False if name.endswith("(XLA tiles)") else None)
         with _pallas.use_pallas_filter(kernels):  # None: the library's default
-          return jxent.linear_cross_entropy(
-              h, w, y, weight_layout="vd",
+          out = jxent.linear_cross_entropy(
+              h, w, y, weight_layout="vd", return_stats=name.endswith("return_stats"),
               gradient_filter=FILTER_EPS if "filtered" in name else None)
+          return out if isinstance(out, tuple) else (out, None)
       finally:
         _fused._ACCEL_BLOCK_BYTES = old
   else:  # the unfused reference: [N, V] logits in float32
-    f = lambda h, w: optax.softmax_cross_entropy_with_integer_labels(
-        jnp.dot(h, w.T, preferred_element_type=jnp.float32), y).mean()
-  return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    f = lambda h, w: (optax.softmax_cross_entropy_with_integer_labels(
+        jnp.dot(h, w.T, preferred_element_type=jnp.float32), y).mean(), None)
+
+  def loss_grads_stats(h, w):  # (loss, (dh, dW), statistics or None)
+    (loss, stats), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h, w)
+    return loss, grads, stats
+  return jax.jit(loss_grads_stats)
 
 
 # "fp32 accumulation": Liger's dW accumulated in float32 (``accum_dtype``); by default it is
 # accumulated in W's dtype (bfloat16) over its token chunks.
 FUSED_TORCH = ("cut-cross-entropy", "cut-cross-entropy exact", "liger-kernel",
                "liger-kernel fp32 accumulation")
+
+
+@jax.jit
+def _unfused_stats(h, w, y):
+  lp = jax.nn.log_softmax(jnp.dot(h, w.T, preferred_element_type=jnp.float32))
+  return (-jnp.sum(jnp.exp(lp) * lp, axis=-1), jnp.argmax(lp, axis=-1).astype(jnp.int32),
+          jnp.take_along_axis(lp, y[:, None], axis=-1)[:, 0])
+
+
+def _stats_note(h, w, y, stats) -> str:
+  """How far ``return_stats``'s entropy and label log-probability are from those of float32
+  unfused logits, and the share of tokens whose argmax agrees."""
+  ent, am, lpy = _unfused_stats(h, w, y)
+  rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+  return (f"stats against unfused: entropy max diff / max {rel(stats.entropy, ent):.1e}, "
+          f"log p_y {rel(stats.label_log_prob, lpy):.1e}, argmax agrees on "
+          f"{float(jnp.mean(stats.argmax == am)):.4f} of tokens")
 
 
 def _fused_torch(name: str):
@@ -611,6 +635,8 @@ def fused(shapes, budget: Budget, reps: int, rows: list[dict], reserve: float = 
                        f"{float(err / jnp.max(jnp.abs(exact.astype(jnp.float32)))):.1e}")
         if name == "jxent filtered":
           row["note"] += f"; {loud}"
+      if name.endswith("return_stats"):
+        row["note"] = _stats_note(h, w, y, outs[name][2])
       if name == "cut-cross-entropy":
         row["note"] = "; ".join(f"{j} / this: {_fmt_ratio(_ratio(times, j, name))}"
                                 for j in ("jxent filtered", "jxent filtered (Pallas)",
@@ -639,7 +665,10 @@ def _fused_line(r) -> str:
 # ------------------------------------------------------------ 4. language-model head
 
 # "…/token": the mean of the per-token output (any cotangent: the derivative recomputes).
-HEAD_QUANTITIES = ("log_probs", "log_probs/token", "entropy", "kl", "js", "topk_kl")
+# "log_probs+entropy…": both per-token outputs' means; "/token": from one call
+# (``return_entropy=True``), "two calls": ``linear_log_probs`` and ``linear_entropy`` apart.
+HEAD_QUANTITIES = ("log_probs", "log_probs/token", "entropy", "kl", "js", "topk_kl", "tv",
+                   "log_probs+entropy/token", "log_probs+entropy/token (two calls)")
 SMOKE_HEAD_QUANTITIES = ("log_probs", "kl", "topk_kl")  # one of each path: a short smoke run
 HEAD_VARIANTS = ("jxent", "jxent token chunks", "unfused JAX")
 HEAD_TOPK = 32  # the teacher's top-k log-probabilities of the top-k KL
@@ -656,6 +685,8 @@ def _unfused_pair(lq, lp, q):
   p, qs = jnp.exp(lp), jnp.exp(lq)
   if q == "kl":
     return jnp.sum(p * (lp - lq), axis=-1)
+  if q == "tv":
+    return 0.5 * jnp.sum(jnp.abs(p - qs), axis=-1)
   lm = jnp.log(0.5 * p + 0.5 * qs)
   return 0.5 * jnp.sum(p * (lp - lm), axis=-1) + 0.5 * jnp.sum(qs * (lq - lm), axis=-1)
 
@@ -668,6 +699,9 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
   if variant == "unfused JAX":
     def f(h, w, y, ht, wt, topk):
       lq = jax.nn.log_softmax(jnp.dot(h, w.T, preferred_element_type=jnp.float32))
+      if q.startswith("log_probs+entropy"):
+        return (jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
+                + jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1)))
       if q.startswith("log_probs"):
         return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
       if q == "entropy":
@@ -688,6 +722,14 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
         return jxent.linear_log_probs(h, w, y, weight_layout="vd", reduction="mean")
       if q == "log_probs/token":
         return jnp.mean(jxent.linear_log_probs(h, w, y, weight_layout="vd"))
+      if q == "log_probs+entropy/token":
+        lp, ent = jxent.linear_log_probs(h, w, y, weight_layout="vd", return_entropy=True)
+        return jnp.mean(lp) + jnp.mean(ent)
+      if q == "log_probs+entropy/token (two calls)":
+        return (jnp.mean(jxent.linear_log_probs(h, w, y, weight_layout="vd"))
+                + jnp.mean(jxent.linear_entropy(h, w, weight_layout="vd")))
+      if q == "tv":
+        return jxent.linear_tv_distance(h, w, ht, wt, weight_layout="vd")
       if q == "entropy":
         return jxent.linear_entropy(h, w, weight_layout="vd", reduction="mean")
       if q == "js":

@@ -234,10 +234,29 @@ def add_z_loss(loss, zl, valid, m, r):
   return loss + (term if valid is None else jnp.where(valid, term, 0))
 
 
+def int_lse_parts(z: Array, y: Array) -> tuple[Array, Array, Array, Array]:
+  """``(m, r, gap_y, tail)`` of rows with labels ``y`` (in range): ``lse_parts``'s m and r
+  (not sharpened), ``m - z_y`` and ``tail = sum_{c != y} exp(z_c - m)``, from one sum
+  (``s = exp(z_y - m) + tail``). Where the label's loss ``r + m - z_y`` is below log 2 the
+  label is the row's unique max, so ``tail`` is the sum of ``label_term`` that keeps the loss
+  to relative accuracy: the sharp loss from one reduction, not ``lse_parts``'s two."""
+  acc = acc_dtype(z.dtype)
+  m = jax.lax.stop_gradient(jnp.max(z, axis=-1)).astype(acc)
+  pos_inf = m == jnp.inf
+  m = jnp.where(jnp.isfinite(m), m, 0)
+  gap_y = label_gap(z, y, m)
+  e = jnp.exp(z.astype(acc) - m[:, None])
+  col = jax.lax.broadcasted_iota(y.dtype, z.shape, z.ndim - 1)
+  tail = jnp.sum(jnp.where(col == y[:, None], 0, e), axis=-1)
+  r = jnp.log(jnp.exp(-gap_y) + tail)  # a NaN in the row is in one of the two terms
+  return m, jnp.where(pos_inf, jnp.nan, r), gap_y, tail
+
+
 def int_ce(zm, y, valid, w, eps, cmask, zl):
   """``(loss, m, r)`` for integer labels; ``zm`` has the class mask applied already."""
-  m, r = lse_parts(zm)
-  return int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r), m, r
+  m, r, gap_y, tail = int_lse_parts(zm, split_labels(y, valid, zm.shape[-1])[0])
+  loss = int_loss_from_parts(zm, y, valid, w, eps, cmask, zl, m, r, gap_y=gap_y, tail=tail)
+  return loss, m, r
 
 
 def soft_target(y, valid, w, eps, cmask, acc):

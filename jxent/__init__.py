@@ -9,6 +9,7 @@ from jxent._information import (
     cross_entropy_from_logits,
     entropy,
     entropy_from_logits,
+    generalized_kl_divergence,
     js_divergence,
     js_divergence_from_logits,
     kl_divergence,
@@ -35,6 +36,7 @@ from jxent._probability import (
 )
 from jxent._sigmoid import sigmoid_binary_cross_entropy, sigmoid_focal_loss
 from jxent._softmax import (
+    poly_loss_cross_entropy,
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
 )
@@ -52,11 +54,13 @@ __all__ = [
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "poly_loss_cross_entropy",
     "binary_entropy",
     "cross_entropy",
     "cross_entropy_from_logits",
     "entropy",
     "entropy_from_logits",
+    "generalized_kl_divergence",
     "js_divergence",
     "js_divergence_from_logits",
     "kl_divergence",

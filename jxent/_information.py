@@ -212,6 +212,54 @@ def kl_divergence(p: ArrayLike, q: ArrayLike, *, axis: int = -1,
   return _checks.in_nats_to_base(_nan_where(bad, d), base)
 
 
+def generalized_kl_divergence(p: ArrayLike, q: ArrayLike, *, axis: int | None = -1,
+                              base: float | None = None) -> Array:
+  r"""Generalised KL divergence of non-negative measures (Csiszár's I-divergence):
+
+  .. math:: D(p\|q) = \sum_i \Big(p_i \log \frac{p_i}{q_i} - p_i + q_i\Big).
+
+  The Bregman divergence of :math:`\sum_i x_i \log x_i - x_i` on the non-negative orthant:
+  ``p`` and ``q`` need not sum to one (intensities, counts, NMF factors); it is the KL
+  divergence where both do, and each term is non-negative. ``optax.losses.
+  generalized_kl_divergence(log_predictions, targets)`` and ``convex_kl_divergence`` are
+  ``D(targets || exp(log_predictions))``.
+
+  Args:
+    p: non-negative values ``[..., n, ...]`` (the reference, or targets).
+    q: non-negative values, same shape as ``p`` (the model).
+    axis: the axis to sum over (``None``: elementwise terms, no sum).
+    base: logarithm base (``None`` for nats, ``2`` for bits; the ``- p + q`` terms are
+      scaled with the logarithm, so the result stays a Bregman divergence).
+
+  Returns:
+    The shape of ``p`` without ``axis``; 0 iff ``p == q``; ``+inf`` where some
+    ``p_i > 0`` has ``q_i = 0``. A term with ``p_i = 0`` is ``q_i``. NaN where an entry of
+    either is negative or NaN (no measure). The gradient in ``q`` is :math:`1 - p_i/q_i`; in
+    ``p``, :math:`\log(p_i/q_i)`, and at ``p_i = 0`` (where the true slope is
+    :math:`-\infty`) :math:`-\log q_i - 1`, as :func:`kl_divergence` takes the slope of
+    :math:`p_i \log p_i` there as 0.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> p, q = jnp.array([2.0, 0.5, 0.0]), jnp.array([1.0, 0.5, 0.25])
+  >>> float(jxent.generalized_kl_divergence(p, q))  # 2 log 2 - 2 + 1 + 0 + 0.25
+  ... # doctest: +ELLIPSIS
+  0.6362...
+  """
+  p = _checks.floating(p, "p")
+  q = _checks.floating(q, "q")
+  _checks.same_shape(p, q, "p", "q")
+  dtype = jnp.result_type(p, q)
+  p, q = p.astype(dtype), q.astype(dtype)
+  if axis is not None:
+    axis = _checks.canonical_axis(axis, p.ndim, "p")
+  terms = _xlogy(p, p) - _xlogy(p, q) + (q - p)
+  bad = ~((p >= 0) & (q >= 0))  # negative or NaN: no measure
+  if axis is not None:
+    terms, bad = jnp.sum(terms, axis=axis), jnp.any(bad, axis=axis)
+  return _checks.in_nats_to_base(_nan_where(bad, terms), base)
+
+
 def cross_entropy(p: ArrayLike, q: ArrayLike, *, axis: int = -1,
                   base: float | None = None) -> Array:
   r"""Cross-entropy :math:`H(p, q) = -\sum_i p_i \log q_i = H(p) + D(p\|q)`.

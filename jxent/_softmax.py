@@ -466,3 +466,79 @@ def softmax_cross_entropy_with_integer_labels(
     wy = R.take_weights(w, jnp.clip(y, 0, num_classes - 1))
     return _checks.mean_of(total, jnp.sum(wy if valid is None else jnp.where(valid, wy, 0)))
   return _checks.mean_of(total, z.shape[0] if valid is None else jnp.sum(valid))
+
+
+def poly_loss_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    epsilon: ArrayLike = 2.0,
+    axis: int = -1,
+    where: ArrayLike | None = None,
+    reduction: str = "none",
+) -> Array:
+  r"""Poly-1 loss (Leng et al., 2022): softmax cross-entropy plus
+  :math:`\varepsilon (1 - p_t)`, the first term of its expansion in :math:`(1 - p_t)`.
+
+  Per example, with :math:`p = \mathrm{softmax}(z)` and :math:`p_t = \sum_c y_c p_c`:
+
+  .. math:: \ell = -\sum_c y_c \log p_c + \varepsilon\,(1 - p_t)
+
+  (``optax.losses.poly_loss_cross_entropy``). The cross-entropy is
+  :func:`softmax_cross_entropy`'s, with its gradient rule; :math:`1 - p_t` is taken as
+  :math:`\sum_c y_c (1 - p_c)` with :math:`1 - p_c = -\operatorname{expm1}(\log p_c)`, so a
+  confident prediction's :math:`1 - p_t` of 1e-8 keeps its relative accuracy (the same for
+  labels that sum to one; ``1 - p_t`` would round it to 0).
+
+  Args:
+    logits: ``[..., C, ...]`` floating point; ``-inf`` entries mask classes out.
+    labels: probabilities with the shape of ``logits`` (one-hot or soft).
+    epsilon: the coefficient :math:`\varepsilon`, a scalar (differentiable: the slope is
+      :math:`1 - p_t`). :math:`\varepsilon = -1` makes the loss's leading term vanish
+      (Poly-1 with the paper's best values lies in :math:`[-1, 2]` or so); 0 is the
+      cross-entropy.
+    axis: the class axis.
+    where: boolean mask, per-example shape (drops examples: loss 0, gradient 0, out of the
+      mean) or the logits' shape (removes classes from the softmax), as
+      :func:`softmax_cross_entropy`.
+    reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over kept examples; 0 if none).
+
+  Returns:
+    Per-example losses or a scalar, float32 for 16-bit logits; ``+inf`` where the labels put
+    mass on a class whose logit is ``-inf``.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> logits = jnp.log(jnp.array([[0.3, 0.6, 0.1]]))
+  >>> jxent.poly_loss_cross_entropy(logits, jnp.array([[0., 1., 0.]])).round(4)
+  Array([1.3108], dtype=float32)
+  """
+  _checks.reduction(reduction)
+  ce = softmax_cross_entropy(logits, labels, axis=axis, where=where)  # checks the arguments
+  eps = _checks.floating(epsilon, "epsilon")
+  if eps.ndim != 0:
+    raise ValueError(f"epsilon must be a scalar, got epsilon.shape={eps.shape}.")
+  z, batch_shape, axis = flatten_logits(logits, axis)
+  y = move_class_axis(_checks.as_array(labels, "labels"), axis).reshape(z.shape)
+  valid, cmask = split_where(where, jnp.shape(logits), batch_shape, axis)
+  valid = _masks(valid, cmask)
+  m, r = R.lse_parts(R.apply_class_mask(z, cmask))
+  # log p from the sharp r: the top class's log p keeps its relative accuracy, and with it
+  # 1 - p there. A row without mass (dropped) gets r = 0 here, not NaN.
+  log_p = (R.apply_class_mask(z, cmask).astype(m.dtype) - m[:, None]) - jnp.where(
+      jnp.isfinite(r), r, 0)[:, None]
+  yf = y.astype(m.dtype)
+  # sum_c y_c (1 - p_c) is 1 - p_t in value (labels sum to one); as a function of the labels
+  # the term is 1 - sum_c y_c p_c, whose slope in y_c is -p_c: the row sum's own slope is
+  # taken out (a term that is 0 in value).
+  y_sum = jnp.sum(yf, axis=-1)
+  one_minus = (jnp.sum(R.masked_mul(yf, -jnp.expm1(log_p)), axis=-1)
+               - (y_sum - jax.lax.stop_gradient(y_sum)))
+  if valid is not None:
+    one_minus = jnp.where(valid, one_minus, 0)
+  loss = ce + eps.astype(m.dtype) * one_minus.reshape(batch_shape)
+  if reduction == "none":
+    return loss
+  if reduction == "sum":
+    return jnp.sum(loss)
+  return _checks.mean_of(jnp.sum(loss), z.shape[0] if valid is None else jnp.sum(valid))

@@ -782,3 +782,82 @@ def test_dense_losses_hold_no_extra_logits_sized_buffer():
   assert max(temp(lambda z, y: jxent.softmax_cross_entropy_with_integer_labels(z, y).mean(),
                   yi)) <= small
   assert max(temp(lambda z, y: jxent.softmax_cross_entropy(z, y).mean(), ys)) <= one + small
+
+
+def _np_poly(z, y, eps, cmask=None):
+  """Poly-1 in float64: -sum y log p + eps (1 - sum y p), p the (class-masked) softmax."""
+  z = np.asarray(z, np.float64)
+  if cmask is not None:
+    z = np.where(cmask, z, -np.inf)
+  lp = z - logsumexp(z, axis=-1, keepdims=True)
+  y = np.asarray(y, np.float64)
+  ce = -np.sum(y * np.where(y > 0, lp, 0), -1)
+  return ce + eps * (1 - np.sum(y * np.exp(lp), -1))
+
+
+def test_poly_loss_against_float64_and_optax():
+  f = jax.jit(lambda z, y, e: jxent.poly_loss_cross_entropy(z, y, epsilon=e))
+  for eps in (2.0, -1.0, 0.0):
+    np.testing.assert_allclose(f(Z, Y_SOFT, eps), _np_poly(Z, Y_SOFT, eps), rtol=2e-6)
+    np.testing.assert_allclose(f(Z, Y_SOFT, eps), optax.losses.poly_loss_cross_entropy(
+        Z, Y_SOFT, epsilon=eps), rtol=2e-6)
+  np.testing.assert_allclose(f(Z, Y_SOFT, 0.0), jxent.softmax_cross_entropy(Z, Y_SOFT),
+                             rtol=1e-7)
+  # Class axis first, reductions, a per-example and a class mask.
+  keep = np.arange(N) % 3 != 0
+  cmask = RNG.uniform(size=(N, C)) < 0.8
+  cmask[:, 0] = True
+  y_in = np.where(cmask, Y_SOFT, 0)
+  y_in = y_in / y_in.sum(-1, keepdims=True)
+  np.testing.assert_allclose(jxent.poly_loss_cross_entropy(Z.T, Y_SOFT.T, axis=0),
+                             _np_poly(Z, Y_SOFT, 2.0), rtol=2e-6)
+  mean = jxent.poly_loss_cross_entropy(Z, Y_SOFT, where=keep, reduction="mean")
+  np.testing.assert_allclose(mean, _np_poly(Z, Y_SOFT, 2.0)[keep].mean(), rtol=2e-6)
+  total = jxent.poly_loss_cross_entropy(Z, y_in, where=cmask, reduction="sum")
+  np.testing.assert_allclose(total, _np_poly(Z, y_in, 2.0, cmask).sum(), rtol=2e-6)
+  # -inf logits where the label is 0: finite, with a finite gradient (Optax: NaN); label mass
+  # on such a class: +inf. A confident prediction's loss of 1e-12 keeps its relative accuracy.
+  z = jnp.array([[0.0, -jnp.inf, 1.0], [40.0, 0.0, 1.0], [0.0, -jnp.inf, 1.0]])
+  y = jnp.array([[0.5, 0.0, 0.5], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+  got = jxent.poly_loss_cross_entropy(z, y)
+  tiny = np.log1p(np.exp(-40.0) + np.exp(-39.0))
+  np.testing.assert_allclose(got[:2], [_np_poly(z[:1], y[:1], 2.0)[0], 3 * tiny], rtol=1e-6)
+  assert got[2] == np.inf
+  assert np.isnan(optax.losses.poly_loss_cross_entropy(z[:1], y[:1])[0])
+  assert np.all(np.isfinite(jax.grad(lambda z: jnp.sum(
+      jxent.poly_loss_cross_entropy(z, y[:2])))(z[:2])))
+  # bfloat16 logits accumulate in float32.
+  out = jxent.poly_loss_cross_entropy(Z.astype(jnp.bfloat16), Y_SOFT)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, _np_poly(Z.astype(jnp.bfloat16).astype(np.float32), Y_SOFT,
+                                           2.0), rtol=1e-5)
+  with pytest.raises(ValueError, match="epsilon must be a scalar"):
+    jxent.poly_loss_cross_entropy(Z, Y_SOFT, epsilon=jnp.ones(N))
+  with pytest.raises(TypeError, match="labels must be floating-point"):
+    jxent.poly_loss_cross_entropy(Z, Y)
+
+
+def test_poly_loss_gradients_in_every_argument():
+  # Logits, labels and epsilon under a non-uniform cotangent, against the float64 formula
+  # differentiated by JAX: d/dz = (sum y) p - y - eps p (y - p_t) for labels that sum to one.
+  with jax.enable_x64(True):
+    z = jnp.asarray(Z, jnp.float64)
+    y = Y_SOFT.astype(np.float64)
+    y = jnp.asarray(y / y.sum(-1, keepdims=True))  # summing to one in float64 too
+    cot = jnp.asarray(np.linspace(0.5, 1.5, N))
+    f = lambda z, y, e: jnp.sum(cot * jxent.poly_loss_cross_entropy(z, y, epsilon=e))
+
+    def ref(z, y, e):
+      lp = jax.nn.log_softmax(z)
+      return jnp.sum(cot * (-jnp.sum(y * lp, -1) + e * (1 - jnp.sum(y * jnp.exp(lp), -1))))
+
+    args = (z, y, 1.3)
+    for a, b in zip(jax.grad(f, argnums=(0, 1, 2))(*args),
+                    jax.grad(ref, argnums=(0, 1, 2))(*args)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    p = jax.nn.softmax(z)
+    pt = jnp.sum(y * p, -1, keepdims=True)
+    np.testing.assert_allclose(jax.grad(f)(*args),
+                               cot[:, None] * (p - y - 1.3 * p * (y - pt)), rtol=1e-10,
+                               atol=1e-13)
+    check_grads(lambda z, e: f(z, y, e), (z, 1.3), order=2, modes=["fwd", "rev"])

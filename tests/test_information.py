@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.special as sp
 import scipy.stats as st
@@ -75,6 +76,11 @@ _AXIS_CASES = {  # name: (function of (float arrays..., **options), its float in
     "tv_distance_from_logits": (
         lambda a, b, **kw: jxent.tv_distance_from_logits(a, b, temperature=1.5, **kw),
         ("z", "zq")),
+    "generalized_kl_divergence": (
+        lambda a, b, **kw: jxent.generalized_kl_divergence(2 * a, 3 * b, **kw), ("p", "q")),
+    "poly_loss_cross_entropy": (
+        lambda z, t, **kw: jxent.poly_loss_cross_entropy(z, t, epsilon=-0.7, **kw),
+        ("z", "q")),
     "log_probs": (lambda z, **kw: jxent.log_probs(z, _AX_Y, temperature=1.5, **kw), ("z",)),
     "categorical_cross_entropy": (jxent.categorical_cross_entropy, ("p", "q")),
     "softmax_cross_entropy": (
@@ -86,7 +92,7 @@ _AXIS_CASES = {  # name: (function of (float arrays..., **options), its float in
 _BASE_CASES = {n: c for n, c in _AXIS_CASES.items()
                if n not in ("log_probs", "categorical_cross_entropy", "softmax_cross_entropy",
                             "grads.softmax_cross_entropy_grad", "tv_distance",
-                            "tv_distance_from_logits")}
+                            "tv_distance_from_logits", "poly_loss_cross_entropy")}
 
 
 def _value_and_grads(fn, args, cot, **kw):
@@ -210,6 +216,50 @@ def test_tv_distance():
   g_p, g_q = jax.grad(lambda a, b: 1.7 * jxent.tv_distance(a, b), argnums=(0, 1))(p, q)
   np.testing.assert_allclose(g_p, 1.7 * np.array([0.5, 0.0, -0.5]))
   np.testing.assert_allclose(g_q, -np.asarray(g_p))
+
+
+def test_generalized_kl_divergence():
+  # Unnormalised measures with zeros in p (a term of q alone) and in q where p is 0, against
+  # SciPy's elementwise kl_div (x log(x/y) - x + y) in float64.
+  rng = np.random.default_rng(3)
+  p = 3 * _probs((8, 7), zeros=0.3, rng=rng) * rng.uniform(0.2, 4.0, size=(8, 1))
+  q = np.where((p == 0) & (rng.uniform(size=p.shape) < 0.3), 0.0,
+               rng.gamma(1.0, size=p.shape))
+  f = jax.jit(jxent.generalized_kl_divergence)
+  got = f(p.astype(np.float32), q.astype(np.float32))
+  np.testing.assert_allclose(got, sp.kl_div(p, q).sum(-1), rtol=2e-6)
+  np.testing.assert_allclose(jxent.generalized_kl_divergence(p.astype(np.float32),
+                                                             q.astype(np.float32), axis=None),
+                             sp.kl_div(p, q), rtol=2e-6, atol=1e-7)
+  # Optax's (log q, p) where q > 0; the KL divergence where both are distributions.
+  pos = q + (q == 0)
+  np.testing.assert_allclose(
+      jxent.generalized_kl_divergence(p.astype(np.float32), pos.astype(np.float32)),
+      optax.losses.generalized_kl_divergence(jnp.log(pos.astype(np.float32)),
+                                             p.astype(np.float32)), rtol=2e-6)
+  np.testing.assert_allclose(jxent.generalized_kl_divergence(P, Q),
+                             jxent.kl_divergence(P, Q), rtol=1e-6, atol=1e-7)
+  # Edges: 0 at p == q and for two zero measures; +inf where p > 0 meets q = 0; NaN for a
+  # negative or NaN entry.
+  edge = jxent.generalized_kl_divergence(
+      jnp.array([[1.0, 2.0], [0.0, 0.0], [1.0, 0.5], [-0.5, 1.0], [jnp.nan, 1.0], [0.0, 1.0]]),
+      jnp.array([[1.0, 2.0], [0.0, 0.0], [0.0, 0.5], [1.0, 1.0], [1.0, 1.0], [-1.0, 1.0]]))
+  np.testing.assert_array_equal(edge[:3], [0.0, 0.0, np.inf])
+  assert np.all(np.isnan(edge[3:]))
+  # Gradients under a non-uniform cotangent: log(p/q) in p (-log q - 1 where p = 0), 1 - p/q
+  # in q; second order by finite differences on positive inputs.
+  with jax.enable_x64(True):
+    qq = q + 0.1
+    cot = np.linspace(0.5, 1.5, 8)[:, None]
+    g_p, g_q = jax.grad(lambda a, b: jnp.sum(jnp.asarray(cot[:, 0]) *
+                                             jxent.generalized_kl_divergence(a, b)),
+                        argnums=(0, 1))(jnp.asarray(p), jnp.asarray(qq))
+    safe = np.where(p > 0, p, 1)
+    np.testing.assert_allclose(g_p, cot * np.where(p > 0, np.log(safe / qq),
+                                                   -np.log(qq) - 1), rtol=1e-12)
+    np.testing.assert_allclose(g_q, cot * (1 - p / qq), rtol=1e-12)
+    check_grads(jxent.generalized_kl_divergence, (jnp.asarray(p + 0.05), jnp.asarray(qq)),
+                order=2, modes=["fwd", "rev"])
 
 
 def test_tv_distance_from_logits():

@@ -70,6 +70,10 @@ def _losses():
       "fused-tv": lambda z: jnp.sum(COT * jxent.linear_tv_distance(
           z, jnp.asarray(W[:, None] * np.eye(C, 7)), z[::-1], jnp.asarray(np.eye(C, 7)),
           teacher_grad=True, reduction="none", chunk_size=4)),
+      "poly": lambda z: jnp.sum(COT * jxent.poly_loss_cross_entropy(z, T, epsilon=1.5,
+                                                                    where=KEEP)),
+      "generalized_kl": lambda z: jnp.sum(COT * jxent.generalized_kl_divergence(
+          2 * jnp.asarray(T), jnp.exp(0.5 * z))),
       "categorical": lambda z: jxent.categorical_cross_entropy(
           jax.nn.softmax(z), jnp.asarray(T), where=KEEP, reduction="mean"),
       "binary": lambda z: jxent.binary_cross_entropy(jax.nn.sigmoid(z), jnp.asarray(B),
@@ -467,6 +471,12 @@ def test_information_quantities_in_every_argument_against_numpy_formulas():
           a, b, temperature=tau)), tv_ref, (z, z2, temp)),
       "tv": (lambda a, b: jnp.sum(cot * jxent.tv_distance(a, b)),
              lambda a, b: jnp.sum(cot * 0.5 * jnp.sum(jnp.abs(a - b), -1)), (p, q)),
+      "generalized_kl": (lambda a, b: jnp.sum(cot * jxent.generalized_kl_divergence(a, b)),
+                         lambda a, b: jnp.sum(cot * jnp.sum(a * jnp.log(a / b) - a + b, -1)),
+                         (2 * p, 3 * q)),
+      "poly": (lambda a, b, e: jnp.sum(cot * jxent.poly_loss_cross_entropy(a, b, epsilon=e)),
+               lambda a, b, e: jnp.sum(cot * (-jnp.sum(b * lsm(a, 1.0), -1) + e * (
+                   1 - jnp.sum(b * jnp.exp(lsm(a, 1.0)), -1)))), (z, t, 1.7)),
       "log_probs": (lambda a, tau: jnp.sum(cot * jxent.log_probs(
           a, jnp.asarray(Y), where=KEEP, temperature=tau)), lp_ref, (z, temp)),
       "entropy_bits": (lambda a: jnp.sum(cot * jxent.entropy(a, base=2)),

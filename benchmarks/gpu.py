@@ -667,8 +667,11 @@ def _fused_line(r) -> str:
 # "…/token": the mean of the per-token output (any cotangent: the derivative recomputes).
 # "log_probs+entropy…": both per-token outputs' means; "/token": from one call
 # (``return_entropy=True``), "two calls": ``linear_log_probs`` and ``linear_entropy`` apart.
+# "kl+ce": linear_distillation_loss (half the forward KL, half the labels' cross-entropy);
+# "(two calls)": the same from linear_kl_divergence and linear_cross_entropy.
 HEAD_QUANTITIES = ("log_probs", "log_probs/token", "entropy", "kl", "js", "topk_kl", "tv",
-                   "log_probs+entropy/token", "log_probs+entropy/token (two calls)")
+                   "log_probs+entropy/token", "log_probs+entropy/token (two calls)", "kl+ce",
+                   "kl+ce (two calls)")
 SMOKE_HEAD_QUANTITIES = ("log_probs", "kl", "topk_kl")  # one of each path: a short smoke run
 HEAD_VARIANTS = ("jxent", "jxent token chunks", "unfused JAX")
 HEAD_TOPK = 32  # the teacher's top-k log-probabilities of the top-k KL
@@ -683,7 +686,7 @@ def _teacher_topk(ht, wt, k=HEAD_TOPK):
 
 def _unfused_pair(lq, lp, q):
   p, qs = jnp.exp(lp), jnp.exp(lq)
-  if q == "kl":
+  if q.startswith("kl"):
     return jnp.sum(p * (lp - lq), axis=-1)
   if q == "tv":
     return 0.5 * jnp.sum(jnp.abs(p - qs), axis=-1)
@@ -715,6 +718,9 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
         return jnp.mean(top + jnp.where(r > 0, r * (jnp.log(r) - lq_rest), 0))
       lp = jax.lax.stop_gradient(jax.nn.log_softmax(
           jnp.dot(ht, wt.T, preferred_element_type=jnp.float32)))
+      if q.startswith("kl+ce"):
+        return (0.5 * jnp.mean(_unfused_pair(lq, lp, q))
+                - 0.5 * jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1)))
       return jnp.mean(_unfused_pair(lq, lp, q))
   else:
     def g(h, w, y, ht, wt, topk):
@@ -730,6 +736,11 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
                 + jnp.mean(jxent.linear_entropy(h, w, weight_layout="vd")))
       if q == "tv":
         return jxent.linear_tv_distance(h, w, ht, wt, weight_layout="vd")
+      if q == "kl+ce":
+        return jxent.linear_distillation_loss(h, w, ht, wt, y, weight_layout="vd")
+      if q == "kl+ce (two calls)":
+        return 0.5 * (jxent.linear_kl_divergence(h, w, ht, wt, weight_layout="vd")
+                      + jxent.linear_cross_entropy(h, w, y, weight_layout="vd"))
       if q == "entropy":
         return jxent.linear_entropy(h, w, weight_layout="vd", reduction="mean")
       if q == "js":

@@ -36,9 +36,12 @@ K = 64  # the teacher's top-k
 # "log_probs+entropy/token": both per token from one pass (return_entropy), the sum of their
 # means; "…, two calls": the same from linear_log_probs and linear_entropy; "log_probs+entropy,
 # two calls": their own reduction="mean" (each forms its gradients with its values).
+# "kl+ce": linear_distillation_loss (half the forward KL, half the labels' cross-entropy, from
+# one pass); "kl+ce, two calls": the same from linear_kl_divergence and linear_cross_entropy.
 QUANTITIES = ("log_probs", "log_probs/token", "entropy", "entropy/token",
               "log_probs+entropy/token", "log_probs+entropy/token, two calls",
-              "log_probs+entropy, two calls", "kl", "js", "tv", "topk_kl")
+              "log_probs+entropy, two calls", "kl", "js", "tv", "topk_kl", "kl+ce",
+              "kl+ce, two calls")
 
 
 def _inputs(n, d, v):
@@ -73,11 +76,14 @@ def _dense(q):
     if q == "log_probs+entropy":
       return (jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
               + jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1)))
-    if q in ("kl", "js", "tv"):
+    if q in ("kl", "js", "tv", "kl+ce"):
       lp = jax.lax.stop_gradient(jax.nn.log_softmax(jnp.dot(ht, wt)))
       p, qq = jnp.exp(lp), jnp.exp(lq)
       if q == "kl":
         return jnp.mean(jnp.sum(p * (lp - lq), axis=-1))
+      if q == "kl+ce":
+        return (0.5 * jnp.mean(jnp.sum(p * (lp - lq), axis=-1))
+                - 0.5 * jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1)))
       if q == "tv":
         return jnp.mean(0.5 * jnp.sum(jnp.abs(p - qq), axis=-1))
       lm = jnp.log(0.5 * p + 0.5 * qq)
@@ -117,6 +123,11 @@ def _fused(q):
       return jxent.linear_js_divergence(h, w, ht, wt)
     if q == "tv":
       return jxent.linear_tv_distance(h, w, ht, wt)
+    if q == "kl+ce":
+      return jxent.linear_distillation_loss(h, w, ht, wt, y)
+    if q == "kl+ce, two calls":
+      return (0.5 * jxent.linear_kl_divergence(h, w, ht, wt)
+              + 0.5 * jxent.linear_cross_entropy(h, w, y))
     return jxent.linear_topk_kl_divergence(h, w, idx, lpt)
 
   return f
@@ -210,7 +221,10 @@ def to_markdown(rows, reps):
       "and dW. \"log_probs+entropy/token\": both per token from one call "
       "(`return_entropy=True`), the sum of their means; \"…, two calls\": the same from "
       "`linear_log_probs` and `linear_entropy`; \"log_probs+entropy, two calls\": the sum of "
-      "their own `reduction=\"mean\"`. The total variation's gradient jumps by q_v where "
+      "their own `reduction=\"mean\"`. \"kl+ce\": `linear_distillation_loss` (half the "
+      "forward KL, half the labels' cross-entropy, from one pass over the blocks); \"kl+ce, "
+      "two calls\": the same from `linear_kl_divergence` and `linear_cross_entropy`. The "
+      "total variation's gradient jumps by q_v where "
       "p_v = q_v; a (token, class) pair whose p_v and q_v agree to float32's rounding (a "
       "relative gap under 1e-6: 67 of the 134M pairs at the first size, counted in float64) "
       "can take either sign in either float32 computation, and one such pair moves a column "

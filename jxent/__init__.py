@@ -21,6 +21,7 @@ from jxent._information import (
 )
 from jxent._lmhead import (
     TokenStats,
+    linear_distillation_loss,
     linear_entropy,
     linear_js_divergence,
     linear_kl_divergence,
@@ -67,6 +68,7 @@ __all__ = [
     "kl_divergence_from_logits",
     "log_probs",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "linear_entropy",
     "linear_js_divergence",
     "linear_kl_divergence",

@@ -905,26 +905,47 @@ _pair_divergence.defjvp(_pair_divergence_jvp, symbolic_zeros=True)
 
 
 def _pair_logit_grads(zs, zt, cfg, want_s, want_t):
-  """(divergence [T], G_s, G_t): the per-token divergence of one block of each head and its
-  gradients in the (tempered) logits (None where not wanted)."""
+  """(divergence [T], G_s, G_t, lq): the per-token divergence of one block of each head, its
+  gradients in the (tempered) logits (None where not wanted) and the student's
+  log-probabilities."""
   lq = _block_log_softmax(zs)
   lp = _block_log_softmax(zt)
   terms = _pair_terms(lp, lq, cfg, cfg.beta)
   parts = tuple(jnp.sum(x, axis=-1) for x in terms)
   return (_pair_combine(parts, cfg, cfg.beta),
-          *_pair_terms_grads(lp, lq, terms, parts, cfg, cfg.beta, want_s, want_t))
+          *_pair_terms_grads(lp, lq, terms, parts, cfg, cfg.beta, want_s, want_t), lq)
 
 
-def _pair_grads(h3, w, b, scale, cfg, want):
-  """Per-token divergences [n_chunks, T] and, for each wanted head, the gradients
-  (dh [n_chunks, T, D], dW, db) of ``sum_i scale_i divergence_i``: token chunks (reference,
-  XLA:CPU) or vocabulary blocks over all tokens (GPU, TPU)."""
-  return dispatch(h3, w, b, scale, cfg,
+def _hard_terms(lq1, y, start, v, want):
+  """The hard (label) term of one block of the student's log-probabilities at temperature 1:
+  (its share of -log q_y per token [T], its gradient q - onehot(y) in the untempered logits
+  or None). ``start``: the block's first class; a kept label outside ``[0, v)`` makes its row
+  NaN."""
+  cols = jnp.arange(lq1.shape[-1]) + start
+  onehot = cols[None, :] == jnp.clip(y, 0, v - 1)[:, None]
+  nll = -jnp.sum(jnp.where(onehot, lq1, 0), axis=-1)
+  g = jnp.exp(lq1) - onehot if want else None
+  return nll, g
+
+
+def _student_log_probs_at_one(zs, lq, cfg):
+  """The student's block log-probabilities at temperature 1 from its tempered logits ``zs``
+  (their own log-probabilities ``lq`` when T = 1)."""
+  return lq if cfg.temperature == 1.0 else _block_log_softmax(zs * cfg.temperature)
+
+
+def _pair_grads(h3, w, b, scale, cfg, want, hard=None):
+  """Per-token divergences [n_chunks, T], the hard term's per-token -log q_y at temperature 1
+  (None without ``hard``) and, for each wanted head, the gradients (dh [n_chunks, T, D], dW,
+  db) of ``sum_i scale_i divergence_i (+ sum_i hscale_i (-log q_{y_i}))``: token chunks
+  (reference, XLA:CPU) or vocabulary blocks over all tokens (GPU, TPU). ``hard``: None or
+  ``(labels, hscale, bad)``, each [n_chunks, T]."""
+  return dispatch(h3, w, b, scale, cfg, hard,
                   reference=functools.partial(_pair_chunk_grads, want=want),
                   accelerator=functools.partial(_pair_vocab_grads, want=want))
 
 
-def _pair_chunk_grads(h3, w, b, scale, cfg, want):
+def _pair_chunk_grads(h3, w, b, scale, cfg, hard, want):
   (hs3, ht3), ws_wt, bs_bt = h3, w, b
   refs = (hs3, ht3, *ws_wt, scale)
   carry0 = tuple(
@@ -932,13 +953,20 @@ def _pair_chunk_grads(h3, w, b, scale, cfg, want):
        None if b_i is None else F._varying_like(jnp.zeros(b_i.shape, cfg.acc), *refs))
       if want_i else None for want_i, w_i, b_i in zip(want, ws_wt, bs_bt))
   plain = _plain(cfg)
+  v = ws_wt[0].shape[1] if cfg.layout == "dv" else ws_wt[0].shape[0]
+  zeros = jnp.zeros(scale.shape, scale.dtype)
+  y3, hsc3, bad3 = hard if hard is not None else (zeros.astype(jnp.int32), zeros, zeros > 0)
 
   def body(carry, xs):
-    hs, ht, sc = xs
+    hs, ht, sc, y, hsc, bad = xs
     hh = (hs, ht)
     zs = _block_logits(hs, ws_wt[0], bs_bt[0], cfg)
     zt = _block_logits(ht, ws_wt[1], bs_bt[1], cfg)
-    val, gs, gt = _pair_logit_grads(zs, zt, cfg, *want)
+    val, gs, gt, lq = _pair_logit_grads(zs, zt, cfg, *want)
+    hval = g_hard = None
+    if hard is not None:
+      hval, g_hard = _hard_terms(_student_log_probs_at_one(zs, lq, cfg), y, 0, v, want[0])
+      hval = R.poison_rows(hval, bad)
     new, dhs = [], []
     for i, g in enumerate((gs, gt)):
       if g is None:
@@ -946,34 +974,42 @@ def _pair_chunk_grads(h3, w, b, scale, cfg, want):
         dhs.append(None)
         continue
       g = g * (sc / cfg.temperature)[:, None]  # z = (h W + b) / T
+      if i == 0 and g_hard is not None:  # the hard term: in the untempered logits
+        g = g + R.poison_rows(g_hard * hsc[:, None], bad)
       dw, db = carry[i]
       dhs.append(F._dh(g, ws_wt[i], plain).astype(hh[i].dtype))
       dw = F._accumulate_dw(dw, hh[i], g, plain)
       new.append((dw, None if db is None else db + jnp.sum(g, axis=0)))
-    return tuple(new), (val, tuple(dhs))
+    return tuple(new), (val, hval, tuple(dhs))
 
-  carry, (val, dhs) = jax.lax.scan(body, carry0, (hs3, ht3, scale))
+  carry, (val, hval, dhs) = jax.lax.scan(body, carry0, (hs3, ht3, scale, y3, hsc3, bad3))
   grads = tuple(
       None if c is None else (dh, c[0].astype(w_i.dtype),
                               None if c[1] is None else c[1].astype(b_i.dtype))
       for c, dh, w_i, b_i in zip(carry, dhs, ws_wt, bs_bt))
-  return val, grads
+  return val, hval, grads
 
 
 @jax.custom_jvp
-def _pair_sum(h3, w, b, scale, cfg):
+def _pair_sum(h3, w, b, scale, cfg, hard=None):
   """``sum(scale * divergence)`` of the two heads, [n_chunks, T] scale (0 on dropped
-  tokens): the forward method's custom rule."""
-  return jnp.sum(_pair_forward(h3, w, b, cfg)[0] * scale)
+  tokens), plus ``sum(hscale * -log q_y)`` (the student's label term at temperature 1) with
+  ``hard = (labels, hscale, bad)``: the forward method's custom rule."""
+  if hard is None:
+    return jnp.sum(_pair_forward(h3, w, b, cfg)[0] * scale)
+  val, hval, _ = _pair_grads(h3, w, b, scale, cfg, (False, False), hard)
+  return jnp.sum(val * scale) + jnp.sum(R.masked_mul(hard[1], hval))
 
 
 def _pair_sum_jvp(primals, tangents):
-  h3, w, b, scale, cfg = primals
-  dh3, dw, db, _, _ = tangents  # the scale comes from the mask: no tangent
+  h3, w, b, scale, cfg, hard = primals
+  dh3, dw, db = tangents[:3]  # the scales come from the masks, the labels are integers
   nz = F._nonzero
   want = tuple(nz(dh3[i]) or nz(dw[i]) or (b[i] is not None and nz(db[i])) for i in (0, 1))
-  val, grads = _pair_grads(h3, w, b, scale, cfg, want)
+  val, hval, grads = _pair_grads(h3, w, b, scale, cfg, want, hard)
   out = jnp.sum(val * scale)
+  if hard is not None:
+    out = out + jnp.sum(R.masked_mul(hard[1], hval))
   tangent = jnp.zeros((), out.dtype)
   for i in (0, 1):
     if grads[i] is None:
@@ -1008,14 +1044,15 @@ def _online_lse(m, s, z):
   return m_new, s * jnp.exp(m - mf) + jnp.sum(jnp.exp(z - mf[:, None]), axis=-1)
 
 
-def _pair_vocab_lse(h, w, b, cfg):
+def _pair_vocab_lse(h, w, b, cfg, at_one=False):
   """Both heads' logsumexps ([N] each) over vocabulary blocks; a head's row of -inf gives
-  -inf (its log-probabilities are then NaN: no distribution, as the reference's)."""
+  -inf (its log-probabilities are then NaN: no distribution, as the reference's).
+  ``at_one``: also the student's at temperature 1 (its hard term), a third [N]."""
   v = w[0].shape[1] if cfg.layout == "dv" else w[0].shape[0]
   axis = 1 if cfg.layout == "dv" else 0
   refs = (*h, *w)
   full = lambda x: F._varying_like(jnp.full(h[0].shape[:1], x, cfg.acc), *refs)
-  init = (full(-jnp.inf), full(0), full(-jnp.inf), full(0))
+  init = (full(-jnp.inf), full(0)) * (3 if at_one else 2)
 
   def block(carry, start, size):
     out = ()
@@ -1023,10 +1060,12 @@ def _pair_vocab_lse(h, w, b, cfg):
       z = _block_logits(h[i], F._cut(w[i], start, size, axis), F._cut(b[i], start, size, 0),
                         cfg)
       out += _online_lse(*carry[2 * i:2 * i + 2], z)
-    return out
+      if i == 0 and at_one:
+        one = _online_lse(*carry[4:6], z * cfg.temperature)
+    return out + (one if at_one else ())
 
-  m_s, s_s, m_t, s_t = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
-  return S.finite(m_s) + jnp.log(s_s), S.finite(m_t) + jnp.log(s_t)
+  out = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
+  return tuple(S.finite(out[k]) + jnp.log(out[k + 1]) for k in range(0, len(out), 2))
 
 
 def _pair_vocab_logprobs(h, w, b, lse, start, size, cfg):
@@ -1054,7 +1093,7 @@ def _pair_vocab_forward(h3, w, b, cfg, beta3=None):
   """``_pair_chunks_forward`` on GPU/TPU: (divergence, residuals), [n_chunks, T]."""
   nc, t = h3[0].shape[:2]
   h = tuple(x.reshape(nc * t, -1) for x in h3)
-  lse = _pair_vocab_lse(h, w, b, cfg)
+  lse = _pair_vocab_lse(h, w, b, cfg)[:2]
   beta = None
   if cfg.kind == "js":
     beta = (jnp.full((nc * t,), cfg.beta, cfg.acc) if beta3 is None
@@ -1064,19 +1103,30 @@ def _pair_vocab_forward(h3, w, b, cfg, beta3=None):
   return jax.tree.map(lambda a: a.reshape(nc, t), out)
 
 
-def _pair_vocab_grads(h3, w, b, scale, cfg, want):
+def _pair_vocab_grads(h3, w, b, scale, cfg, hard, want):
   """``_pair_chunk_grads`` on GPU/TPU: the logsumexps, the parts when the gradients need
-  them, then each block again for its gradients (its dW columns written once)."""
+  them, then each block again for its gradients (its dW columns written once). The hard
+  term's value comes from the student's logsumexp at temperature 1 and its label's logit
+  (one weight column per token), its gradient with the student's blocks."""
   nc, t = h3[0].shape[:2]
   h = tuple(x.reshape(nc * t, -1) for x in h3)
   v = w[0].shape[1] if cfg.layout == "dv" else w[0].shape[0]
   axis = 1 if cfg.layout == "dv" else 0
-  lse = _pair_vocab_lse(h, w, b, cfg)
+  at_one = hard is not None and cfg.temperature != 1.0
+  lse_all = _pair_vocab_lse(h, w, b, cfg, at_one)
+  lse = lse_all[:2]
+  hval = None
+  if hard is not None:
+    y, hsc, bad = (a.reshape(-1) for a in hard)
+    lse1 = lse_all[2] if at_one else lse[0]
+    z_y = F._label_logits(h[0], w[0], b[0], jnp.clip(y, 0, v - 1), _plain(cfg))
+    hval = R.poison_rows(lse1 - z_y, bad)
   known = None
   if _pair_needs_parts(cfg, want) or not any(want):
     known = _pair_vocab_parts(h, w, b, lse, cfg, cfg.beta)
   if not any(want):
-    return _pair_combine(known, cfg, cfg.beta).reshape(nc, t), (None, None)
+    return (_pair_combine(known, cfg, cfg.beta).reshape(nc, t),
+            None if hval is None else hval.reshape(nc, t), (None, None))
   plain = _plain(cfg)
   coef = scale.reshape(-1) / cfg.temperature  # z = (h W + b) / T
   lows = [_low_dtype(h_i, w_i, cfg.acc) for h_i, w_i in zip(h, w)]
@@ -1099,23 +1149,31 @@ def _pair_vocab_grads(h3, w, b, scale, cfg, want):
       if g is None:
         new.append(None)
         continue
-      new.append(_vocab_block_grads(heads[i], g * coef[:, None], hls[i],
-                                    F._cut(w[i], start, size, axis), start, axis, plain,
-                                    lows[i]))
+      g = g * coef[:, None]
+      if i == 0 and hard is not None:  # the hard term, in the untempered logits
+        lq1 = (lq if not at_one else
+               cfg.temperature * (lq + lse[0][:, None]) - lse_all[2][:, None])
+        g = g + R.poison_rows(_hard_terms(lq1, y, start, v, True)[1] * hsc[:, None], bad)
+      new.append(_vocab_block_grads(heads[i], g, hls[i], F._cut(w[i], start, size, axis),
+                                    start, axis, plain, lows[i]))
     return tuple(new), sums
 
   heads, sums = F._vocab_loop(block, (heads, sums), v, min(cfg.accel_block, v))
   val = _pair_combine(known if known is not None else sums, cfg, cfg.beta)
   grads = tuple(None if g is None else (g[0].astype(h3[i].dtype).reshape(h3[i].shape), g[1],
                                         g[2]) for i, g in enumerate(heads))
-  return val.reshape(nc, t), grads
+  return val.reshape(nc, t), None if hval is None else hval.reshape(nc, t), grads
 
 
 def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher_weight, *,
              student_bias, teacher_bias, weight_layout, where, temperature, teacher_grad,
-             reduction, chunk_size, name, beta_tokens=None):
+             reduction, chunk_size, name, beta_tokens=None, labels=None, ignore_index=None,
+             hard_weight=0.0, soft_weight=1.0):
   """The two-head divergence per token, reduced; ``beta_tokens`` ([...], the tokens' shape)
-  gives the JS divergence one weight per token (kind "js")."""
+  gives the JS divergence one weight per token (kind "js"). With ``labels``: ``soft_weight``
+  times the divergence plus ``hard_weight`` times the student's cross-entropy at temperature
+  1, over the tokens ``where`` and ``ignore_index`` keep (a scalar reduction: from the same
+  pass over the blocks)."""
   _checks.reduction(reduction)
   hs, ws, _, bs, v = F.check_head(student_hidden, student_weight, None, student_bias,
                                   weight_layout)
@@ -1136,7 +1194,12 @@ def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher
   scalar = reduction != "none" and beta_tokens is None  # the forward method
   if scalar and chunk_size is None:
     chunk_size = _forward_method_chunk(hs.shape, v, "pair")
-  hs3, _, v2, n, t = F.chunk_tokens(hs, None, where, None, v, chunk_size, name)
+  if labels is not None:
+    labels = _checks.integer(labels, "labels")
+    if labels.shape != hs.shape[:-1]:
+      raise ValueError(f"labels must have the tokens' shape {hs.shape[:-1]}, got "
+                       f"labels.shape={labels.shape}.")
+  hs3, y2, v2, n, t = F.chunk_tokens(hs, labels, where, ignore_index, v, chunk_size, name)
   ht3, _, _, _, _ = F.chunk_tokens(ht, None, where, None, v, t, name)
   hs3 = jnp.where(v2[..., None], hs3, 0)
   ht3 = jnp.where(v2[..., None], ht3, 0)
@@ -1156,8 +1219,18 @@ def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher
     scale = v2.astype(acc)
     if reduction == "mean":
       scale = scale / jnp.where(count == 0, 1, count)
-    return _pair_sum((hs3, ht3), (ws, wt), (bs, bt), scale, cfg)
+    hard = None
+    if labels is not None and hard_weight != 0:
+      hard = (y2, hard_weight * scale, v2 & R.split_labels(y2, v2, v)[1])
+    return _pair_sum((hs3, ht3), (ws, wt), (bs, bt), soft_weight * scale, cfg, hard)
   val = _pair_divergence((hs3, ht3), (ws, wt), (bs, bt), cfg, beta3)
+  if labels is not None:  # per token: the divergence and the student's own log-probabilities
+    val = soft_weight * val
+    if hard_weight != 0:
+      lp = linear_log_probs(student_hidden, student_weight, labels, bias=student_bias,
+                            weight_layout=weight_layout, where=v2.reshape(-1)[:n].reshape(
+                                hs.shape[:-1]))
+      val = val - hard_weight * jnp.pad(lp.reshape(-1), (0, v2.size - n)).reshape(val.shape)
   val = jnp.where(v2, val, 0).reshape(-1)[:n]
   count = jnp.sum(v2).astype(acc)
   out = _checks.reduce(val, reduction, count)
@@ -1345,6 +1418,94 @@ def linear_tv_distance(
                   weight_layout=weight_layout, where=where, temperature=temperature,
                   teacher_grad=teacher_grad, reduction=reduction, chunk_size=chunk_size,
                   name="linear_tv_distance")
+
+
+_DIVERGENCES = {"kl": "forward", "reverse_kl": "reverse", "js": "js", "tv": "tv"}
+
+
+def linear_distillation_loss(
+    student_hidden: ArrayLike,
+    student_weight: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    hard_weight: float = 0.5,
+    soft_weight: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int | None = None,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    weight_layout: str = "dv",
+    where: ArrayLike | None = None,
+    teacher_grad: bool = False,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> Array:
+  r"""Distillation with the labels' loss beside it, from both heads without their logits:
+
+  .. math:: \ell = w_{\text{hard}}\,(-\log q^{(1)}_y)
+     + w_{\text{soft}}\,\mathcal{D}\big(\mathrm{softmax}(z_t/T),
+     \mathrm{softmax}(z_s/T)\big)
+
+  per token, :math:`q^{(1)} = \mathrm{softmax}(z_s)` the student's distribution at
+  temperature 1 and :math:`\mathcal{D}` the forward KL (``"kl"``), the reverse KL
+  (``"reverse_kl"``), the JS divergence with ``beta`` (``"js"``) or the total variation
+  (``"tv"``), as :func:`linear_kl_divergence`, :func:`linear_js_divergence` and
+  :func:`linear_tv_distance` compute them (Liger's fused linear distillation losses with
+  ``weight_hard_loss`` and ``weight_soft_loss``; no :math:`T^2` factor). With a ``"mean"`` or
+  ``"sum"`` reduction the label's term and its gradient come from the same pass over the
+  blocks as the divergence's: the student's logits are computed as often as for the
+  divergence alone (on GPU/TPU, with :math:`T \ne 1`, its first pass gathers one more
+  logsumexp), instead of again for a separate cross-entropy.
+
+  Args:
+    student_hidden, student_weight, teacher_hidden, teacher_weight: as
+      :func:`linear_kl_divergence`.
+    labels: integer ``[...]`` (the tokens' shape), the hard targets.
+    divergence: ``"kl"``, ``"reverse_kl"``, ``"js"`` or ``"tv"``.
+    beta: the JS divergence's :math:`\beta \in [0, 1]` (``"js"`` only; 0 and 1 give the
+      forward and the reverse KL, as Liger's ``beta`` of its JSD loss).
+    hard_weight, soft_weight: the two terms' weights (Python numbers).
+    temperature: :math:`T > 0` of the divergence (static); the label's term is at 1.
+    ignore_index: tokens whose label equals it are dropped from both terms.
+    student_bias, teacher_bias, weight_layout, where, teacher_grad, chunk_size: as
+      :func:`linear_kl_divergence`; ``where`` drops tokens from both terms.
+    reduction: ``"mean"`` (over kept tokens; 0 if none), ``"sum"`` or ``"none"`` (per token:
+      the divergence and :func:`linear_log_probs`, each its own pass).
+
+  Returns:
+    The loss (scalar, or ``[...]`` for ``"none"``, 0 on dropped tokens). NaN for a kept
+    label outside ``[0, V)``; :math:`+\infty` where the student masks the label's class or,
+    for the KL divergences, a class the other distribution keeps.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> h = jnp.ones((3, 2)); w = jnp.log(jnp.array([[1.0, 2.0, 1.0]] * 2)) / 2
+  >>> y = jnp.array([1, 1, 0])
+  >>> loss = jxent.linear_distillation_loss(h, w, h, w, y)  # the same head: CE / 2 only
+  >>> round(float(loss), 4)  # (2 log 2 + log 4) / 3 / 2
+  0.4621
+  """
+  if divergence not in _DIVERGENCES:
+    raise ValueError(f"divergence must be one of {tuple(_DIVERGENCES)}, got {divergence!r}.")
+  for value, what in ((hard_weight, "hard_weight"), (soft_weight, "soft_weight")):
+    _checks.static_number(value, what)
+  kind = _DIVERGENCES[divergence]
+  if kind == "js":  # the end points are the two KL divergences, as linear_js_divergence's
+    beta = _checks.static_number(beta, "beta")
+    if not 0 <= beta <= 1:
+      raise ValueError(f"beta must be in [0, 1], got {beta!r}.")
+    kind = "forward" if beta == 0 else "reverse" if beta == 1 else "js"
+  return _distill(kind, beta if kind == "js" else None, student_hidden, student_weight,
+                  teacher_hidden, teacher_weight, student_bias=student_bias,
+                  teacher_bias=teacher_bias, weight_layout=weight_layout, where=where,
+                  temperature=temperature, teacher_grad=teacher_grad, reduction=reduction,
+                  chunk_size=chunk_size, name="linear_distillation_loss", labels=labels,
+                  ignore_index=ignore_index, hard_weight=float(hard_weight),
+                  soft_weight=float(soft_weight))
 
 
 # ------------------------------------------------- distillation from a teacher's top-k

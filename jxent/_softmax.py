@@ -494,9 +494,9 @@ def poly_loss_cross_entropy(
     logits: ``[..., C, ...]`` floating point; ``-inf`` entries mask classes out.
     labels: probabilities with the shape of ``logits`` (one-hot or soft).
     epsilon: the coefficient :math:`\varepsilon`, a scalar (differentiable: the slope is
-      :math:`1 - p_t`). :math:`\varepsilon = -1` makes the loss's leading term vanish
-      (Poly-1 with the paper's best values lies in :math:`[-1, 2]` or so); 0 is the
-      cross-entropy.
+      :math:`1 - p_t`). 2 is Optax's default; 0 gives the cross-entropy, and -1 removes
+      the leading term :math:`(1 - p_t)` of the cross-entropy's expansion
+      :math:`\sum_j (1 - p_t)^j / j`.
     axis: the class axis.
     where: boolean mask, per-example shape (drops examples: loss 0, gradient 0, out of the
       mean) or the logits' shape (removes classes from the softmax), as

@@ -20,6 +20,9 @@ SHARDED = ["tests/test_sharded.py"]
 PALLAS = ["tests/test_pallas.py", "tests/test_fused.py::test_gradient_filter_tiles"]
 GRADS = ["tests/test_grads.py", "jxent/grads.py"]
 LMHEAD = ["tests/test_lmhead.py"]
+DISTILL = ["tests/test_lmhead.py::test_distillation_with_labels_against_float64",
+           "tests/test_lmhead.py::test_distillation_with_labels_second_order_and_one_pass",
+           "tests/test_lmhead.py::test_distillation_with_labels_edges_and_errors"]
 _STATS_TESTS = ["tests/test_fused.py::test_return_stats_and_token_scaling_against_float64",
                 "tests/test_fused.py::test_return_stats_in_row_pieces_ties_and_nearly_one_hot"]
 # The head's mutants run the tests that exercise the mutated path (test_lmhead.py whole
@@ -405,6 +408,25 @@ MUTANTS = [
     _m("poly-sharp", "jxent/_softmax.py",
        "R.masked_mul(yf, -jnp.expm1(log_p))", "R.masked_mul(yf, 1 - jnp.exp(log_p))",
        "Poly-1: 1 - p rounded (a confident prediction's term lost)", SOFTMAX),
+    _m("distill-hard-grad", "jxent/_lmhead.py",
+       "        g = g + R.poison_rows(g_hard * hsc[:, None], bad)", "        g = g",
+       "distillation with labels (token chunks): the labels' gradient dropped", DISTILL),
+    _m("distill-hard-grad-blocks", "jxent/_lmhead.py",
+       "g = g + R.poison_rows(_hard_terms(lq1, y, start, v, True)[1] * hsc[:, None], bad)",
+       "g = g + R.poison_rows(_hard_terms(lq, y, start, v, True)[1] * hsc[:, None], bad)",
+       "distillation with labels (GPU/TPU blocks): the labels' gradient at temperature T",
+       DISTILL),
+    _m("distill-hard-temperature", "jxent/_lmhead.py",
+       "return lq if cfg.temperature == 1.0 else _block_log_softmax(zs * cfg.temperature)",
+       "return lq",
+       "distillation with labels (token chunks): the labels' term at temperature T", DISTILL),
+    _m("distill-hard-lse", "jxent/_lmhead.py",
+       "lse1 = lse_all[2] if at_one else lse[0]", "lse1 = lse[0]",
+       "distillation with labels (GPU/TPU blocks): the labels' value from the tempered "
+       "logsumexp", DISTILL),
+    _m("distill-hard-value", "jxent/_lmhead.py",
+       "    out = out + jnp.sum(R.masked_mul(hard[1], hval))", "    out = out",
+       "distillation with labels: the labels' term left out of the value", DISTILL),
     _m("info-sharp-log-softmax", "jxent/_information.py",
        "shifted - R.sharpen(lse, rest)", "shifted - lse",
        "log_softmax: the top class's tiny log-probability rounded to 0", INFO),

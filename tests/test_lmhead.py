@@ -687,6 +687,142 @@ def ref_topk(h, w, b, layout="dv", idx=TOPK, lpt=TOPK_LP):
   return jnp.where(MASK, out, 0)
 
 
+# ------------------------------------------------- distillation with the labels' loss
+
+_KINDS = {"kl": "forward", "reverse_kl": "reverse", "js": "js", "tv": "tv"}
+Y_HARD = np.where(np.arange(N) % 9 == 4, -100, Y)  # some ignored tokens
+
+
+def ref_distill(hs, ws, bs, ht, wt, bt, divergence, beta, hard, soft, layout="dv"):
+  """float64 per-token hard_weight * CE(student at T = 1) + soft_weight * divergence."""
+  keep = MASK & (Y_HARD != -100)
+  lq1 = ref_log_softmax(hs, ws, bs, layout, 1.0)
+  ce = -jnp.take_along_axis(lq1, jnp.asarray(np.clip(Y_HARD, 0, V - 1))[:, None], -1)[:, 0]
+  d = ref_pair(hs, ws, bs, ht, wt, bt, _KINDS[divergence], beta, layout, mask=keep)
+  return jnp.where(keep, hard * ce + soft * d, 0)
+
+
+def fused_distill(hs, ws, bs, ht, wt, bt, divergence, beta, hard, soft, layout="dv", **kw):
+  return jxent.linear_distillation_loss(
+      hs, ws, ht, wt, Y_HARD, divergence=divergence, beta=beta, hard_weight=hard,
+      soft_weight=soft, temperature=TEMP, ignore_index=-100, student_bias=bs, teacher_bias=bt,
+      weight_layout=layout, where=MASK, chunk_size=8, **kw)
+
+
+@pytest.mark.parametrize("divergence, layout, impl", [
+    ("kl", "dv", "platform"), ("reverse_kl", "vd", "accelerator"), ("js", "vd", "platform"),
+    ("js", "dv", "accelerator"), ("tv", "dv", "platform"), ("kl", "vd", "accelerator")],
+    indirect=["impl"])
+def test_distillation_with_labels_against_float64(divergence, layout, impl):
+  # Every reduction, values and gradients in every argument (the teacher's with
+  # teacher_grad) under a non-uniform cotangent, ignored and masked tokens, T != 1 for the
+  # divergence and T = 1 for the labels' term.
+  ws, wt = (W, WT) if layout == "dv" else (W.T, WT.T)
+  args = (H, ws, B, HT, wt, BT)
+  opts = (divergence, 0.3, 0.6, 1.3, layout)
+  keep = MASK & (Y_HARD != -100)
+  with jax.enable_x64(True):
+    a64 = f64(*args)
+    want = np.asarray(ref_distill(*a64, *opts))
+    cot = jnp.asarray(COT)
+    g_want = jax.grad(lambda *a: jnp.sum(cot * ref_distill(*a, *opts)),
+                      argnums=tuple(range(6)))(*a64)
+    gm_want = jax.grad(lambda *a: 1.7 * jnp.sum(ref_distill(*a, *opts)) / keep.sum(),
+                       argnums=tuple(range(6)))(*a64)
+  for reduction, value in (("none", want), ("sum", want.sum()),
+                           ("mean", want.sum() / keep.sum())):
+    got = jax.jit(lambda *a: fused_distill(*a, *opts, reduction=reduction))(*args)
+    assert rel(got, value) < 1e-5, reduction
+  none = lambda *a: fused_distill(*a, *opts, reduction="none", teacher_grad=True)
+  g = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.asarray(COT, jnp.float32) * none(*a)),
+                       argnums=tuple(range(6))))(*args)
+  mean = lambda *a: 1.7 * fused_distill(*a, *opts, teacher_grad=True)
+  gm = jax.jit(jax.grad(mean, argnums=tuple(range(6))))(*args)
+  for name, a, b, c, d in zip(["hs", "ws", "bs", "ht", "wt", "bt"], g, g_want, gm, gm_want):
+    assert rel(a, b) < 1e-5, name
+    assert rel(c, d) < 1e-5, name
+  # The teacher has no gradient by default; the labels' term alone is the cross-entropy.
+  g0 = jax.jit(jax.grad(lambda *a: fused_distill(*a, *opts), argnums=(3, 4, 5)))(*args)
+  assert all(np.all(x == 0) for x in g0)
+  ce = jxent.linear_cross_entropy(H, ws, jnp.asarray(Y_HARD), bias=B, weight_layout=layout,
+                                  where=MASK, ignore_index=-100)
+  np.testing.assert_allclose(fused_distill(*args, divergence, 0.3, 1.0, 0.0, layout), ce,
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["platform", "accelerator"], indirect=True)
+def test_distillation_with_labels_second_order_and_one_pass(impl):
+  # float64: the scalar rule's Hessian-vector products against the dense formula; the
+  # labels' term shares the divergence's loops (a derivative of the combined loss has as
+  # many as that of the divergence alone, fewer than the two functions called apart).
+  with jax.enable_x64(True):
+    args = tuple(f64(H[:10], W[:, :12], B[:12]))
+    ht, wt, bt = f64(HT[:10], WT[:, :12], BT[:12])
+    y = jnp.asarray(np.where(np.arange(10) == 3, -100, Y[:10] % 12))
+    keep = MASK[:10] & (np.asarray(y) != -100)
+
+    def f(hs, ws, bs):
+      return jxent.linear_distillation_loss(
+          hs, ws, ht, wt, y, divergence="js", beta=0.3, hard_weight=0.4, soft_weight=0.9,
+          temperature=TEMP, ignore_index=-100, student_bias=bs, teacher_bias=bt,
+          where=MASK[:10], chunk_size=4)
+
+    def r(hs, ws, bs):
+      lq1 = ref_log_softmax(hs, ws, bs, "dv", 1.0)
+      ce = -jnp.take_along_axis(lq1, jnp.clip(y, 0, 11)[:, None], -1)[:, 0]
+      d = ref_pair(hs, ws, bs, ht, wt, bt, "js", 0.3, mask=keep)
+      return jnp.sum(jnp.where(keep, 0.4 * ce + 0.9 * d, 0)) / keep.sum()
+
+    f = jax.jit(f)
+    t = tuple(jnp.cos(a) for a in args)
+    for a, b in zip(jax.grad(f, argnums=(0, 1, 2))(*args), jax.grad(r, argnums=(0, 1, 2))(*args)):
+      assert rel(a, b) < 1e-12
+    hvp = lambda g: jax.jvp(jax.grad(g, argnums=(0, 1, 2)), args, t)[1]
+    for a, b in zip(hvp(f), hvp(r)):
+      assert rel(a, b) < 1e-12
+    check_grads(f, args, order=1, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+
+    def loops(fn):
+      jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(*args)
+      return str(jaxpr).count("scan[") + str(jaxpr).count("while[")
+
+    alone = lambda hs, ws, bs: jxent.linear_js_divergence(
+        hs, ws, ht, wt, beta=0.3, student_bias=bs, teacher_bias=bt, temperature=TEMP,
+        where=MASK[:10], chunk_size=4)
+    apart = lambda hs, ws, bs: alone(hs, ws, bs) + jxent.linear_cross_entropy(
+        hs, ws, y, bias=bs, where=MASK[:10], ignore_index=-100, chunk_size=4)
+    assert loops(f) == loops(alone) < loops(apart)
+
+
+def test_distillation_with_labels_edges_and_errors():
+  hs, ws, ht, wt = H[:6], W, HT[:6], WT
+  y = jnp.asarray(Y[:6]).at[2].set(V)  # a kept label outside [0, V): NaN, loudly
+  for reduction in ("mean", "none"):
+    out = np.asarray(jxent.linear_distillation_loss(hs, ws, ht, wt, y, reduction=reduction))
+    assert np.isnan(out).any() if reduction == "mean" else (
+        np.isnan(out[2]) and np.all(np.isfinite(np.delete(out, 2))))
+  g = jax.grad(lambda h: jxent.linear_distillation_loss(h, ws, ht, wt, y, reduction="sum"))(hs)
+  assert np.all(np.isnan(g[2])) and np.all(np.isfinite(np.delete(np.asarray(g), 2, 0)))
+  # hard_weight 0: the divergence alone, scaled.
+  np.testing.assert_allclose(
+      jxent.linear_distillation_loss(hs, ws, ht, wt, y, hard_weight=0.0, soft_weight=2.0),
+      2 * jxent.linear_kl_divergence(hs, ws, ht, wt), rtol=1e-6)
+  with pytest.raises(ValueError, match="divergence must be one of"):
+    jxent.linear_distillation_loss(hs, ws, ht, wt, y, divergence="kld")
+  with pytest.raises(ValueError, match="beta must be in"):
+    jxent.linear_distillation_loss(hs, ws, ht, wt, y, divergence="js", beta=1.5)
+  # JS's end points are the KL divergences (Liger's beta of its JSD loss).
+  ok = jnp.asarray(Y[:6])
+  for beta, direction in ((0.0, "kl"), (1.0, "reverse_kl")):
+    np.testing.assert_allclose(
+        jxent.linear_distillation_loss(hs, ws, ht, wt, ok, divergence="js", beta=beta),
+        jxent.linear_distillation_loss(hs, ws, ht, wt, ok, divergence=direction), rtol=1e-6)
+  with pytest.raises(ValueError, match="labels must have the tokens' shape"):
+    jxent.linear_distillation_loss(hs, ws, ht, wt, y[:5])
+  with pytest.raises(TypeError, match="labels"):
+    jxent.linear_distillation_loss(hs, ws, ht, wt, jnp.zeros(6))
+
+
 @pytest.mark.parametrize("layout, impl", [("dv", "platform"), ("vd", "platform"),
                                           ("vd", "accelerator")], indirect=["impl"])
 def test_topk_kl_values_and_gradients_against_float64(layout, impl, monkeypatch):

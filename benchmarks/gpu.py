@@ -832,8 +832,11 @@ def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=()
   if head_rows:
     out += ["", "Language-model head quantities, bfloat16, weight [V, D], the token mean under "
             "`jit(value_and_grad)` in h and W (`reduction=\"mean\"`; \"/token\": the mean "
-            "of the per-token output; kl, js (beta 0.5): from a teacher head without "
-            "gradient; topk_kl: from the teacher's 32 most likely classes). "
+            "of the per-token output; kl, js (beta 0.5), tv: from a teacher head without "
+            "gradient; topk_kl: from the teacher's 32 most likely classes; "
+            "log_probs+entropy: both outputs' means, from one call (return_entropy) or two; "
+            "kl+ce: half the forward KL and half the labels' cross-entropy, from "
+            "linear_distillation_loss or two calls). "
             "\"jxent token chunks\": the same functions forced to their reference (XLA:CPU) "
             "form; XLA: compiled scratch + outputs:", "",
             "| size | quantity | variant | ms | time / unfused JAX | XLA MiB | value rel. diff "

@@ -290,6 +290,29 @@ def _kernel_args(z, y, valid, cmask, class_weights, label_smoothing, z_loss):
   return zm, y, valid, w, opts.label_smoothing, cmask, opts.z_loss
 
 
+def _soft_label_args(logits, labels, axis, where):
+  """Checked ``(z [N, C], y [N, C], batch_shape, example_mask, class_mask)`` of a loss with
+  probability labels."""
+  logits = _checks.as_array(logits, "logits")
+  z, batch_shape, axis = flatten_logits(logits, axis)
+  labels = _checks.as_array(labels, "labels")
+  if not jnp.issubdtype(labels.dtype, jnp.floating):
+    raise TypeError(
+        f"labels must be floating-point probabilities with logits' shape {jnp.shape(logits)}, "
+        f"got dtype {labels.dtype}; for class ids use "
+        "softmax_cross_entropy_with_integer_labels."
+    )
+  if labels.shape != jnp.shape(logits):
+    raise ValueError(
+        f"labels must have the same shape as logits, got labels.shape={labels.shape} and "
+        f"logits.shape={jnp.shape(logits)}."
+    )
+  _checks.check_probabilities(labels, axis, "labels")
+  y = move_class_axis(labels, axis).reshape(z.shape)
+  valid, cmask = split_where(where, jnp.shape(logits), batch_shape, axis)
+  return z, y, batch_shape, valid, cmask
+
+
 # ---------------------------------------------------------------------- public losses
 
 
@@ -349,23 +372,7 @@ def softmax_cross_entropy(
   Array([0.5108], dtype=float32)
   """
   _checks.reduction(reduction)
-  logits = _checks.as_array(logits, "logits")
-  z, batch_shape, axis = flatten_logits(logits, axis)
-  labels = _checks.as_array(labels, "labels")
-  if not jnp.issubdtype(labels.dtype, jnp.floating):
-    raise TypeError(
-        f"labels must be floating-point probabilities with logits' shape {jnp.shape(logits)}, "
-        f"got dtype {labels.dtype}; for class ids use "
-        "softmax_cross_entropy_with_integer_labels."
-    )
-  if labels.shape != jnp.shape(logits):
-    raise ValueError(
-        f"labels must have the same shape as logits, got labels.shape={labels.shape} and "
-        f"logits.shape={jnp.shape(logits)}."
-    )
-  _checks.check_probabilities(labels, axis, "labels")
-  y = move_class_axis(labels, axis).reshape(z.shape)
-  valid, cmask = split_where(where, jnp.shape(logits), batch_shape, axis)
+  z, y, batch_shape, valid, cmask = _soft_label_args(logits, labels, axis, where)
   args = _kernel_args(z, y, valid, cmask, class_weights, label_smoothing, z_loss)
   if reduction == "none":
     return soft_loss(*args).reshape(batch_shape)
@@ -484,8 +491,8 @@ def poly_loss_cross_entropy(
 
   .. math:: \ell = -\sum_c y_c \log p_c + \varepsilon\,(1 - p_t)
 
-  (``optax.losses.poly_loss_cross_entropy``). The cross-entropy is
-  :func:`softmax_cross_entropy`'s, with its gradient rule; :math:`1 - p_t` is taken as
+  (``optax.losses.poly_loss_cross_entropy``). Both terms come from one log-softmax;
+  :math:`1 - p_t` is taken as
   :math:`\sum_c y_c (1 - p_c)` with :math:`1 - p_c = -\operatorname{expm1}(\log p_c)`, so a
   confident prediction's :math:`1 - p_t` of 1e-8 keeps its relative accuracy (the same for
   labels that sum to one; ``1 - p_t`` would round it to 0).
@@ -514,31 +521,34 @@ def poly_loss_cross_entropy(
   Array([1.3108], dtype=float32)
   """
   _checks.reduction(reduction)
-  ce = softmax_cross_entropy(logits, labels, axis=axis, where=where)  # checks the arguments
+  z, y, batch_shape, valid, cmask = _soft_label_args(logits, labels, axis, where)
   eps = _checks.floating(epsilon, "epsilon")
   if eps.ndim != 0:
     raise ValueError(f"epsilon must be a scalar, got epsilon.shape={eps.shape}.")
-  z, batch_shape, axis = flatten_logits(logits, axis)
-  y = move_class_axis(_checks.as_array(labels, "labels"), axis).reshape(z.shape)
-  valid, cmask = split_where(where, jnp.shape(logits), batch_shape, axis)
   valid = _masks(valid, cmask)
-  m, r = R.lse_parts(R.apply_class_mask(z, cmask))
-  # log p from the sharp r: the top class's log p keeps its relative accuracy, and with it
-  # 1 - p there. A row without mass (dropped) gets r = 0 here, not NaN.
-  log_p = (R.apply_class_mask(z, cmask).astype(m.dtype) - m[:, None]) - jnp.where(
-      jnp.isfinite(r), r, 0)[:, None]
-  yf = y.astype(m.dtype)
+  zm = R.apply_class_mask(z, cmask)
+  _checks.check_logits(zm, valid, "logits")
+  # Both terms from one log-softmax, r sharp: the top class's log p (and 1 - p there) keeps
+  # its relative accuracy.
+  yf = y.astype(R.acc_dtype(z.dtype))
+  if valid is not None:  # a dropped row's values (NaN, a row without a kept class) reach
+    # neither the loss nor a gradient: its logits and labels are replaced by 0
+    zm = jnp.where(valid[:, None], zm, 0)
+    yf = jnp.where(valid[:, None], yf, 0)
+  m, r = R.lse_parts(zm)
+  log_p = (zm.astype(m.dtype) - m[:, None]) - jnp.where(jnp.isfinite(r), r, 0)[:, None]
+  ce = -jnp.sum(R.masked_mul(yf, log_p), axis=-1)  # 0 * -inf is 0: a masked class's label 0
   # sum_c y_c (1 - p_c) is 1 - p_t in value (labels sum to one); as a function of the labels
   # the term is 1 - sum_c y_c p_c, whose slope in y_c is -p_c: the row sum's own slope is
   # taken out (a term that is 0 in value).
   y_sum = jnp.sum(yf, axis=-1)
   one_minus = (jnp.sum(R.masked_mul(yf, -jnp.expm1(log_p)), axis=-1)
                - (y_sum - jax.lax.stop_gradient(y_sum)))
+  loss = ce + eps.astype(m.dtype) * one_minus
   if valid is not None:
-    one_minus = jnp.where(valid, one_minus, 0)
-  loss = ce + eps.astype(m.dtype) * one_minus.reshape(batch_shape)
+    loss = jnp.where(valid, loss, 0)
   if reduction == "none":
-    return loss
+    return loss.reshape(batch_shape)
   if reduction == "sum":
     return jnp.sum(loss)
   return _checks.mean_of(jnp.sum(loss), z.shape[0] if valid is None else jnp.sum(valid))

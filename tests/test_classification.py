@@ -826,6 +826,17 @@ def test_poly_loss_against_float64_and_optax():
   assert np.isnan(optax.losses.poly_loss_cross_entropy(z[:1], y[:1])[0])
   assert np.all(np.isfinite(jax.grad(lambda z: jnp.sum(
       jxent.poly_loss_cross_entropy(z, y[:2])))(z[:2])))
+  # A dropped example's NaN, and a row without a kept class, reach no gradient.
+  zn = np.array(Z[:3])
+  zn[1, 0] = np.nan
+  g = jax.grad(lambda z: jxent.poly_loss_cross_entropy(
+      z, Y_SOFT[:3], where=np.array([True, False, True]), reduction="sum"))(zn)
+  assert np.all(g[1] == 0) and np.all(np.isfinite(g))
+  none_kept = np.ones((3, C), bool)
+  none_kept[1] = False
+  g = jax.grad(lambda z: jxent.poly_loss_cross_entropy(z, Y_SOFT[:3], where=none_kept,
+                                                       reduction="sum"))(Z[:3])
+  assert np.all(g[1] == 0) and np.all(np.isfinite(g))
   # bfloat16 logits accumulate in float32.
   out = jxent.poly_loss_cross_entropy(Z.astype(jnp.bfloat16), Y_SOFT)
   assert out.dtype == jnp.float32

@@ -221,25 +221,33 @@ def _vocab_block_grads(grads, g, hl, w_j, start, axis, plain, low):
 
 
 def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
-  """``_one_head_grads`` for the log-probabilities and the entropy on GPU/TPU: the
-  statistics over vocabulary blocks, then each block again for its gradient."""
+  """``_one_head_grads`` for the log-probabilities (or a loss function of them) and the
+  entropy on GPU/TPU: the statistics over vocabulary blocks, then each block again for its
+  gradient."""
   nc, t, d = h3.shape
   h = h3.reshape(nc * t, d)
-  y, valid = (a.reshape(-1) for a in data)
+  y, valid = (a.reshape(-1) for a in data[:2])
   v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
   axis = 1 if cfg.layout == "dv" else 0
   lse, ent, z_y = _vocab_stats(h, y, w, b, cfg)
   _, bad = R.split_labels(y, valid, v)
-  if kind == "log_probs":
+  fn = isinstance(kind, _TokenFn)
+  slope = g_lp = None
+  if kind == "log_probs" or fn:
     val = R.poison_rows(jnp.where(valid, z_y - lse, 0), bad)
+    if fn:
+      val, g_lp, slope = kind.terms(
+          val, valid, tuple(a.reshape((nc * t,) + a.shape[2:]) for a in data[2]))
+      slope = tuple(a.reshape((nc, t) + a.shape[1:]) for a in slope)
   else:
     val = jnp.where(valid, ent, 0)
   if not want:
-    return val.reshape(nc, t), None, None
+    return val.reshape(nc, t), slope, None
   plain = _plain(cfg)
   low = _low_dtype(h, w, cfg.acc)
   hl = h.astype(low)
   coef = scale.reshape(-1) / cfg.temperature  # z = (h W + b) / T
+  coef = coef if g_lp is None else coef * g_lp
   lse_f = S.finite(lse)
   floor = jnp.asarray(jnp.finfo(cfg.acc).min / 4, cfg.acc)
   init = _grads_init(h, w, b, cfg.acc, h, w, b, coef)
@@ -249,7 +257,7 @@ def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
     z = _block_logits(h, w_j, F._cut(b, start, size, 0), cfg)
     zl = z - lse_f[:, None]
     p = jnp.exp(zl)
-    if kind == "log_probs":
+    if kind == "log_probs" or fn:
       onehot = (jnp.arange(size) + start)[None, :] == y[:, None]
       g = R.poison_rows(jnp.where(onehot, 1 - p, -p), bad)
     else:
@@ -257,7 +265,7 @@ def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
     return _vocab_block_grads(carry, g * coef[:, None], hl, w_j, start, axis, plain, low)
 
   dh, dw, db = F._vocab_loop(block, init, v, min(cfg.accel_block, v))
-  return val.reshape(nc, t), None, (dh.astype(h3.dtype).reshape(nc, t, d), dw, db)
+  return val.reshape(nc, t), slope, (dh.astype(h3.dtype).reshape(nc, t, d), dw, db)
 
 
 # ------------------------------------------- a scalar quantity of one head: the forward method
@@ -283,9 +291,46 @@ def _topk_value(lse, lse_rest, z_i, lpt):
   return top + rest
 
 
+class _TokenFn:
+  """The one-head kind of :func:`linear_log_prob_loss`: a function of each token's label
+  log-probability and its per-token arguments, applied token by token (``jax.vmap`` over
+  scalars, so the loss of one token cannot read another's). Hashable by the function, so
+  that it is a static argument of the custom rule."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __hash__(self):
+    return hash(self.fn)
+
+  def __eq__(self, other):
+    return isinstance(other, _TokenFn) and other.fn == self.fn
+
+  def terms(self, lp, valid, args):
+    """(values, their slopes in log p, their slopes in each argument), each [T], 0 on
+    dropped tokens (there the function sees log p = 0 and its value is discarded)."""
+    # Dropped tokens' inputs held constant: a derivative that is singular there (log(-lp)
+    # at lp = 0) then reaches no gradient, not even as 0 * inf.
+    hold = lambda a: jnp.where(_trailing(valid, a), a, jax.lax.stop_gradient(a))
+    val, vjp = jax.vjp(jax.vmap(self.fn), hold(lp), *map(hold, args))
+    if jnp.shape(val) != lp.shape or not jnp.issubdtype(val.dtype, jnp.floating):
+      raise ValueError("linear_log_prob_loss's loss_fn must map scalars (a log-probability "
+                       "and one entry of each token argument) to one float scalar; applied "
+                       f"over {lp.shape[0]} tokens it gave {jax.typeof(val)}.")
+    g_lp, *slopes = vjp(jnp.ones_like(val))
+    keep = lambda a: jnp.where(_trailing(valid, a), a, 0).astype(lp.dtype)
+    return keep(val), keep(g_lp), tuple(keep(s) for s in slopes)
+
+
+def _trailing(a, like):
+  """``a`` ([tokens...]) with ones appended to its shape up to ``like``'s rank."""
+  return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
+
+
 def _one_head_chunk(z, data, kind, want):
-  """(value [T], its gradient in the (tempered) logits [T, V] or None, top-k only: its slope
-  in the teacher's log-probabilities [T, k]) of one chunk of kept or dropped tokens."""
+  """(value [T], its gradient in the (tempered) logits [T, V] or None, the slopes of the value
+  in the per-token data: top-k: in the teacher's log-probabilities [T, k]; a loss function
+  (``_TokenFn``): in each of its arguments, [T]) of one chunk of kept or dropped tokens."""
   if kind == "topk":
     idx, lpt, valid = data
     zr = _masked_topk(z, idx, 0)
@@ -301,17 +346,22 @@ def _one_head_chunk(z, data, kind, want):
     g = g_lse[:, None] * q + g_rest[:, None] * q_rest
     g = g.at[jnp.arange(z.shape[0])[:, None], idx].add(g_zi)
     return val, g, slope
-  y, valid = data
+  y, valid = data[:2]
   lse, ent, z_y, _ = S.chunk_stats(z, y)
   zl = z - S.finite(lse)[:, None]
   p = jnp.exp(zl)
-  if kind == "log_probs":
+  fn = isinstance(kind, _TokenFn)
+  if kind == "log_probs" or fn:
     _, bad = R.split_labels(y, valid, z.shape[-1])
     val = R.poison_rows(jnp.where(valid, z_y - lse, 0), bad)
+    slope = g_lp = None
+    if fn:  # the loss of log p: its slope in log p scales log p's gradient
+      val, g_lp, slope = kind.terms(val, valid, data[2])
     if not want:
-      return val, None, None
+      return val, None, slope
     onehot = jnp.arange(z.shape[-1])[None, :] == y[:, None]
-    return val, R.poison_rows(jnp.where(onehot, 1 - p, -p), bad), None
+    g = R.poison_rows(jnp.where(onehot, 1 - p, -p), bad)
+    return val, g if g_lp is None else g * g_lp[:, None], slope
   val = jnp.where(valid, ent, 0)  # entropy
   if not want:
     return val, None, None
@@ -361,7 +411,8 @@ def _one_head_chunk_grads(h3, w, b, data, scale, cfg, kind, want):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
 def _one_head_sum(h3, w, b, data, scale, cfg, kind):
   """``sum(scale * value)`` over [n_chunks, T] tokens (scale 0 on dropped ones): the forward
-  method's custom rule; ``data`` holds (labels, kept) or (top-k indices, log-probs, kept)."""
+  method's custom rule; ``data`` holds (labels, kept), (labels, kept, a loss function's
+  per-token arguments) or (top-k indices, log-probs, kept)."""
   return jnp.sum(_one_head_grads(h3, w, b, data, scale, cfg, kind, False)[0] * scale)
 
 
@@ -377,6 +428,10 @@ def _one_head_sum_jvp(kind, primals, tangents):
     tangent = tangent + jnp.sum(val * dscale)
   if kind == "topk" and nz(ddata[1]):
     tangent = tangent + jnp.sum(scale[..., None] * slope * ddata[1])
+  if isinstance(kind, _TokenFn):  # the loss function's per-token arguments
+    for s, da in zip(slope, ddata[2]):
+      if nz(da):
+        tangent = tangent + jnp.sum(_trailing(scale, s) * s * da)
   if want:
     gh, gw, gb = grads
     if nz(dh3):
@@ -568,6 +623,116 @@ def linear_log_probs(
     return _label_log_probs(z_y, lse, y2, v2, v)
 
   return _reduce_tokens("log_probs", h3, w, b, (y2, v2), v2, wt, cfg, reduction, per_token,
+                        unflat)
+
+
+def linear_log_prob_loss(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    loss_fn,
+    token_args: tuple = (),
+    *,
+    bias: ArrayLike | None = None,
+    weight_layout: str = "dv",
+    where: ArrayLike | None = None,
+    temperature: float = 1.0,
+    weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> Array:
+  r"""A loss of each token's label log-probability, :math:`\ell(\log p_{y_i}, a_i)`, fused.
+
+  .. math:: L = \sum_i w_i\, \ell(\log p_{y_i}, a_{i,1}, \dots, a_{i,k}), \qquad
+     \log p_y = \log \mathrm{softmax}((h W + b) / T)_y,
+
+  one ``[chunk_size, V]`` block of logits at a time. ``loss_fn`` sees one token: a scalar
+  log-probability and one scalar of each array in ``token_args`` (it is applied with
+  ``jax.vmap`` over the tokens), e.g. a clipped policy-gradient objective of the probability
+  ratio :math:`e^{\log p - \log p_\text{old}}` and an advantage
+  (:func:`linear_policy_loss` is one). Its gradient in the logits is
+  :math:`w_i\, \ell'(\log p_{y_i})\, (\mathrm{onehot}(y_i) - p_i) / T`: with ``"mean"`` or
+  ``"sum"`` it is formed beside the value, chunk by chunk, so each block of logits is computed
+  once (6 N·D·V flops, as the unfused computation; per-token log-probabilities of
+  :func:`linear_log_probs` followed by the loss take any cotangent, and their derivative
+  computes the blocks again: 8 N·D·V). Differentiable with respect to ``hidden``, ``weight``,
+  ``bias``, ``weights`` and ``token_args`` in every autodiff mode, to any order ``loss_fn``
+  allows.
+
+  Args:
+    hidden: ``[..., D]`` activations (bf16 and f16 are accumulated in float32).
+    weight: ``[D, V]`` (``weight_layout="dv"``) or ``[V, D]`` (``"vd"``).
+    labels: integer ``[...]`` token ids (``hidden``'s shape without D).
+    loss_fn: ``loss_fn(log_prob, *args) -> loss``, scalars in, one float scalar out; pure
+      and written with ``jax.numpy``. Float values it closes over (a traced coefficient)
+      are found with ``jax.closure_convert`` and handed to each token like ``token_args``
+      (differentiable; each is copied per token, so close over small values only).
+    token_args: a tuple of float arrays broadcastable to ``labels``' shape, each token's
+      extra arguments of ``loss_fn`` (taken in the accumulation dtype: float32, float64 for
+      float64 inputs).
+    bias: optional ``[V]``.
+    weight_layout: ``"dv"`` or ``"vd"``.
+    where: optional boolean ``[...]``: tokens to keep; a dropped token adds nothing and gets
+      no gradient (``loss_fn`` is evaluated there at log p = 0 and its value discarded).
+    temperature: :math:`T > 0`, a Python number (static).
+    weights: optional float ``[...]`` per-token weights :math:`w_i` (1 by default), as
+      :func:`linear_log_probs`'s: ``"mean"`` divides by their sum over kept tokens.
+    reduction: ``"mean"`` (over kept tokens; 0 if none), ``"sum"`` or ``"none"``.
+    chunk_size: tokens per block on CPU; default: a ``[chunk, V]`` float32 block of ~32 MiB.
+      On GPU and TPU the blocks are vocabulary columns of all tokens instead (~128 MiB of
+      float32 logits; ``chunk_size`` unused).
+
+  Returns:
+    The reduced loss, or ``[...]`` per-token losses (0 on dropped tokens) for ``"none"``,
+    in float32 (float64 for float64 inputs). A kept label outside ``[0, V)`` gives the
+    token a log-probability of NaN, which ``loss_fn`` passes on.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> h = jnp.ones((3, 2)); w = jnp.zeros((2, 4)); y = jnp.array([0, 1, 3])
+  >>> adv = jnp.array([1.0, -1.0, 2.0])
+  >>> # -advantage * log p (REINFORCE), summed: (1 - 1 + 2) * log 4
+  >>> float(jxent.linear_log_prob_loss(h, w, y, lambda lp, a: -a * lp, (adv,),
+  ...                                  reduction="sum"))  # doctest: +ELLIPSIS
+  2.77258...
+  """
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable, got {loss_fn!r}.")
+  if not isinstance(token_args, (tuple, list)):
+    raise TypeError("token_args must be a tuple of arrays (each token's extra arguments of "
+                    f"loss_fn), got {type(token_args).__name__}.")
+  h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
+                                              where, temperature, chunk_size,
+                                              "linear_log_prob_loss", reduction,
+                                              "log_probs")
+  batch, n = jnp.shape(hidden)[:-1], _num_tokens(hidden)
+  args = []
+  for i, a in enumerate(token_args):
+    a = _checks.floating(a, f"token_args[{i}]")
+    try:
+      args.append(jnp.broadcast_to(a, batch).astype(cfg.acc))
+    except ValueError:
+      raise ValueError(f"token_args[{i}] must broadcast to labels' shape {batch}, got shape "
+                       f"{a.shape}.") from None
+  # Float values the function closes over become arguments of each token (broadcast), so
+  # that they are inputs of the custom rule (a traced one would otherwise leak from it).
+  fn, consts = jax.closure_convert(loss_fn, jnp.zeros((), cfg.acc),
+                                   *(jnp.zeros((), cfg.acc) for _ in args))
+  fn = fn if consts else loss_fn  # the caller's function: the same rule on every call
+  args += [jnp.broadcast_to(c, batch + jnp.shape(c)) for c in consts]
+  pad = lambda a: jnp.pad(a.reshape((n,) + a.shape[len(batch):]),
+                          [(0, v2.size - n)] + [(0, 0)] * (a.ndim - len(batch)))
+  args = tuple(pad(a).reshape(v2.shape + a.shape[len(batch):]) for a in args)
+  kind = _TokenFn(fn)
+  wt = _token_weights(weights, batch, v2, n, cfg.acc)
+
+  def per_token():
+    lse, _, z_y = _head_stats(h3, w, b, y2, cfg)
+    lp = _label_log_probs(z_y, lse, y2, v2, v)
+    flat = tuple(a.reshape((v2.size,) + a.shape[2:]) for a in args)
+    return kind.terms(lp, v2.reshape(-1), flat)[0]
+
+  return _reduce_tokens(kind, h3, w, b, (y2, v2, args), v2, wt, cfg, reduction, per_token,
                         unflat)
 
 

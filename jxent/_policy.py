@@ -1,0 +1,334 @@
+"""Clipped policy-gradient losses (PPO, GRPO and its variants) on per-token log-probabilities.
+
+Per token, with the probability ratio :math:`r = e^{\\log p - \\log p_\\text{old}}` and an
+advantage :math:`A`, PPO's clipped surrogate
+
+.. math:: \\ell = -\\min(r A, \\mathrm{clip}(r, 1 - \\epsilon_\\text{low}, 1 +
+   \\epsilon_\\text{high}) A) + \\beta \\left(e^{\\log p_\\text{ref} - \\log p} -
+   (\\log p_\\text{ref} - \\log p) - 1\\right),
+
+the last term the "k3" estimate of :math:`\\mathrm{KL}(p \\| p_\\text{ref})`, and one of the
+normalisations of GRPO's family (the sum over the tokens with per-token weights). Each
+token's loss is a function of its own log-probability: :func:`linear_policy_loss` computes it
+from a linear head with :func:`jxent.linear_log_prob_loss`, each block of logits once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jxent import _checks
+from jxent._lmhead import linear_log_prob_loss
+
+Array = jax.Array
+
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo", "cispo", "sapo")
+
+
+class _Options:
+  """The static options of the per-token loss (Python numbers and flags)."""
+
+  def __init__(self, loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures,
+               bias_corrected_kl):
+    if loss_type not in LOSS_TYPES:
+      raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    self.loss_type = loss_type
+    self.eps_low = _checks.static_number(epsilon_low, "epsilon_low")
+    self.eps_high = (self.eps_low if epsilon_high is None
+                     else _checks.static_number(epsilon_high, "epsilon_high"))
+    if self.eps_low < 0 or self.eps_high < 0:
+      raise ValueError(f"epsilon_low and epsilon_high must be >= 0, got {epsilon_low!r} and "
+                       f"{epsilon_high!r}.")
+    self.beta = _checks.static_number(beta, "beta")
+    self.delta = None if delta is None else _checks.static_number(delta, "delta")
+    if self.delta is not None and not self.delta > 1:
+      raise ValueError(f"delta (the upper clamp of the ratio) must exceed 1, got {delta!r}.")
+    try:
+      pos, neg = sapo_temperatures
+    except (TypeError, ValueError):
+      raise TypeError("sapo_temperatures must be a pair of numbers (positive advantages, "
+                      f"negative ones), got {sapo_temperatures!r}.") from None
+    self.tau = (_checks.static_number(pos, "sapo_temperatures[0]"),
+                _checks.static_number(neg, "sapo_temperatures[1]"))
+    if not min(self.tau) > 0:
+      raise ValueError(f"sapo_temperatures must be positive, got {sapo_temperatures!r}.")
+    self.bias_corrected_kl = _checks.static_bool(bias_corrected_kl, "bias_corrected_kl")
+
+  def key(self):
+    return (self.loss_type, self.eps_low, self.eps_high, self.beta, self.delta, self.tau,
+            self.bias_corrected_kl)
+
+
+def _token_loss(lp, adv, old, ref, isw, opts):
+  """One token's loss (elementwise on arrays too). ``old`` None: the on-policy ratio
+  (``stop_gradient(lp)``, r = 1 with r's gradient); ``ref`` None: no KL term; ``isw``
+  None: no importance weight."""
+  old = jax.lax.stop_gradient(lp) if old is None else old
+  log_ratio = lp - old
+  r = jnp.exp(log_ratio)
+  if opts.loss_type == "cispo":  # the ratio clipped above at epsilon_high, held constant
+    loss = -jax.lax.stop_gradient(jnp.minimum(r, opts.eps_high)) * adv * lp
+  elif opts.loss_type == "sapo":  # a soft gate: (4 / tau) sigmoid(tau (r - 1))
+    tau = jnp.where(adv > 0, opts.tau[0], opts.tau[1])
+    loss = -adv * (4 / tau) * jax.nn.sigmoid(tau * (r - 1))
+  else:
+    clipped = jnp.clip(r, 1 - opts.eps_low, 1 + opts.eps_high)
+    r1 = r if opts.delta is None else jnp.minimum(r, opts.delta)
+    loss = -jnp.minimum(r1 * adv, clipped * adv)
+  if isw is not None:
+    loss = loss * isw
+  if opts.beta != 0:
+    d = ref - lp
+    kl = jnp.exp(d) - d - 1
+    if opts.bias_corrected_kl:
+      kl = kl * r
+    loss = loss + opts.beta * kl
+  return loss
+
+
+@functools.lru_cache(maxsize=64)
+def _token_fn(key, has_old, has_ref, has_isw):
+  """The per-token loss as a function of (log p, advantage, [old], [ref], [weight]) for
+  :func:`jxent.linear_log_prob_loss`: one function per option set (a static argument)."""
+  opts = _Options.__new__(_Options)
+  (opts.loss_type, opts.eps_low, opts.eps_high, opts.beta, opts.delta, opts.tau,
+   opts.bias_corrected_kl) = key
+
+  def fn(lp, adv, *rest):
+    rest = list(rest)
+    old = rest.pop(0) if has_old else None
+    ref = rest.pop(0) if has_ref else None
+    isw = rest.pop(0) if has_isw else None
+    return _token_loss(lp, adv, old, ref, isw, opts)
+
+  return fn
+
+
+def _per_sequence(a, shape, name):
+  """``a`` broadcast to the tokens' ``shape`` ([..., T]); an array of the sequences' shape
+  ([...]) gets the token axis appended (one value per sequence)."""
+  a = _checks.floating(a, name)
+  if a.shape == shape[:-1] and a.shape != shape:
+    a = a[..., None]
+  try:
+    return jnp.broadcast_to(a, shape)
+  except ValueError:
+    raise ValueError(f"{name} must have the sequences' shape {shape[:-1]} or broadcast to the "
+                     f"tokens' shape {shape}, got shape {a.shape}.") from None
+
+
+def _token_weights(mask, loss_type, max_completion_length, num_items_in_batch, acc):
+  """Weights [..., T] whose sum with the per-token losses is the loss of ``loss_type``."""
+  m = mask.astype(acc)
+  num_seqs = math.prod(mask.shape[:-1])
+  if loss_type in ("grpo", "sapo"):  # each sequence's mean, then the mean over sequences
+    per_seq = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1)
+    return m / per_seq / num_seqs
+  if loss_type == "dr_grpo":
+    if max_completion_length is None:
+      raise ValueError("loss_type='dr_grpo' divides by the number of sequences times "
+                       "max_completion_length; give max_completion_length.")
+    return m / (num_seqs * _checks.static_number(max_completion_length,
+                                                 "max_completion_length"))
+  if loss_type in ("dapo", "cispo") and num_items_in_batch is not None:
+    return m / jnp.asarray(num_items_in_batch, acc)
+  return m / jnp.maximum(jnp.sum(m), 1)  # bnpo (and dapo over this batch's tokens)
+
+
+def _setup(shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
+           loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures,
+           bias_corrected_kl, max_completion_length, num_items_in_batch, acc, name):
+  if len(shape) < 1:
+    raise ValueError(f"{name} needs tokens laid out as [..., T] (sequences of T tokens), got "
+                     f"shape {shape}.")
+  opts = _Options(loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures,
+                  bias_corrected_kl)
+  if opts.beta != 0 and ref_log_probs is None:
+    raise ValueError(f"beta={beta!r} weighs the KL divergence from a reference policy: give "
+                     "ref_log_probs (its log-probabilities of the same tokens).")
+  args = [_per_sequence(advantages, shape, "advantages")]
+  for a, nm in ((old_log_probs, "old_log_probs"),
+                (ref_log_probs if opts.beta != 0 else None, "ref_log_probs"),
+                (importance_weights, "importance_weights")):
+    if a is not None:
+      args.append(_per_sequence(a, shape, nm))
+  if where is None:
+    mask = jnp.ones(shape, bool)
+  else:
+    mask = _checks.as_array(where, "where")
+    if mask.dtype != jnp.bool_ or mask.shape != shape:
+      raise ValueError(f"where must be a boolean array of the tokens' shape {shape}, got "
+                       f"{mask.dtype}{list(mask.shape)}.")
+  wt = _token_weights(mask, loss_type, max_completion_length, num_items_in_batch, acc)
+  fn = _token_fn(opts.key(), old_log_probs is not None, opts.beta != 0,
+                 importance_weights is not None)
+  return fn, tuple(a.astype(acc) for a in args), mask, wt
+
+
+_ARGS_DOC = r"""
+    advantages: float, the sequences' shape ``[...]`` (one advantage per sequence, as
+      GRPO's) or the tokens' ``[..., T]`` (per token, as PPO's with GAE).
+    old_log_probs: optional float ``[..., T]``: the log-probabilities of the same tokens
+      under the policy that sampled them (the ratio's denominator). None: the on-policy
+      ratio (:math:`r = 1`, its gradient that of :math:`\log p`).
+    ref_log_probs: float ``[..., T]``, the reference policy's log-probabilities; needed when
+      ``beta`` is not 0.
+    where: optional boolean ``[..., T]``: the completion tokens (the loss mask); the others
+      add nothing and get no gradient.
+    loss_type: the normalisation (and for ``"cispo"`` and ``"sapo"`` the objective), as
+      Liger's and TRL's GRPO: ``"dapo"`` (default): the sum over the kept tokens divided by
+      their number (or by ``num_items_in_batch``); ``"bnpo"``: the same, always by this
+      batch's count; ``"grpo"``: each sequence's mean over its kept tokens, then the mean
+      over the sequences; ``"dr_grpo"``: the sum divided by the number of sequences times
+      ``max_completion_length``; ``"cispo"``: :math:`-\mathrm{sg}(\min(r,
+      \epsilon_\text{high})) A \log p`, normalised as ``"dapo"`` (the clip bound is
+      ``epsilon_high`` itself); ``"sapo"``: :math:`-A (4/\tau) \sigma(\tau (r - 1))`, a soft
+      gate with ``tau`` from ``sapo_temperatures`` by the advantage's sign, normalised as
+      ``"grpo"``. Sequence-level ratios (GSPO, VESPO) need each sequence's sum of ratios
+      before any token's gradient: not a per-token loss, not here.
+    epsilon_low: the ratio's lower clip, :math:`1 - \epsilon_\text{low}` (static).
+    epsilon_high: the upper clip :math:`1 + \epsilon_\text{high}` (DAPO's clip-higher);
+      None: ``epsilon_low`` (static).
+    beta: the KL penalty's coefficient (static; 0: no reference policy).
+    delta: optional upper clamp of the unclipped ratio (INTELLECT-2's two-sided clipping).
+    sapo_temperatures: ``(tau_pos, tau_neg)`` of ``"sapo"`` (static).
+    bias_corrected_kl: multiply the KL estimate by the ratio :math:`r` (DeepSeek-V3.2's
+      importance-sampling-corrected KL).
+    importance_weights: optional float ``[..., T]`` (or ``[..., 1]``) factors of each token's
+      policy term (vLLM's sampling correction, Liger's ``vllm_is_ratio``), not of the KL.
+    max_completion_length: the length ``"dr_grpo"`` divides by.
+    num_items_in_batch: optional number of kept tokens ``"dapo"`` and ``"cispo"`` divide by
+      (the whole generation batch's, when it is split into steps)."""
+
+
+def policy_loss(
+    log_probs: ArrayLike,
+    advantages: ArrayLike,
+    *,
+    old_log_probs: ArrayLike | None = None,
+    ref_log_probs: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    delta: float | None = None,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    bias_corrected_kl: bool = False,
+    importance_weights: ArrayLike | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch: ArrayLike | None = None,
+) -> Array:
+  r"""The clipped policy-gradient loss (PPO, GRPO, DAPO, Dr. GRPO, CISPO, SAPO) of per-token
+  log-probabilities.
+
+  .. math:: L = \sum_{i,t} w_{i,t} \Big[-\min\big(r A, \mathrm{clip}(r, 1 -
+     \epsilon_\text{low}, 1 + \epsilon_\text{high}) A\big) + \beta \big(e^{\log
+     p_\text{ref} - \log p} - (\log p_\text{ref} - \log p) - 1\big)\Big]_{i,t},
+     \qquad r = e^{\log p - \log p_\text{old}},
+
+  with the weights :math:`w` of ``loss_type``. The same loss as Liger's
+  ``LigerFusedLinearGRPOLoss`` and TRL's ``GRPOTrainer`` (token-level importance sampling).
+  From the logits of a linear head, :func:`linear_policy_loss` computes it without them.
+
+  Args:
+    log_probs: float ``[..., T]``: each sampled token's log-probability under the policy
+      being trained (e.g. :func:`jxent.log_probs` of its logits), the only argument the loss
+      is usually differentiated in (every argument is differentiable).""" + _ARGS_DOC + r"""
+
+  Returns:
+    The scalar loss (float32, float64 for float64 inputs); 0 without kept tokens.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> lp = jnp.log(jnp.array([[0.5, 0.25], [0.5, 0.5]]))
+  >>> adv = jnp.array([1.0, -1.0])  # one advantage per sequence
+  >>> float(jxent.policy_loss(lp, adv))  # on-policy: the mean of -A, r = 1
+  0.0
+  >>> old = jnp.log(jnp.array([[0.25, 0.25], [0.5, 0.5]]))  # token 0: r = 2, clipped to 1.2
+  >>> round(float(jxent.policy_loss(lp, adv, old_log_probs=old)), 6)  # (-1.2 - 1 + 1 + 1) / 4
+  -0.05
+  """
+  lp = _checks.floating(log_probs, "log_probs")
+  fn, args, mask, wt = _setup(
+      lp.shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
+      loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures, bias_corrected_kl,
+      max_completion_length, num_items_in_batch, lp.dtype, "policy_loss")
+  # Dropped tokens' inputs are replaced before the loss: whatever they hold (-inf, NaN)
+  # reaches neither the value nor a gradient.
+  safe = lambda a: jnp.where(mask, a, 0)
+  loss = fn(safe(lp), *(safe(a) for a in args))
+  return jnp.sum(jnp.where(mask, wt * loss, 0))
+
+
+def linear_policy_loss(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    advantages: ArrayLike,
+    *,
+    old_log_probs: ArrayLike | None = None,
+    ref_log_probs: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    delta: float | None = None,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    bias_corrected_kl: bool = False,
+    importance_weights: ArrayLike | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    weight_layout: str = "dv",
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> Array:
+  r""":func:`policy_loss` of ``log softmax((hidden @ weight + bias) / T)`` at ``labels``,
+  without the logits (Liger's ``LigerFusedLinearGRPOLoss``).
+
+  Each token's loss is a function of its own log-probability, so its gradient in the logits,
+  :math:`w\, \ell'(\log p_y)\, (\mathrm{onehot}(y) - p) / T`, is formed beside the value one
+  block of logits at a time (:func:`linear_log_prob_loss`): each block is computed once (the
+  unfused computation's 6 N·D·V flops). The reference policy's log-probabilities come from
+  its own head without gradient (``linear_log_probs(ref_h, ref_W, labels)``: one forward
+  pass), as the old policy's come from the rollout.
+
+  Args:
+    hidden: ``[..., T, D]`` activations of the sampled sequences (bf16 and f16 are
+      accumulated in float32).
+    weight: ``[D, V]`` (``weight_layout="dv"``) or ``[V, D]`` (``"vd"``).
+    labels: integer ``[..., T]``, the sampled tokens.""" + _ARGS_DOC + r"""
+    bias: optional ``[V]``.
+    weight_layout: ``"dv"`` or ``"vd"``.
+    temperature: :math:`T > 0` of the policy's softmax, a Python number (the sampling
+      temperature).
+    chunk_size: tokens per block on CPU (default ~32 MiB of float32 logits); on GPU and TPU
+      vocabulary blocks of all tokens.
+
+  Returns:
+    The scalar loss, differentiable with respect to ``hidden``, ``weight``, ``bias`` and the
+    per-token arrays, in every autodiff mode.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> h = jnp.ones((2, 3, 4)); w = jnp.zeros((4, 8)); y = jnp.zeros((2, 3), int)
+  >>> float(jxent.linear_policy_loss(h, w, y, jnp.array([1.0, 3.0])))  # -mean advantage
+  -2.0
+  """
+  labels = _checks.as_array(labels, "labels")
+  h = _checks.as_array(hidden, "hidden")
+  acc = jnp.float64 if jnp.float64 in (h.dtype, jnp.result_type(weight)) else jnp.float32
+  fn, args, mask, wt = _setup(
+      labels.shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
+      loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures, bias_corrected_kl,
+      max_completion_length, num_items_in_batch, acc, "linear_policy_loss")
+  return linear_log_prob_loss(h, weight, labels, fn, args, bias=bias,
+                              weight_layout=weight_layout, where=mask, temperature=temperature,
+                              weights=wt, reduction="sum", chunk_size=chunk_size)

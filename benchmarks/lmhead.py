@@ -38,10 +38,14 @@ K = 64  # the teacher's top-k
 # two calls": their own reduction="mean" (each forms its gradients with its values).
 # "kl+ce": linear_distillation_loss (half the forward KL, half the labels' cross-entropy, from
 # one pass); "kl+ce, two calls": the same from linear_kl_divergence and linear_cross_entropy.
+# "grpo": linear_policy_loss (GRPO's clipped ratio against old log-probabilities, beta = 0.04
+# against a reference's, DAPO's token mean; its gradients formed with the value); "grpo, via
+# log_probs/token": policy_loss of linear_log_probs' per-token output (any cotangent).
 QUANTITIES = ("log_probs", "log_probs/token", "entropy", "entropy/token",
               "log_probs+entropy/token", "log_probs+entropy/token, two calls",
               "log_probs+entropy, two calls", "kl", "js", "tv", "topk_kl", "kl+ce",
-              "kl+ce, two calls")
+              "kl+ce, two calls", "grpo", "grpo, via log_probs/token")
+SEQ = 256  # tokens per sequence of the policy losses (one advantage per sequence)
 
 
 def _inputs(n, d, v):
@@ -56,10 +60,16 @@ def _inputs(n, d, v):
       "idx": jnp.asarray(np.argsort(rng.standard_normal((n, 2 * K)), axis=-1)[:, :K]
                          .astype(np.int32)),
       "lpt": jnp.asarray(np.log(rng.dirichlet(np.ones(K + 1), size=n)[:, :K]).astype(f32)),
+      # The policy losses: per-sequence advantages; old and reference log-probabilities
+      # about those of the policy (ratios between about 0.3 and 3: many clipped tokens).
+      "adv": jnp.asarray(rng.standard_normal(n // SEQ, dtype=f32)),
+      "old": jnp.asarray((-np.log(v) - 0.5 + 0.5 * rng.standard_normal(n)).astype(f32)),
+      "ref": jnp.asarray((-np.log(v) - 0.5 + 0.5 * rng.standard_normal(n)).astype(f32)),
   }
 
 
-DATA = ("y", "ht", "wt", "idx", "lpt")  # arguments, not constants XLA could fold
+# Arguments, not constants XLA could fold.
+DATA = ("y", "ht", "wt", "idx", "lpt", "adv", "old", "ref")
 
 
 def _dense(q):
@@ -67,8 +77,11 @@ def _dense(q):
 
   q = q.split("/")[0].split(",")[0]
 
-  def f(h, w, y, ht, wt, idx, lpt):
+  def f(h, w, y, ht, wt, idx, lpt, adv, old, ref):
     lq = jax.nn.log_softmax(jnp.dot(h, w, preferred_element_type=jnp.float32))
+    if q == "grpo":
+      lp = jnp.take_along_axis(lq, y[:, None], axis=-1)[:, 0]
+      return _policy(jxent.policy_loss, lp, adv, old, ref)
     if q == "log_probs":
       return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
     if q == "entropy":
@@ -98,9 +111,21 @@ def _dense(q):
   return f
 
 
+def _policy(loss, lp, adv, old, ref):
+  """GRPO's loss of per-token log-probabilities [N] as sequences of SEQ tokens."""
+  seqs = lambda a: a.reshape(-1, SEQ)
+  return loss(seqs(lp), adv, old_log_probs=seqs(old), ref_log_probs=seqs(ref), beta=0.04)
+
+
 def _fused(q):
 
-  def f(h, w, y, ht, wt, idx, lpt):
+  def f(h, w, y, ht, wt, idx, lpt, adv, old, ref):
+    if q == "grpo":
+      h3 = h.reshape(-1, SEQ, h.shape[-1])
+      return _policy(lambda lp, *a, **k: jxent.linear_policy_loss(h3, w, lp, *a, **k),
+                     y, adv, old, ref)
+    if q == "grpo, via log_probs/token":
+      return _policy(jxent.policy_loss, jxent.linear_log_probs(h, w, y), adv, old, ref)
     if q == "log_probs":
       return jxent.linear_log_probs(h, w, y, reduction="mean")
     if q == "log_probs/token":
@@ -223,7 +248,11 @@ def to_markdown(rows, reps):
       "`linear_log_probs` and `linear_entropy`; \"log_probs+entropy, two calls\": the sum of "
       "their own `reduction=\"mean\"`. \"kl+ce\": `linear_distillation_loss` (half the "
       "forward KL, half the labels' cross-entropy, from one pass over the blocks); \"kl+ce, "
-      "two calls\": the same from `linear_kl_divergence` and `linear_cross_entropy`. The "
+      "two calls\": the same from `linear_kl_divergence` and `linear_cross_entropy`. "
+      f"\"grpo\": `linear_policy_loss` (sequences of {SEQ} tokens, one advantage each, "
+      "the clipped ratio against old log-probabilities, beta = 0.04 against a reference's, "
+      "the token mean), against `policy_loss` of the materialised log-softmax; \"grpo, via "
+      "log_probs/token\": `policy_loss` of `linear_log_probs`' per-token output. The "
       "total variation's gradient jumps by q_v where "
       "p_v = q_v; a (token, class) pair whose p_v and q_v agree to float32's rounding (a "
       "relative gap under 1e-6: 67 of the 134M pairs at the first size, counted in float64) "

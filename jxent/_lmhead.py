@@ -40,7 +40,7 @@ from jxent import _fused as F
 from jxent import _reference as R
 from jxent import _stats as S
 from jxent._information import plog_p_over_m
-from jxent._platform import dispatch
+from jxent._platform import dispatch, explicitly_sharded
 from jxent._stats import TokenStats
 
 Array = jax.Array
@@ -236,9 +236,10 @@ def _one_head_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
   if kind == "log_probs" or fn:
     val = R.poison_rows(jnp.where(valid, z_y - lse, 0), bad)
     if fn:
-      val, g_lp, slope = kind.terms(
-          val, valid, tuple(a.reshape((nc * t,) + a.shape[2:]) for a in data[2]))
-      slope = tuple(a.reshape((nc, t) + a.shape[1:]) for a in slope)
+      lp = val
+      val, g_lp, slopes = kind.terms(
+          lp, valid, tuple(a.reshape((nc * t,) + a.shape[2:]) for a in data[2]))
+      slope = (tuple(a.reshape((nc, t) + a.shape[1:]) for a in slopes), lp.reshape(nc, t))
   else:
     val = jnp.where(valid, ent, 0)
   if not want:
@@ -330,7 +331,8 @@ def _trailing(a, like):
 def _one_head_chunk(z, data, kind, want):
   """(value [T], its gradient in the (tempered) logits [T, V] or None, the slopes of the value
   in the per-token data: top-k: in the teacher's log-probabilities [T, k]; a loss function
-  (``_TokenFn``): in each of its arguments, [T]) of one chunk of kept or dropped tokens."""
+  (``_TokenFn``): (in each of its arguments, [T]; the label log-probabilities it was given))
+  of one chunk of kept or dropped tokens."""
   if kind == "topk":
     idx, lpt, valid = data
     zr = _masked_topk(z, idx, 0)
@@ -356,7 +358,9 @@ def _one_head_chunk(z, data, kind, want):
     val = R.poison_rows(jnp.where(valid, z_y - lse, 0), bad)
     slope = g_lp = None
     if fn:  # the loss of log p: its slope in log p scales log p's gradient
-      val, g_lp, slope = kind.terms(val, valid, data[2])
+      lp = val
+      val, g_lp, slopes = kind.terms(lp, valid, data[2])
+      slope = (slopes, lp)
     if not want:
       return val, None, slope
     onehot = jnp.arange(z.shape[-1])[None, :] == y[:, None]
@@ -412,8 +416,15 @@ def _one_head_chunk_grads(h3, w, b, data, scale, cfg, kind, want):
 def _one_head_sum(h3, w, b, data, scale, cfg, kind):
   """``sum(scale * value)`` over [n_chunks, T] tokens (scale 0 on dropped ones): the forward
   method's custom rule; ``data`` holds (labels, kept), (labels, kept, a loss function's
-  per-token arguments) or (top-k indices, log-probs, kept)."""
-  return jnp.sum(_one_head_grads(h3, w, b, data, scale, cfg, kind, False)[0] * scale)
+  per-token arguments) or (top-k indices, log-probs, kept). Returns (that sum, for a loss
+  function the label log-probabilities it was given [n_chunks, T] (not differentiated), else
+  None)."""
+  val, slope, _ = _one_head_grads(h3, w, b, data, scale, cfg, kind, False)
+  return jnp.sum(val * scale), _aux(kind, slope)
+
+
+def _aux(kind, slope):
+  return slope[1] if isinstance(kind, _TokenFn) else None
 
 
 def _one_head_sum_jvp(kind, primals, tangents):
@@ -429,7 +440,7 @@ def _one_head_sum_jvp(kind, primals, tangents):
   if kind == "topk" and nz(ddata[1]):
     tangent = tangent + jnp.sum(scale[..., None] * slope * ddata[1])
   if isinstance(kind, _TokenFn):  # the loss function's per-token arguments
-    for s, da in zip(slope, ddata[2]):
+    for s, da in zip(slope[0], ddata[2]):
       if nz(da):
         tangent = tangent + jnp.sum(_trailing(scale, s) * s * da)
   if want:
@@ -440,7 +451,8 @@ def _one_head_sum_jvp(kind, primals, tangents):
       tangent = tangent + F._dot(gw, dw)
     if b is not None and nz(db):
       tangent = tangent + F._dot(gb, db)
-  return out, tangent.astype(out.dtype)
+  aux = _aux(kind, slope)
+  return (out, aux), (tangent.astype(out.dtype), F._zero_tangents(aux))
 
 
 _one_head_sum.defjvp(_one_head_sum_jvp, symbolic_zeros=True)
@@ -481,18 +493,24 @@ def _token_weights(weights, batch, v2, n, acc):
   return jnp.where(v2, wt, 0)
 
 
-def _reduce_tokens(kind, h3, w, b, data, v2, wt, cfg, reduction, per_token, unflat):
+def _reduce_tokens(kind, h3, w, b, data, v2, wt, cfg, reduction, per_token, unflat,
+                   with_aux=False):
   """The reduction of a one-head quantity: the forward method for "mean" and "sum" (with
   per-token weights ``wt``), else ``per_token()`` (flat [n_chunks * T], 0 on dropped tokens)
-  times the weights."""
+  times the weights. ``with_aux`` (a loss function): also the label log-probabilities it was
+  given, without derivative (``per_token()`` then returns the pair)."""
   if reduction == "none":
-    out = per_token()
-    return unflat(out if wt is None else out * wt.reshape(-1))
-  scale = v2.astype(cfg.acc) if wt is None else wt
-  if reduction == "mean":
-    total = jnp.sum(scale)
-    scale = scale / jnp.where(total == 0, 1, total)
-  return _one_head_sum(h3, w, b, data, scale, cfg, kind)
+    out, aux = per_token() if with_aux else (per_token(), None)
+    out = unflat(out if wt is None else out * wt.reshape(-1))
+  else:
+    scale = v2.astype(cfg.acc) if wt is None else wt
+    if reduction == "mean":
+      total = jnp.sum(scale)
+      scale = scale / jnp.where(total == 0, 1, total)
+    out, aux = _one_head_sum(h3, w, b, data, scale, cfg, kind)
+  if not with_aux:
+    return out
+  return out, unflat(jax.lax.stop_gradient(aux).reshape(-1))
 
 
 def _prepare(hidden, weight, labels, bias, weight_layout, where, temperature, chunk_size,
@@ -640,7 +658,8 @@ def linear_log_prob_loss(
     weights: ArrayLike | None = None,
     reduction: str = "mean",
     chunk_size: int | None = None,
-) -> Array:
+    return_log_probs: bool = False,
+) -> Array | tuple[Array, Array]:
   r"""A loss of each token's label log-probability, :math:`\ell(\log p_{y_i}, a_i)`, fused.
 
   .. math:: L = \sum_i w_i\, \ell(\log p_{y_i}, a_{i,1}, \dots, a_{i,k}), \qquad
@@ -681,11 +700,15 @@ def linear_log_prob_loss(
     chunk_size: tokens per block on CPU; default: a ``[chunk, V]`` float32 block of ~32 MiB.
       On GPU and TPU the blocks are vocabulary columns of all tokens instead (~128 MiB of
       float32 logits; ``chunk_size`` unused).
+    return_log_probs: also return the ``[...]`` label log-probabilities ``loss_fn`` was
+      given (0 on dropped tokens), from the same pass, without derivative (monitoring: a
+      policy's ratio, clip fraction or KL estimate).
 
   Returns:
     The reduced loss, or ``[...]`` per-token losses (0 on dropped tokens) for ``"none"``,
-    in float32 (float64 for float64 inputs). A kept label outside ``[0, V)`` gives the
-    token a log-probability of NaN, which ``loss_fn`` passes on.
+    in float32 (float64 for float64 inputs); with ``return_log_probs``,
+    ``(loss, log_probs)``. A kept label outside ``[0, V)`` gives the token a
+    log-probability of NaN, which ``loss_fn`` passes on.
 
   >>> import jax.numpy as jnp
   >>> import jxent
@@ -698,28 +721,46 @@ def linear_log_prob_loss(
   """
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {loss_fn!r}.")
+  return_log_probs = _checks.static_bool(return_log_probs, "return_log_probs")
   if not isinstance(token_args, (tuple, list)):
     raise TypeError("token_args must be a tuple of arrays (each token's extra arguments of "
                     f"loss_fn), got {type(token_args).__name__}.")
-  h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
-                                              where, temperature, chunk_size,
-                                              "linear_log_prob_loss", reduction,
-                                              "log_probs")
-  batch, n = jnp.shape(hidden)[:-1], _num_tokens(hidden)
+  hidden = _checks.as_array(hidden, "hidden")
+  weight = _checks.as_array(weight, "weight")
+  acc = jnp.float64 if jnp.float64 in (hidden.dtype, weight.dtype) else jnp.float32
+  batch = hidden.shape[:-1]
   args = []
   for i, a in enumerate(token_args):
     a = _checks.floating(a, f"token_args[{i}]")
     try:
-      args.append(jnp.broadcast_to(a, batch).astype(cfg.acc))
+      args.append(jnp.broadcast_to(a, batch).astype(acc))
     except ValueError:
       raise ValueError(f"token_args[{i}] must broadcast to labels' shape {batch}, got shape "
                        f"{a.shape}.") from None
   # Float values the function closes over become arguments of each token (broadcast), so
   # that they are inputs of the custom rule (a traced one would otherwise leak from it).
-  fn, consts = jax.closure_convert(loss_fn, jnp.zeros((), cfg.acc),
-                                   *(jnp.zeros((), cfg.acc) for _ in args))
+  fn, consts = jax.closure_convert(loss_fn, jnp.zeros((), acc),
+                                   *(jnp.zeros((), acc) for _ in args))
   fn = fn if consts else loss_fn  # the caller's function: the same rule on every call
-  args += [jnp.broadcast_to(c, batch + jnp.shape(c)) for c in consts]
+  args = tuple(args) + tuple(jnp.broadcast_to(c, batch + jnp.shape(c)) for c in consts)
+  kw = dict(bias=bias, weight_layout=weight_layout, where=where, temperature=temperature,
+            weights=weights, reduction=reduction, chunk_size=chunk_size)
+  if explicitly_sharded(hidden) or explicitly_sharded(labels):
+    out, lp = _log_prob_loss_over_mesh(hidden, weight, labels, fn, args, **kw)
+  else:
+    out, lp = _log_prob_loss(hidden, weight, labels, fn, args, **kw)
+  return (out, lp) if return_log_probs else out
+
+
+def _log_prob_loss(hidden, weight, labels, fn, args, *, bias, weight_layout, where,
+                   temperature, weights, reduction, chunk_size):
+  """(loss, label log-probabilities) of :func:`linear_log_prob_loss` on one device, ``args``
+  broadcast to the tokens' shape (``[...]`` and each argument's own trailing shape)."""
+  h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
+                                              where, temperature, chunk_size,
+                                              "linear_log_prob_loss", reduction,
+                                              "log_probs")
+  batch, n = jnp.shape(hidden)[:-1], _num_tokens(hidden)
   pad = lambda a: jnp.pad(a.reshape((n,) + a.shape[len(batch):]),
                           [(0, v2.size - n)] + [(0, 0)] * (a.ndim - len(batch)))
   args = tuple(pad(a).reshape(v2.shape + a.shape[len(batch):]) for a in args)
@@ -730,10 +771,55 @@ def linear_log_prob_loss(
     lse, _, z_y = _head_stats(h3, w, b, y2, cfg)
     lp = _label_log_probs(z_y, lse, y2, v2, v)
     flat = tuple(a.reshape((v2.size,) + a.shape[2:]) for a in args)
-    return kind.terms(lp, v2.reshape(-1), flat)[0]
+    return kind.terms(lp, v2.reshape(-1), flat)[0], lp
 
   return _reduce_tokens(kind, h3, w, b, (y2, v2, args), v2, wt, cfg, reduction, per_token,
-                        unflat)
+                        unflat, with_aux=True)
+
+
+def _log_prob_loss_over_mesh(hidden, weight, labels, fn, args, *, weights, where, reduction,
+                             **options):
+  """:func:`_log_prob_loss` of tokens laid out over explicit mesh axes: inside ``shard_map``
+  each device takes its own tokens (its sum formed with its gradients, as on one device) and
+  only the scalar sums cross devices. The weight and bias must be replicated."""
+  spec = jax.typeof(hidden if explicitly_sharded(hidden) else labels).sharding
+  mesh, spec = spec.mesh, tuple(spec.spec)
+  nb = hidden.ndim - 1
+  batch = tuple(spec[:nb]) + (None,) * (nb - len(spec[:nb]))
+  if explicitly_sharded(hidden) and tuple(jax.typeof(hidden).sharding.spec)[nb:] not in (
+      (), (None,)):
+    raise ValueError("hidden may be sharded over its token axes only, got spec "
+                     f"{jax.typeof(hidden).sharding.spec}.")
+  for name, x in (("weight", weight), ("bias", options.get("bias"))):
+    if x is not None and explicitly_sharded(x):
+      raise ValueError(f"linear_log_prob_loss needs {name} replicated, got spec "
+                       f"{jax.typeof(x).sharding.spec}.")
+  axes = tuple(a for p in batch if p is not None for a in (p if isinstance(p, tuple) else (p,)))
+  tok = jax.sharding.PartitionSpec(*batch)
+  keep = jnp.ones(hidden.shape[:-1], bool) if where is None else jnp.asarray(where)
+  tw = None if weights is None else _checks.floating(weights, "weights")
+  bias = options.pop("bias")
+  on = lambda a: jax.sharding.reshard(a, tok)
+
+  def local(h, w, y, b, m, tw, args):
+    out, lp = _log_prob_loss(h, w, y, fn, args, bias=b, where=m, weights=tw,
+                             reduction="sum" if reduction == "mean" else reduction, **options)
+    if reduction == "none":
+      return out, lp
+    total = jax.lax.psum(out, axes)
+    if reduction == "sum":
+      return total, lp
+    kept = m.astype(total.dtype) if tw is None else jnp.where(m, tw, 0).astype(total.dtype)
+    return _checks.mean_of(total, jax.lax.psum(jnp.sum(kept), axes)), lp
+
+  P = jax.sharding.PartitionSpec
+  run = jax.shard_map(local, mesh=mesh,
+                      in_specs=(P(*batch, None), P(), tok, P(), tok,
+                                None if tw is None else tok, tuple(tok for _ in args)),
+                      out_specs=(tok if reduction == "none" else P(), tok))
+  return run(on(hidden) if not explicitly_sharded(hidden) else hidden, weight,
+             on(labels), bias, on(keep), None if tw is None else on(tw),
+             tuple(map(on, args)))
 
 
 def linear_entropy(

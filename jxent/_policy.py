@@ -109,6 +109,31 @@ def _token_fn(key, has_old, has_ref, has_isw):
   return fn
 
 
+def _metrics(lp, args, mask, opts, has_old):
+  """Liger's and TRL's monitoring numbers over the kept tokens, without derivative: the
+  fraction of tokens whose ratio the clip holds (on the side that matters for the
+  advantage's sign) and, with a KL term, the mean KL estimate."""
+  lp, args = jax.lax.stop_gradient((lp, args))
+  adv, rest = args[0], list(args[1:])
+  old = rest.pop(0) if has_old else lp
+  r = jnp.exp(lp - old)
+  if opts.loss_type == "cispo":
+    lower, upper = jnp.zeros_like(mask), r > opts.eps_high
+  elif opts.loss_type == "sapo":  # a soft gate, no clip
+    lower = upper = jnp.zeros_like(mask)
+  else:
+    lower, upper = r < 1 - opts.eps_low, r > 1 + opts.eps_high
+  clipped = (lower & (adv < 0)) | (upper & (adv > 0))
+  count = jnp.maximum(jnp.sum(mask), 1).astype(lp.dtype)
+  out = {"clip_ratio": jnp.sum(clipped & mask) / count}
+  if opts.beta != 0:
+    d = rest.pop(0) - lp
+    kl = jnp.exp(d) - d - 1
+    kl = kl * r if opts.bias_corrected_kl else kl
+    out["kl"] = jnp.sum(jnp.where(mask, kl, 0)) / count
+  return out
+
+
 def _per_sequence(a, shape, name):
   """``a`` broadcast to the tokens' ``shape`` ([..., T]); an array of the sequences' shape
   ([...]) gets the token axis appended (one value per sequence)."""
@@ -167,7 +192,7 @@ def _setup(shape, advantages, old_log_probs, ref_log_probs, importance_weights, 
   wt = _token_weights(mask, loss_type, max_completion_length, num_items_in_batch, acc)
   fn = _token_fn(opts.key(), old_log_probs is not None, opts.beta != 0,
                  importance_weights is not None)
-  return fn, tuple(a.astype(acc) for a in args), mask, wt
+  return fn, tuple(a.astype(acc) for a in args), mask, wt, opts
 
 
 _ARGS_DOC = r"""
@@ -203,7 +228,12 @@ _ARGS_DOC = r"""
       policy term (vLLM's sampling correction, Liger's ``vllm_is_ratio``), not of the KL.
     max_completion_length: the length ``"dr_grpo"`` divides by.
     num_items_in_batch: optional number of kept tokens ``"dapo"`` and ``"cispo"`` divide by
-      (the whole generation batch's, when it is split into steps)."""
+      (the whole generation batch's, when it is split into steps).
+    return_metrics: also return a dict of monitoring numbers over the kept tokens, without
+      derivative (Liger's metrics): ``"clip_ratio"``, the fraction of tokens whose ratio is
+      clipped on the side the advantage's sign acts on (``"cispo"``: above
+      ``epsilon_high``; ``"sapo"``: 0), and with ``beta`` not 0 ``"kl"``, the mean KL
+      estimate (times the ratio with ``bias_corrected_kl``)."""
 
 
 def policy_loss(
@@ -223,7 +253,8 @@ def policy_loss(
     importance_weights: ArrayLike | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: ArrayLike | None = None,
-) -> Array:
+    return_metrics: bool = False,
+) -> Array | tuple[Array, dict]:
   r"""The clipped policy-gradient loss (PPO, GRPO, DAPO, Dr. GRPO, CISPO, SAPO) of per-token
   log-probabilities.
 
@@ -242,7 +273,8 @@ def policy_loss(
       is usually differentiated in (every argument is differentiable).""" + _ARGS_DOC + r"""
 
   Returns:
-    The scalar loss (float32, float64 for float64 inputs); 0 without kept tokens.
+    The scalar loss (float32, float64 for float64 inputs); 0 without kept tokens. With
+    ``return_metrics``, ``(loss, metrics)``.
 
   >>> import jax.numpy as jnp
   >>> import jxent
@@ -255,7 +287,7 @@ def policy_loss(
   -0.05
   """
   lp = _checks.floating(log_probs, "log_probs")
-  fn, args, mask, wt = _setup(
+  fn, args, mask, wt, opts = _setup(
       lp.shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
       loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures, bias_corrected_kl,
       max_completion_length, num_items_in_batch, lp.dtype, "policy_loss")
@@ -263,7 +295,11 @@ def policy_loss(
   # reaches neither the value nor a gradient.
   safe = lambda a: jnp.where(mask, a, 0)
   loss = fn(safe(lp), *(safe(a) for a in args))
-  return jnp.sum(jnp.where(mask, wt * loss, 0))
+  loss = jnp.sum(jnp.where(mask, wt * loss, 0))
+  if not _checks.static_bool(return_metrics, "return_metrics"):
+    return loss
+  return loss, _metrics(safe(lp), tuple(map(safe, args)), mask, opts,
+                        old_log_probs is not None)
 
 
 def linear_policy_loss(
@@ -289,7 +325,8 @@ def linear_policy_loss(
     weight_layout: str = "dv",
     temperature: float = 1.0,
     chunk_size: int | None = None,
-) -> Array:
+    return_metrics: bool = False,
+) -> Array | tuple[Array, dict]:
   r""":func:`policy_loss` of ``log softmax((hidden @ weight + bias) / T)`` at ``labels``,
   without the logits (Liger's ``LigerFusedLinearGRPOLoss``).
 
@@ -314,7 +351,10 @@ def linear_policy_loss(
 
   Returns:
     The scalar loss, differentiable with respect to ``hidden``, ``weight``, ``bias`` and the
-    per-token arrays, in every autodiff mode.
+    per-token arrays, in every autodiff mode. With ``return_metrics``, ``(loss, metrics)``,
+    the metrics also holding ``"log_probs"``: the ``[..., T]`` log-probabilities of the
+    sampled tokens (0 on dropped ones) from the loss's own pass, for the next step's
+    ``old_log_probs`` or for logging.
 
   >>> import jax.numpy as jnp
   >>> import jxent
@@ -325,10 +365,17 @@ def linear_policy_loss(
   labels = _checks.as_array(labels, "labels")
   h = _checks.as_array(hidden, "hidden")
   acc = jnp.float64 if jnp.float64 in (h.dtype, jnp.result_type(weight)) else jnp.float32
-  fn, args, mask, wt = _setup(
+  fn, args, mask, wt, opts = _setup(
       labels.shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
       loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures, bias_corrected_kl,
       max_completion_length, num_items_in_batch, acc, "linear_policy_loss")
-  return linear_log_prob_loss(h, weight, labels, fn, args, bias=bias,
-                              weight_layout=weight_layout, where=mask, temperature=temperature,
-                              weights=wt, reduction="sum", chunk_size=chunk_size)
+  return_metrics = _checks.static_bool(return_metrics, "return_metrics")
+  loss, lp = linear_log_prob_loss(h, weight, labels, fn, args, bias=bias,
+                                  weight_layout=weight_layout, where=mask,
+                                  temperature=temperature, weights=wt, reduction="sum",
+                                  chunk_size=chunk_size, return_log_probs=True)
+  if not return_metrics:
+    return loss
+  safe = lambda a: jnp.where(mask, a, 0)
+  metrics = _metrics(lp, tuple(map(safe, args)), mask, opts, old_log_probs is not None)
+  return loss, {**metrics, "log_probs": lp}

@@ -298,6 +298,22 @@ def axis_type_checks(kind):
       out["fused_scaled_grad_w"] = rel(gs[1], gs0[1])
       out["fused_stats_entropy"] = rel(st.entropy, jxent.entropy_from_logits(h @ w))
       out["fused_stats_argmax"] = float(jnp.mean(st.argmax != jnp.argmax(h @ w, -1)))
+      # A policy loss (GRPO's clipped ratio, a KL term) with the sequences over the mesh:
+      # each device's sum formed with its gradients, only scalars across devices.
+      seqs = lambda a: a.reshape(8, -1, *a.shape[1:])
+      old = jnp.linspace(-5.0, -3.0, y.shape[0])
+      adv = jnp.linspace(-1.0, 1.0, 8)
+      pol = lambda lp: jxent.policy_loss(lp, adv, old_log_probs=seqs(old),
+                                         ref_log_probs=seqs(old) + 0.5, beta=0.1,
+                                         loss_type="grpo")
+      gp0 = jax.grad(lambda h, w: pol(seqs(-jxent.softmax_cross_entropy_with_integer_labels(
+          h @ w, y))), argnums=(0, 1))(h, w)
+      gp = jax.jit(jax.grad(lambda h, w, y, o, a: jxent.linear_policy_loss(
+          h, w, y, a, old_log_probs=o, ref_log_probs=o + 0.5, beta=0.1, loss_type="grpo",
+          chunk_size=4), argnums=(0, 1)))(put(seqs(h), P("data")), w, put(seqs(y), P("data")),
+                                          put(seqs(old), P("data")), put(adv, P("data")))
+      out["policy_grad_h"] = rel(gp[0].reshape(h.shape), gp0[0])
+      out["policy_grad_w"] = rel(gp[1], gp0[1])
   return out
 
 

@@ -56,6 +56,26 @@ def np_policy(lp, adv, old=None, ref=None, isw=None, mask=MASK, *, loss_type="da
   return float(total.sum() / max(m.sum(), 1))
 
 
+def np_metrics(lp, adv, old=None, ref=None, isw=None, mask=MASK, *, loss_type="dapo",
+               eps_low=0.2, eps_high=None, beta=0.0, bias_kl=False, **_):
+  """Liger's metrics: the clipped fraction (on the side of the advantage's sign), the KL."""
+  del isw
+  eps_high = eps_low if eps_high is None else eps_high
+  adv = np.broadcast_to(adv[:, None], lp.shape)
+  r = np.exp(lp - (lp if old is None else old))
+  lower, upper = r < 1 - eps_low, r > 1 + eps_high
+  if loss_type == "cispo":
+    lower, upper = np.zeros_like(mask), r > eps_high
+  if loss_type == "sapo":
+    lower = upper = np.zeros_like(mask)
+  n = max(mask.sum(), 1)
+  out = {"clip_ratio": np.sum(((lower & (adv < 0)) | (upper & (adv > 0))) & mask) / n}
+  if beta:
+    kl = np.exp(ref - lp) - (ref - lp) - 1
+    out["kl"] = np.sum((kl * r if bias_kl else kl) * mask) / n
+  return out
+
+
 def log_probs64(h, w, b, temp=TEMP):
   z = (h @ w + b) / temp
   return jnp.take_along_axis(jax.nn.log_softmax(z, -1), jnp.asarray(Y)[..., None], -1)[..., 0]
@@ -101,8 +121,13 @@ def test_policy_loss_against_numpy_float64():
       want = np_policy(lp, ADV, **arrays, **opts)
       kw = dict(old_log_probs=arrays.get("old"), ref_log_probs=arrays.get("ref"),
                 importance_weights=arrays.get("isw"))
-      got = jxent.policy_loss(lp, ADV, where=MASK, **kw, **_options(opts))
+      got, metrics = jxent.policy_loss(lp, ADV, where=MASK, **kw, **_options(opts),
+                                       return_metrics=True)
       np.testing.assert_allclose(float(got), want, rtol=1e-12, err_msg=name)
+      want_m = np_metrics(lp, ADV, **arrays, **opts)
+      assert set(metrics) == set(want_m), name
+      for k, v in want_m.items():
+        np.testing.assert_allclose(metrics[k], v, rtol=1e-12, err_msg=f"{name} {k}")
       # Per-token advantages of the same values, and -inf on dropped tokens, change nothing.
       lp_bad = np.where(MASK, lp, -np.inf)
       adv_t = np.broadcast_to(ADV[:, None], (S, T))
@@ -143,13 +168,15 @@ def _fused_vs_dense(case, layout, temp=TEMP):
     return dict(old_log_probs=r.get("old"), ref_log_probs=r.get("ref"),
                 importance_weights=r.get("isw"))
 
-  def fused(h, w, b, adv, *rest):
+  def fused(h, w, b, adv, *rest, return_metrics=False):
     w = w if layout == "dv" else w.T
     return jxent.linear_policy_loss(h, w, Y, adv, where=MASK, bias=b, weight_layout=layout,
-                                    temperature=temp, chunk_size=8, **split(rest), **kw)
+                                    temperature=temp, chunk_size=8, **split(rest), **kw,
+                                    return_metrics=return_metrics)
 
-  def dense(h, w, b, adv, *rest):
-    return jxent.policy_loss(log_probs64(h, w, b, temp), adv, where=MASK, **split(rest), **kw)
+  def dense(h, w, b, adv, *rest, return_metrics=False):
+    return jxent.policy_loss(log_probs64(h, w, b, temp), adv, where=MASK, **split(rest), **kw,
+                             return_metrics=return_metrics)
 
   lp = np.asarray(log_probs64(H, W, BIAS, temp))
   return fused, dense, (H, W, BIAS, ADV) + tuple(_arrays(lp, which)[k] for k in which)
@@ -175,6 +202,16 @@ def test_linear_policy_loss_against_dense_float64(case, layout, impl):
     np.testing.assert_allclose(d1, d0, rtol=1e-10)
     hv = lambda f: jax.jvp(jax.grad(lambda h: f(h, *args[1:])), (args[0],), (t[0],))[1]
     np.testing.assert_allclose(hv(fused), hv(dense), rtol=1e-9, atol=1e-13)
+    # The metrics, and the log-probabilities from the loss's own pass.
+    loss, m1 = jax.jit(lambda *a: fused(*a, return_metrics=True))(*args)
+    _, m0 = dense(*args, return_metrics=True)
+    np.testing.assert_allclose(loss, v0, rtol=1e-12)
+    np.testing.assert_allclose(m1.pop("log_probs"),
+                               np.where(MASK, log_probs64(H, W, BIAS), 0), rtol=1e-12)
+    assert set(m1) == set(m0)
+    assert (m1["clip_ratio"] > 0) == ("old" in CASES[case][1])  # on-policy: r = 1, no clip
+    for k in m0:
+      np.testing.assert_allclose(m1[k], m0[k], rtol=1e-12, err_msg=k)
 
 
 def _dense_token_loss(fn, h, w, b, args, weights, reduction, mask):
@@ -194,10 +231,10 @@ def test_log_prob_loss_every_reduction_mode_and_closure(impl):
   cot = RNG.uniform(0.3, 1.7, size=(S, T))
   with jax.enable_x64(True):
     for reduction in ("none", "mean"):
-      def fused(h, w, b, a, c, wts):
+      def fused(h, w, b, a, c, wts, **kw):
         return jxent.linear_log_prob_loss(h, w, Y, fn, (a, c), bias=b, where=MASK,
                                           temperature=TEMP, weights=wts, reduction=reduction,
-                                          chunk_size=8)
+                                          chunk_size=8, **kw)
 
       def dense(h, w, b, a, c, wts):
         return _dense_token_loss(fn, h, w, b, (a, jnp.broadcast_to(c, (S, T))), wts,
@@ -210,9 +247,18 @@ def test_log_prob_loss_every_reduction_mode_and_closure(impl):
       np.testing.assert_allclose(v1, v0, rtol=1e-12)
       for x, y, i in zip(g1, g0, range(6)):
         np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-14, err_msg=f"{reduction} {i}")
-    # Second order in h and W of the mean (its gradients formed with the value).
-    hess = lambda f: jax.hessian(lambda w: f(H, w, BIAS, a, c, wts))(W)
-    np.testing.assert_allclose(hess(fused), hess(dense), rtol=1e-9, atol=1e-13)
+      # The log-probabilities from the same pass, without derivative.
+      out_lp = jax.jit(jax.value_and_grad(
+          lambda h: jnp.sum(fused(h, W, BIAS, a, c, wts, return_log_probs=True)[1]))
+      )(H)
+      np.testing.assert_allclose(out_lp[0], np.sum(np.where(MASK, log_probs64(H, W, BIAS), 0)),
+                                 rtol=1e-12)
+      assert np.all(out_lp[1] == 0)
+    # Second order in W of the mean (its gradients formed with the value): a Hessian-vector
+    # product, forward over reverse.
+    dw = RNG.normal(size=W.shape)
+    hvp = lambda f: jax.jvp(jax.grad(lambda w: f(H, w, BIAS, a, c, wts)), (W,), (dw,))[1]
+    np.testing.assert_allclose(hvp(fused), hvp(dense), rtol=1e-9, atol=1e-13)
     # A traced coefficient the function closes over is an input like the others.
     g = jax.jit(jax.grad(lambda k: jxent.linear_log_prob_loss(
         H, W, Y, lambda lp: k * lp ** 2, where=MASK, chunk_size=8)))(2.0)

@@ -71,7 +71,8 @@ def test_every_mesh_axis_type(worker, kind):
   if kind != "classic":
     want |= {"class_weights", "fused_grad_h", "fused_grad_w", "fused_weights_grad_h",
              "fused_weights_grad_w", "fused_weights_grad_weights", "fused_scaled_grad_h",
-             "fused_scaled_grad_w", "fused_stats_entropy", "fused_stats_argmax"}
+             "fused_scaled_grad_w", "fused_stats_entropy", "fused_stats_argmax",
+             "policy_grad_h", "policy_grad_w"}
   assert set(r) == want
   for key, err in r.items():
     assert err < 1e-5, (kind, key, err)

@@ -37,6 +37,9 @@ KEEP = np.array([True, True, False, True, True, True])
 
 # (name, loss of (logits, float params) -> scalar with non-unit cotangent weights)
 COT = RNG.uniform(0.5, 1.5, size=N)
+POLICY = dict(old_log_probs=RNG.normal(size=(2, 3)) - 1.5,
+              ref_log_probs=RNG.normal(size=(2, 3)) - 1.5, beta=0.1, loss_type="grpo",
+              where=KEEP.reshape(2, 3))
 
 
 def _losses():
@@ -70,6 +73,13 @@ def _losses():
       "fused-tv": lambda z: jnp.sum(COT * jxent.linear_tv_distance(
           z, jnp.asarray(W[:, None] * np.eye(C, 7)), z[::-1], jnp.asarray(np.eye(C, 7)),
           teacher_grad=True, reduction="none", chunk_size=4)),
+      # A policy loss (clipped ratio, KL to a reference), dense and from a linear head.
+      "policy": lambda z: jxent.policy_loss(
+          jnp.take_along_axis(jax.nn.log_softmax(z), Y[:, None], -1).reshape(2, 3),
+          COT[:2] - 1, **POLICY),
+      "fused-policy": lambda z: jxent.linear_policy_loss(
+          z.reshape(2, 3, C), jnp.asarray(W[:, None] * np.eye(C, 7)), Y.reshape(2, 3),
+          COT[:2] - 1, chunk_size=4, **POLICY),
       "poly": lambda z: jnp.sum(COT * jxent.poly_loss_cross_entropy(z, T, epsilon=1.5,
                                                                     where=KEEP)),
       "generalized_kl": lambda z: jnp.sum(COT * jxent.generalized_kl_divergence(

@@ -19,6 +19,10 @@ linear in the tangents of ``h``, ``W`` and ``b``: forward mode, reverse mode (JA
 transpose) and higher orders all work, and reverse mode keeps only the inputs and three
 numbers per token.
 
+Tokens laid out over explicit mesh axes (``jax.sharding.AxisType.Explicit``) are taken
+data-parallel: each function runs inside ``shard_map`` over those axes on each device's own
+tokens, and only scalars (a sum, a mean's count) cross devices (``_token_mesh``).
+
 The entropy is formed from ``log s - t / s`` with ``s = sum exp(z - m)`` and
 ``t = sum exp(z - m) (z - m)`` (``m`` the row's max), and ``log s`` as ``log1p`` of the sum
 without the max's own term: it keeps its relative accuracy when the distribution is nearly
@@ -613,6 +617,15 @@ def linear_log_probs(
     raise ValueError("return_entropy needs reduction='none' (the per-token log-probabilities "
                      f"and entropies of one pass), got reduction={reduction!r}; reduce them "
                      "outside.")
+  if _on_mesh(hidden, labels, where, weights):
+    tw = None if weights is None else _checks.floating(weights, "weights")
+    local = lambda t, sh, r: linear_log_probs(
+        t["h"], sh["w"], t["y"], bias=sh["b"], weight_layout=weight_layout, where=t["m"],
+        temperature=temperature, weights=t["tw"], reduction=r, chunk_size=chunk_size,
+        return_entropy=return_entropy)
+    return _token_mesh("linear_log_probs", local, dict(h=hidden, y=labels, m=where, tw=tw),
+                       dict(w=weight, b=bias), reduction=_checks.reduction(reduction),
+                       kept=_kept(jnp.shape(hidden)[:-1], where), weights=tw)
   h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
                                               where, temperature, chunk_size,
                                               "linear_log_probs", reduction,
@@ -745,10 +758,22 @@ def linear_log_prob_loss(
   args = tuple(args) + tuple(jnp.broadcast_to(c, batch + jnp.shape(c)) for c in consts)
   kw = dict(bias=bias, weight_layout=weight_layout, where=where, temperature=temperature,
             weights=weights, reduction=reduction, chunk_size=chunk_size)
-  if explicitly_sharded(hidden) or explicitly_sharded(labels):
-    out, lp = _log_prob_loss_over_mesh(hidden, weight, labels, fn, args, **kw)
-  else:
-    out, lp = _log_prob_loss(hidden, weight, labels, fn, args, **kw)
+  if _on_mesh(hidden, labels, where, weights, *args):
+    kw.pop("where"), kw.pop("weights"), kw.pop("bias")
+    red = kw.pop("reduction")
+    _checks.reduction(red)
+    tw = None if weights is None else _checks.floating(weights, "weights")
+
+    def local(t, sh, r):
+      return _log_prob_loss(t["h"], sh["w"], t["y"], fn, t["args"], bias=sh["b"],
+                            where=t["m"], weights=t["tw"], reduction=r, **kw)
+
+    out, lp = _token_mesh("linear_log_prob_loss", local,
+                          dict(h=hidden, y=labels, m=where, tw=tw, args=args),
+                          dict(w=weight, b=bias), reduction=red, kept=_kept(batch, where),
+                          weights=tw, with_aux=True)
+    return (out, lp) if return_log_probs else out
+  out, lp = _log_prob_loss(hidden, weight, labels, fn, args, **kw)
   return (out, lp) if return_log_probs else out
 
 
@@ -777,49 +802,70 @@ def _log_prob_loss(hidden, weight, labels, fn, args, *, bias, weight_layout, whe
                         unflat, with_aux=True)
 
 
-def _log_prob_loss_over_mesh(hidden, weight, labels, fn, args, *, weights, where, reduction,
-                             **options):
-  """:func:`_log_prob_loss` of tokens laid out over explicit mesh axes: inside ``shard_map``
-  each device takes its own tokens (its sum formed with its gradients, as on one device) and
-  only the scalar sums cross devices. The weight and bias must be replicated."""
-  spec = jax.typeof(hidden if explicitly_sharded(hidden) else labels).sharding
-  mesh, spec = spec.mesh, tuple(spec.spec)
-  nb = hidden.ndim - 1
-  batch = tuple(spec[:nb]) + (None,) * (nb - len(spec[:nb]))
-  if explicitly_sharded(hidden) and tuple(jax.typeof(hidden).sharding.spec)[nb:] not in (
-      (), (None,)):
-    raise ValueError("hidden may be sharded over its token axes only, got spec "
-                     f"{jax.typeof(hidden).sharding.spec}.")
-  for name, x in (("weight", weight), ("bias", options.get("bias"))):
-    if x is not None and explicitly_sharded(x):
-      raise ValueError(f"linear_log_prob_loss needs {name} replicated, got spec "
-                       f"{jax.typeof(x).sharding.spec}.")
-  axes = tuple(a for p in batch if p is not None for a in (p if isinstance(p, tuple) else (p,)))
-  tok = jax.sharding.PartitionSpec(*batch)
-  keep = jnp.ones(hidden.shape[:-1], bool) if where is None else jnp.asarray(where)
-  tw = None if weights is None else _checks.floating(weights, "weights")
-  bias = options.pop("bias")
-  on = lambda a: jax.sharding.reshard(a, tok)
+def _on_mesh(*arrays) -> bool:
+  """Whether any of the token arrays is laid out over an explicit mesh axis."""
+  return any(isinstance(a, jax.Array) and explicitly_sharded(a)
+             for a in jax.tree.leaves(arrays))
 
-  def local(h, w, y, b, m, tw, args):
-    out, lp = _log_prob_loss(h, w, y, fn, args, bias=b, where=m, weights=tw,
-                             reduction="sum" if reduction == "mean" else reduction, **options)
-    if reduction == "none":
-      return out, lp
-    total = jax.lax.psum(out, axes)
-    if reduction == "sum":
-      return total, lp
-    kept = m.astype(total.dtype) if tw is None else jnp.where(m, tw, 0).astype(total.dtype)
-    return _checks.mean_of(total, jax.lax.psum(jnp.sum(kept), axes)), lp
 
+def _token_mesh(name, local, tokens, shared, *, reduction, kept, weights=None,
+                with_aux=False):
+  """``local(tokens, shared, reduction)`` of tokens laid out over explicit mesh axes: inside
+  ``shard_map`` over those axes each device takes its own tokens (a sum formed with its
+  gradients, as on one device) and only scalars cross devices: the sums, and for "mean" the
+  kept tokens' count (or their ``weights``' sum). ``tokens`` and ``shared`` are dicts of
+  arrays, tuples of them, or None; the tokens' axes lead every token array; shared arrays
+  (weights, biases) must be replicated. ``with_aux``: ``local`` returns (output, per-token
+  arrays), the second laid out as the tokens."""
   P = jax.sharding.PartitionSpec
-  run = jax.shard_map(local, mesh=mesh,
-                      in_specs=(P(*batch, None), P(), tok, P(), tok,
-                                None if tw is None else tok, tuple(tok for _ in args)),
-                      out_specs=(tok if reduction == "none" else P(), tok))
-  return run(on(hidden) if not explicitly_sharded(hidden) else hidden, weight,
-             on(labels), bias, on(keep), None if tw is None else on(tw),
-             tuple(map(on, args)))
+  batch_ndim = kept.ndim
+  first = next(a for a in tokens.values() if a is not None and explicitly_sharded(a))
+  sharding = jax.typeof(first).sharding
+  spec = tuple(sharding.spec)[:batch_ndim]
+  batch = spec + (None,) * (batch_ndim - len(spec))
+  for key, a in ((k, x) for k, v in tokens.items() for x in jax.tree.leaves(v)):
+    if explicitly_sharded(a) and any(
+        p is not None for p in tuple(jax.typeof(a).sharding.spec)[batch_ndim:]):
+      raise ValueError(f"{name}: {key} may be laid out over the mesh along its token axes "
+                       f"only, got spec {jax.typeof(a).sharding.spec}.")
+  for key, a in shared.items():
+    if a is not None and explicitly_sharded(a):
+      raise ValueError(f"{name} needs {key} replicated over the mesh, got spec "
+                       f"{jax.typeof(a).sharding.spec}; lay out the tokens over it instead "
+                       "(jxent.sharded has the vocab-parallel functions).")
+  axes = tuple(a for p in batch if p is not None for a in (p if isinstance(p, tuple) else (p,)))
+  tok = P(*batch)
+  on = lambda a: jax.tree.map(lambda x: jax.sharding.reshard(x, tok), a)
+
+  def body(tokens, shared, kept, weights):
+    out = local(tokens, shared, "sum" if reduction == "mean" else reduction)
+    out, aux = out if with_aux else (out, None)
+    if reduction != "none":
+      total = jax.lax.psum(out, axes)
+      if reduction == "mean":
+        w = kept if weights is None else jnp.where(kept, weights, 0)
+        total = _checks.mean_of(total, jax.lax.psum(jnp.sum(w.astype(total.dtype)), axes))
+      out = total
+    return (out, aux) if with_aux else out
+
+  spec_of = lambda d, s: {k: None if a is None else s for k, a in d.items()}
+  out_spec = tok if reduction == "none" else P()
+  run = jax.shard_map(body, mesh=sharding.mesh,
+                      in_specs=(spec_of(tokens, tok), spec_of(shared, P()), tok,
+                                None if weights is None else tok),
+                      out_specs=(out_spec, tok) if with_aux else out_spec)
+  return run(on(tokens), shared, on(kept), on(weights))
+
+
+def _kept(batch, where, labels=None, ignore_index=None):
+  """The kept tokens ([...] bool) of ``where`` and ``ignore_index``, for a mean's count."""
+  keep = jnp.ones(batch, bool) if where is None else _checks.as_array(where, "where")
+  if keep.shape != tuple(batch) or keep.dtype != jnp.bool_:
+    raise ValueError(f"where must be a boolean array of the tokens' shape {tuple(batch)}, "
+                     f"got {keep.dtype}{list(keep.shape)}.")
+  if labels is not None and ignore_index is not None:
+    keep = keep & (labels != ignore_index)
+  return keep
 
 
 def linear_entropy(
@@ -870,6 +916,14 @@ def linear_entropy(
   >>> jxent.linear_entropy(h, w)  # uniform over 4: log 4
   Array([1.3862944, 1.3862944], dtype=float32)
   """
+  if _on_mesh(hidden, where, weights):
+    tw = None if weights is None else _checks.floating(weights, "weights")
+    local = lambda t, sh, r: linear_entropy(
+        t["h"], sh["w"], bias=sh["b"], weight_layout=weight_layout, where=t["m"],
+        temperature=temperature, weights=t["tw"], reduction=r, chunk_size=chunk_size)
+    return _token_mesh("linear_entropy", local, dict(h=hidden, m=where, tw=tw),
+                       dict(w=weight, b=bias), reduction=_checks.reduction(reduction),
+                       kept=_kept(jnp.shape(hidden)[:-1], where), weights=tw)
   h3, w, b, y2, v2, _, cfg, unflat = _prepare(hidden, weight, None, bias, weight_layout,
                                               where, temperature, chunk_size,
                                               "linear_entropy", reduction,
@@ -925,6 +979,13 @@ def linear_token_stats(
   >>> s.argmax
   Array([0, 1], dtype=int32)
   """
+  if _on_mesh(hidden, labels, where):
+    local = lambda t, sh, r: linear_token_stats(
+        t["h"], sh["w"], t["y"], bias=sh["b"], weight_layout=weight_layout, where=t["m"],
+        temperature=temperature, chunk_size=chunk_size)
+    return _token_mesh("linear_token_stats", local, dict(h=hidden, y=labels, m=where),
+                       dict(w=weight, b=bias), reduction="none",
+                       kept=_kept(jnp.shape(hidden)[:-1], where))
   h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
                                               where, temperature, chunk_size,
                                               "linear_token_stats")
@@ -1426,6 +1487,19 @@ def _distill(kind, beta, student_hidden, student_weight, teacher_hidden, teacher
   1, over the tokens ``where`` and ``ignore_index`` keep (a scalar reduction: from the same
   pass over the blocks)."""
   _checks.reduction(reduction)
+  if _on_mesh(student_hidden, teacher_hidden, labels, where, beta_tokens):
+    local = lambda t, sh, r: _distill(
+        kind, beta, t["hs"], sh["ws"], t["ht"], sh["wt"], student_bias=sh["bs"],
+        teacher_bias=sh["bt"], weight_layout=weight_layout, where=t["m"],
+        temperature=temperature, teacher_grad=teacher_grad, reduction=r,
+        chunk_size=chunk_size, name=name, beta_tokens=t["beta"], labels=t["y"],
+        ignore_index=ignore_index, hard_weight=hard_weight, soft_weight=soft_weight)
+    y = None if labels is None else _checks.as_array(labels, "labels")
+    return _token_mesh(name, local, dict(hs=student_hidden, ht=teacher_hidden, y=y, m=where,
+                                         beta=beta_tokens),
+                       dict(ws=student_weight, wt=teacher_weight, bs=student_bias,
+                            bt=teacher_bias), reduction=reduction,
+                       kept=_kept(jnp.shape(student_hidden)[:-1], where, y, ignore_index))
   hs, ws, _, bs, v = F.check_head(student_hidden, student_weight, None, student_bias,
                                   weight_layout)
   ht, wt, _, bt, vt = F.check_head(teacher_hidden, teacher_weight, None, teacher_bias,
@@ -1975,6 +2049,16 @@ def linear_topk_kl_divergence(
   0.0
   """
   _checks.reduction(reduction)
+  if _on_mesh(student_hidden, teacher_indices, teacher_log_probs, where):
+    local = lambda t, sh, r: linear_topk_kl_divergence(
+        t["h"], sh["w"], t["idx"], t["lpt"], student_bias=sh["b"],
+        weight_layout=weight_layout, where=t["m"], temperature=temperature, reduction=r,
+        chunk_size=chunk_size)
+    return _token_mesh("linear_topk_kl_divergence", local,
+                       dict(h=student_hidden, idx=teacher_indices, lpt=teacher_log_probs,
+                            m=where),
+                       dict(w=student_weight, b=student_bias), reduction=reduction,
+                       kept=_kept(jnp.shape(student_hidden)[:-1], where))
   hs, ws, _, bs, v = F.check_head(student_hidden, student_weight, None, student_bias,
                                   weight_layout)
   idx = _checks.integer(teacher_indices, "teacher_indices")

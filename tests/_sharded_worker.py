@@ -6,7 +6,8 @@ import json
 import os
 import re
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"  # a CPU mesh by design, also on a GPU machine
 
 import jax  # noqa: E402
@@ -314,6 +315,30 @@ def axis_type_checks(kind):
                                           put(seqs(old), P("data")), put(adv, P("data")))
       out["policy_grad_h"] = rel(gp[0].reshape(h.shape), gp0[0])
       out["policy_grad_w"] = rel(gp[1], gp0[1])
+      # The other head functions with the tokens over the mesh: value and gradient in h
+      # (a non-uniform cotangent for the per-token outputs) as unsharded.
+      cot = jnp.linspace(0.5, 1.5, y.shape[0])
+      keep = jnp.arange(y.shape[0]) % 5 != 3
+      idx = (jnp.arange(y.shape[0])[:, None] * 3 + jnp.arange(4)[None, :]) % v
+      lpt = jnp.log(jnp.full((y.shape[0], 4), 0.2))
+      ignore = int(y[0])
+      heads = {
+          "head_log_probs_entropy": lambda h, ht, y, m: jnp.sum(cot * sum(
+              jxent.linear_log_probs(h, w, y, where=m, return_entropy=True))),
+          "head_entropy_mean": lambda h, ht, y, m: jxent.linear_entropy(
+              h, w, where=m, weights=cot, reduction="mean"),
+          "head_distillation": lambda h, ht, y, m: jxent.linear_distillation_loss(
+              h, w, ht, w, y, divergence="js", ignore_index=ignore, where=m),
+          "head_topk": lambda h, ht, y, m: jxent.linear_topk_kl_divergence(
+              h, w, idx, lpt, where=m, reduction="sum"),
+      }
+      for key, fn in heads.items():
+        v0, g0 = jax.value_and_grad(fn)(h, h[::-1], y, keep)
+        v1, g1 = jax.jit(jax.value_and_grad(fn))(hs, put(h[::-1], P("data")), ys,
+                                                 put(keep, P("data")))
+        out[key] = max(rel(v1, v0), rel(g1, g0))
+      st = jax.jit(lambda h, y: jxent.linear_token_stats(h, w, y))(hs, ys)
+      out["head_token_stats"] = rel(st.entropy, jxent.linear_token_stats(h, w, y).entropy)
   return out
 
 

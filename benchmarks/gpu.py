@@ -43,6 +43,7 @@ import gc  # noqa: E402
 import importlib  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -669,9 +670,11 @@ def _fused_line(r) -> str:
 # (``return_entropy=True``), "two calls": ``linear_log_probs`` and ``linear_entropy`` apart.
 # "kl+ce": linear_distillation_loss (half the forward KL, half the labels' cross-entropy);
 # "(two calls)": the same from linear_kl_divergence and linear_cross_entropy.
+# "grpo": linear_policy_loss (sequences of up to 256 tokens, one advantage each, the clipped
+# ratio against old log-probabilities, beta = 0.04 against a reference's, the token mean).
 HEAD_QUANTITIES = ("log_probs", "log_probs/token", "entropy", "kl", "js", "topk_kl", "tv",
                    "log_probs+entropy/token", "log_probs+entropy/token (two calls)", "kl+ce",
-                   "kl+ce (two calls)")
+                   "kl+ce (two calls)", "grpo")
 SMOKE_HEAD_QUANTITIES = ("log_probs", "kl", "topk_kl")  # one of each path: a short smoke run
 HEAD_VARIANTS = ("jxent", "jxent token chunks", "unfused JAX")
 HEAD_TOPK = 32  # the teacher's top-k log-probabilities of the top-k KL
@@ -694,6 +697,16 @@ def _unfused_pair(lq, lp, q):
   return 0.5 * jnp.sum(p * (lp - lm), axis=-1) + 0.5 * jnp.sum(qs * (lq - lm), axis=-1)
 
 
+def _policy(loss, lp_or_labels, y, v, **kw):
+  """GRPO's loss of the tokens as sequences of up to 256: advantages, old and reference
+  log-probabilities formed from the labels (arguments, so that XLA cannot fold them)."""
+  seq = math.gcd(y.shape[0], 256)
+  s = jnp.sin(y.astype(jnp.float32)).reshape(-1, seq)
+  old = -math.log(v) - 0.5 + 0.5 * s
+  return loss(lp_or_labels.reshape(-1, seq, *lp_or_labels.shape[1:]), s[:, 0],
+              old_log_probs=old, ref_log_probs=old + 0.25 * jnp.cos(s), beta=0.04, **kw)
+
+
 def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
   """``(jit(value_and_grad) in (h, W), its other arguments)`` of the token mean of quantity
   ``q``, weight [V, D]; ``topk``: the teacher's (indices, log-probabilities) for "topk_kl".
@@ -702,6 +715,9 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
   if variant == "unfused JAX":
     def f(h, w, y, ht, wt, topk):
       lq = jax.nn.log_softmax(jnp.dot(h, w.T, preferred_element_type=jnp.float32))
+      if q == "grpo":
+        lp = jnp.take_along_axis(lq, y[:, None], axis=-1)[:, 0]
+        return _policy(jxent.policy_loss, lp, y, lq.shape[-1])
       if q.startswith("log_probs+entropy"):
         return (jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
                 + jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1)))
@@ -724,6 +740,9 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
       return jnp.mean(_unfused_pair(lq, lp, q))
   else:
     def g(h, w, y, ht, wt, topk):
+      if q == "grpo":
+        return _policy(lambda h3, *a, **k: jxent.linear_policy_loss(
+            h3, w, y.reshape(h3.shape[:-1]), *a, weight_layout="vd", **k), h, y, w.shape[0])
       if q == "log_probs":
         return jxent.linear_log_probs(h, w, y, weight_layout="vd", reduction="mean")
       if q == "log_probs/token":
@@ -836,7 +855,8 @@ def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=()
             "gradient; topk_kl: from the teacher's 32 most likely classes; "
             "log_probs+entropy: both outputs' means, from one call (return_entropy) or two; "
             "kl+ce: half the forward KL and half the labels' cross-entropy, from "
-            "linear_distillation_loss or two calls). "
+            "linear_distillation_loss or two calls; grpo: linear_policy_loss, sequences of "
+            "up to 256 tokens, the clipped ratio and a KL term with beta 0.04). "
             "\"jxent token chunks\": the same functions forced to their reference (XLA:CPU) "
             "form; XLA: compiled scratch + outputs:", "",
             "| size | quantity | variant | ms | time / unfused JAX | XLA MiB | value rel. diff "

@@ -321,7 +321,7 @@ class _TokenFn:
     if jnp.shape(val) != lp.shape or not jnp.issubdtype(val.dtype, jnp.floating):
       raise ValueError("linear_log_prob_loss's loss_fn must map scalars (a log-probability "
                        "and one entry of each token argument) to one float scalar; applied "
-                       f"over {lp.shape[0]} tokens it gave {jax.typeof(val)}.")
+                       f"to a chunk of {lp.shape[0]} tokens it gave {jax.typeof(val)}.")
     g_lp, *slopes = vjp(jnp.ones_like(val))
     keep = lambda a: jnp.where(_trailing(valid, a), a, 0).astype(lp.dtype)
     return keep(val), keep(g_lp), tuple(keep(s) for s in slopes)
@@ -756,24 +756,20 @@ def linear_log_prob_loss(
                                    *(jnp.zeros((), acc) for _ in args))
   fn = fn if consts else loss_fn  # the caller's function: the same rule on every call
   args = tuple(args) + tuple(jnp.broadcast_to(c, batch + jnp.shape(c)) for c in consts)
-  kw = dict(bias=bias, weight_layout=weight_layout, where=where, temperature=temperature,
-            weights=weights, reduction=reduction, chunk_size=chunk_size)
   if _on_mesh(hidden, labels, where, weights, *args):
-    kw.pop("where"), kw.pop("weights"), kw.pop("bias")
-    red = kw.pop("reduction")
-    _checks.reduction(red)
     tw = None if weights is None else _checks.floating(weights, "weights")
-
-    def local(t, sh, r):
-      return _log_prob_loss(t["h"], sh["w"], t["y"], fn, t["args"], bias=sh["b"],
-                            where=t["m"], weights=t["tw"], reduction=r, **kw)
-
+    local = lambda t, sh, r: _log_prob_loss(
+        t["h"], sh["w"], t["y"], fn, t["args"], bias=sh["b"], weight_layout=weight_layout,
+        where=t["m"], temperature=temperature, weights=t["tw"], reduction=r,
+        chunk_size=chunk_size)
     out, lp = _token_mesh("linear_log_prob_loss", local,
                           dict(h=hidden, y=labels, m=where, tw=tw, args=args),
-                          dict(w=weight, b=bias), reduction=red, kept=_kept(batch, where),
-                          weights=tw, with_aux=True)
-    return (out, lp) if return_log_probs else out
-  out, lp = _log_prob_loss(hidden, weight, labels, fn, args, **kw)
+                          dict(w=weight, b=bias), reduction=_checks.reduction(reduction),
+                          kept=_kept(batch, where), weights=tw, with_aux=True)
+  else:
+    out, lp = _log_prob_loss(hidden, weight, labels, fn, args, bias=bias,
+                             weight_layout=weight_layout, where=where, temperature=temperature,
+                             weights=weights, reduction=reduction, chunk_size=chunk_size)
   return (out, lp) if return_log_probs else out
 
 

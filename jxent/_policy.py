@@ -59,9 +59,16 @@ class _Options:
       raise ValueError(f"sapo_temperatures must be positive, got {sapo_temperatures!r}.")
     self.bias_corrected_kl = _checks.static_bool(bias_corrected_kl, "bias_corrected_kl")
 
-  def key(self):
+  def _key(self):
     return (self.loss_type, self.eps_low, self.eps_high, self.beta, self.delta, self.tau,
             self.bias_corrected_kl)
+
+  # Hashable by value: one per-token function per option set (``_token_fn``'s cache).
+  def __hash__(self):
+    return hash(self._key())
+
+  def __eq__(self, other):
+    return isinstance(other, _Options) and other._key() == self._key()
 
 
 def _token_loss(lp, adv, old, ref, isw, opts):
@@ -92,13 +99,9 @@ def _token_loss(lp, adv, old, ref, isw, opts):
 
 
 @functools.lru_cache(maxsize=64)
-def _token_fn(key, has_old, has_ref, has_isw):
+def _token_fn(opts, has_old, has_ref, has_isw):
   """The per-token loss as a function of (log p, advantage, [old], [ref], [weight]) for
   :func:`jxent.linear_log_prob_loss`: one function per option set (a static argument)."""
-  opts = _Options.__new__(_Options)
-  (opts.loss_type, opts.eps_low, opts.eps_high, opts.beta, opts.delta, opts.tau,
-   opts.bias_corrected_kl) = key
-
   def fn(lp, adv, *rest):
     rest = list(rest)
     old = rest.pop(0) if has_old else None
@@ -190,7 +193,7 @@ def _setup(shape, advantages, old_log_probs, ref_log_probs, importance_weights, 
       raise ValueError(f"where must be a boolean array of the tokens' shape {shape}, got "
                        f"{mask.dtype}{list(mask.shape)}.")
   wt = _token_weights(mask, loss_type, max_completion_length, num_items_in_batch, acc)
-  fn = _token_fn(opts.key(), old_log_probs is not None, opts.beta != 0,
+  fn = _token_fn(opts, old_log_probs is not None, opts.beta != 0,
                  importance_weights is not None)
   return fn, tuple(a.astype(acc) for a in args), mask, wt, opts
 

@@ -32,6 +32,7 @@ from jxent._lmhead import (
     linear_tv_distance,
 )
 from jxent._policy import linear_policy_loss, policy_loss
+from jxent._preference import linear_preference_loss, preference_loss
 from jxent._probability import (
     binary_cross_entropy,
     categorical_cross_entropy,
@@ -70,6 +71,7 @@ __all__ = [
     "kl_divergence_from_logits",
     "log_probs",
     "policy_loss",
+    "preference_loss",
     "linear_cross_entropy",
     "linear_distillation_loss",
     "linear_entropy",
@@ -78,6 +80,7 @@ __all__ = [
     "linear_log_prob_loss",
     "linear_log_probs",
     "linear_policy_loss",
+    "linear_preference_loss",
     "linear_token_stats",
     "linear_topk_kl_divergence",
     "linear_tv_distance",

@@ -20,6 +20,7 @@ SHARDED = ["tests/test_sharded.py"]
 PALLAS = ["tests/test_pallas.py", "tests/test_fused.py::test_gradient_filter_tiles"]
 GRADS = ["tests/test_grads.py", "jxent/grads.py"]
 LMHEAD = ["tests/test_lmhead.py"]
+PREFERENCE = ["tests/test_preference.py"]
 POLICY = ["tests/test_policy.py"]
 DISTILL = ["tests/test_lmhead.py::test_distillation_with_labels_against_float64",
            "tests/test_lmhead.py::test_distillation_with_labels_second_order_and_one_pass",
@@ -498,6 +499,32 @@ MUTANTS = [
     _m("policy-grpo-mean", "jxent/_policy.py",
        "    return m / per_seq / num_seqs", "    return m / jnp.sum(per_seq)",
        "policy loss: grpo's mean over sequences by their total length", POLICY),
+    _m("pref-smoothing-sign", "jxent/_preference.py",
+       "    return -(1 - eps) * ls(x) - eps * ls(-x)",
+       "    return -(1 - eps) * ls(x) + eps * ls(-x)",
+       "preference loss: cDPO's flipped-label term with the wrong sign", PREFERENCE),
+    _m("pref-discopop-exp", "jxent/_preference.py",
+       "jnp.exp(ls(x / tau) - x)", "jnp.exp(ls(x / tau) + x)",
+       "preference loss: DiscoPOP's exponential term of the wrong sign", PREFERENCE),
+    _m("pref-ipo-beta", "jxent/_preference.py",
+       "    return (dc - dr - 1 / (2 * beta)) ** 2", "    return (dc - dr - 1 / beta) ** 2",
+       "preference loss: IPO's target margin 1/beta instead of 1/(2 beta)", PREFERENCE),
+    _m("pref-orpo-odds", "jxent/_preference.py",
+       "  log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))",
+       "  log_odds = (c - r) - (_log1mexp(r) - _log1mexp(c))",
+       "preference loss: ORPO's odds with the complements swapped", PREFERENCE),
+    _m("pref-average", "jxent/_preference.py",
+       "  return total / jnp.maximum(count, 1).astype(total.dtype)", "  return total",
+       "linear preference loss: average_log_prob ignored (sums)", PREFERENCE),
+    _m("pref-pair-keep", "jxent/_preference.py",
+       "  keep = jnp.all(jnp.any(mask, axis=-1), axis=0)",
+       "  keep = jnp.any(jnp.any(mask, axis=-1), axis=0)",
+       "linear preference loss: a pair with an empty completion kept", PREFERENCE),
+    _m("pref-nll-chosen", "jxent/_preference.py",
+       "  nll = -_checks.mean_of(jnp.sum(jnp.where(mask[0], lp[0], 0)), chosen_count)",
+       "  nll = -_checks.mean_of(jnp.sum(jnp.where(mask, lp, 0)), jnp.sum(mask))",
+       "linear preference loss: the NLL over both completions, not the chosen ones",
+       PREFERENCE),
     # -------------------------------------------------------------- grads and apps
     _m("grads-mse-factor", "jxent/grads.py",
        "  return (s - targets) * s * jax.nn.sigmoid(-logits)", "  return (s - targets) * s",

@@ -41,10 +41,12 @@ K = 64  # the teacher's top-k
 # "grpo": linear_policy_loss (GRPO's clipped ratio against old log-probabilities, beta = 0.04
 # against a reference's, DAPO's token mean; its gradients formed with the value); "grpo, via
 # log_probs/token": policy_loss of linear_log_probs' per-token output (any cotangent).
+# "dpo": linear_preference_loss (DPO's sigmoid loss of sequence sums against a reference's,
+# pairs of SEQ-token sequences; its derivative computes the blocks again, as a per-token one).
 QUANTITIES = ("log_probs", "log_probs/token", "entropy", "entropy/token",
               "log_probs+entropy/token", "log_probs+entropy/token, two calls",
               "log_probs+entropy, two calls", "kl", "js", "tv", "topk_kl", "kl+ce",
-              "kl+ce, two calls", "grpo", "grpo, via log_probs/token")
+              "kl+ce, two calls", "grpo", "grpo, via log_probs/token", "dpo")
 SEQ = 256  # tokens per sequence of the policy losses (one advantage per sequence)
 
 
@@ -82,6 +84,11 @@ def _dense(q):
     if q == "grpo":
       lp = jnp.take_along_axis(lq, y[:, None], axis=-1)[:, 0]
       return _policy(jxent.policy_loss, lp, adv, old, ref)
+    if q == "dpo":
+      seq = jnp.take_along_axis(lq, y[:, None], axis=-1)[:, 0].reshape(2, -1, SEQ).sum(-1)
+      rs = ref.reshape(2, -1, SEQ).sum(-1)
+      return jxent.preference_loss(seq[0], seq[1], ref_chosen_log_probs=rs[0],
+                                   ref_rejected_log_probs=rs[1])
     if q == "log_probs":
       return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
     if q == "entropy":
@@ -124,6 +131,10 @@ def _fused(q):
       h3 = h.reshape(-1, SEQ, h.shape[-1])
       return _policy(lambda lp, *a, **k: jxent.linear_policy_loss(h3, w, lp, *a, **k),
                      y, adv, old, ref)
+    if q == "dpo":
+      return jxent.linear_preference_loss(h.reshape(2, -1, SEQ, h.shape[-1]), w,
+                                          y.reshape(2, -1, SEQ),
+                                          ref_log_probs=ref.reshape(2, -1, SEQ))
     if q == "grpo, via log_probs/token":
       return _policy(jxent.policy_loss, jxent.linear_log_probs(h, w, y), adv, old, ref)
     if q == "log_probs":
@@ -252,7 +263,10 @@ def to_markdown(rows, reps):
       f"\"grpo\": `linear_policy_loss` (sequences of {SEQ} tokens, one advantage each, "
       "the clipped ratio against old log-probabilities, beta = 0.04 against a reference's, "
       "the token mean), against `policy_loss` of the materialised log-softmax; \"grpo, via "
-      "log_probs/token\": `policy_loss` of `linear_log_probs`' per-token output. The "
+      "log_probs/token\": `policy_loss` of `linear_log_probs`' per-token output. \"dpo\": "
+      f"`linear_preference_loss` (pairs of {SEQ}-token sequences, DPO's sigmoid loss of "
+      "the sequences' sums against a reference's, beta = 0.1), against `preference_loss` of "
+      "the materialised log-softmax's sums. The "
       "total variation's gradient jumps by q_v where "
       "p_v = q_v; a (token, class) pair whose p_v and q_v agree to float32's rounding (a "
       "relative gap under 1e-6: 67 of the 134M pairs at the first size, counted in float64) "

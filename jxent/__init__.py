@@ -32,7 +32,12 @@ from jxent._lmhead import (
     linear_tv_distance,
 )
 from jxent._policy import linear_policy_loss, policy_loss
-from jxent._preference import linear_preference_loss, preference_loss
+from jxent._preference import (
+    kto_loss,
+    linear_kto_loss,
+    linear_preference_loss,
+    preference_loss,
+)
 from jxent._probability import (
     binary_cross_entropy,
     categorical_cross_entropy,
@@ -72,6 +77,7 @@ __all__ = [
     "log_probs",
     "policy_loss",
     "preference_loss",
+    "kto_loss",
     "linear_cross_entropy",
     "linear_distillation_loss",
     "linear_entropy",
@@ -81,6 +87,7 @@ __all__ = [
     "linear_log_probs",
     "linear_policy_loss",
     "linear_preference_loss",
+    "linear_kto_loss",
     "linear_token_stats",
     "linear_topk_kl_divergence",
     "linear_tv_distance",

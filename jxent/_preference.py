@@ -246,6 +246,31 @@ def _loss(c, r, rc, rr, where, loss_type, beta, label_smoothing, gamma, discopop
   return loss, {**metrics, **(extra or {})}
 
 
+def _head_sequences(hidden, weight, labels, where, ref_log_probs, average, bias, weight_layout,
+                    temperature, chunk_size):
+  """(the tokens' log-probabilities [..., T] (0 on dropped ones), the kept tokens, the
+  sequences' log-probabilities [...], the reference's [...] or None) from a linear head."""
+  mask = jnp.ones(labels.shape, bool)
+  if where is not None:
+    mask = _checks.as_array(where, "where")
+    if mask.dtype != jnp.bool_ or mask.shape != labels.shape:
+      raise ValueError(f"where must be a boolean array of the labels' shape {labels.shape}, "
+                       f"got {mask.dtype}{list(mask.shape)}.")
+  lp = linear_log_probs(hidden, weight, labels, bias=bias, weight_layout=weight_layout,
+                        where=mask, temperature=temperature, chunk_size=chunk_size)
+  seq = _sequence_log_probs(lp, mask, average)
+  ref = None
+  if ref_log_probs is not None:
+    ref = _checks.floating(ref_log_probs, "ref_log_probs")
+    if ref.shape == labels.shape:
+      ref = _sequence_log_probs(ref, mask, average)
+    elif ref.shape != labels.shape[:-1]:
+      raise ValueError(f"ref_log_probs must have the labels' shape {labels.shape} (per token) "
+                       f"or the sequences' {labels.shape[:-1]}, got shape {ref.shape}.")
+    ref = ref.astype(seq.dtype)
+  return lp, mask, seq, ref
+
+
 def _sequence_log_probs(lp, mask, average):
   """Each sequence's sum of its kept tokens' log-probabilities ([..., T] -> [...]), or with
   ``average`` their mean (0 for a sequence without kept tokens)."""
@@ -334,30 +359,14 @@ def linear_preference_loss(
     raise ValueError("linear_preference_loss takes the chosen and the rejected completions "
                      "stacked on a leading axis of 2: labels [2, ..., T], got shape "
                      f"{labels.shape}.")
-  mask = jnp.ones(labels.shape, bool)
-  if where is not None:
-    mask = _checks.as_array(where, "where")
-    if mask.dtype != jnp.bool_ or mask.shape != labels.shape:
-      raise ValueError(f"where must be a boolean array of the labels' shape {labels.shape}, "
-                       f"got {mask.dtype}{list(mask.shape)}.")
   average = _checks.static_bool(average_log_prob, "average_log_prob")
   nll_weight = _checks.static_number(nll_weight, "nll_weight")
   if nll_weight != 0 and reduction == "none":
     raise ValueError("nll_weight adds one number (the chosen tokens' mean negative "
                      "log-likelihood) to the loss; with reduction='none' (per pair) take it "
                      "from return_metrics' 'nll' instead.")
-  lp = linear_log_probs(hidden, weight, labels, bias=bias, weight_layout=weight_layout,
-                        where=mask, temperature=temperature, chunk_size=chunk_size)
-  seq = _sequence_log_probs(lp, mask, average)
-  ref = None
-  if ref_log_probs is not None:
-    ref = _checks.floating(ref_log_probs, "ref_log_probs")
-    if ref.shape == labels.shape:
-      ref = _sequence_log_probs(ref, mask, average)
-    elif ref.shape != labels.shape[:-1]:
-      raise ValueError(f"ref_log_probs must have the labels' shape {labels.shape} (per token) "
-                       f"or the sequences' {labels.shape[:-1]}, got shape {ref.shape}.")
-    ref = ref.astype(seq.dtype)
+  lp, mask, seq, ref = _head_sequences(hidden, weight, labels, where, ref_log_probs, average,
+                                       bias, weight_layout, temperature, chunk_size)
   keep = jnp.all(jnp.any(mask, axis=-1), axis=0)
   chosen_count = jnp.sum(mask[0])
   nll = -_checks.mean_of(jnp.sum(jnp.where(mask[0], lp[0], 0)), chosen_count)
@@ -369,3 +378,194 @@ def linear_preference_loss(
   if nll_weight != 0:
     loss = loss + nll_weight * nll
   return (loss, metrics) if return_metrics else loss
+
+
+# ------------------------------------------------------------------------------------ KTO
+
+
+def _kto(s, ref, kl, preferred, keep, beta, desirable_weight, undesirable_weight, reduction,
+         return_metrics):
+  """KTO's loss of the sequences' log-probabilities ``s`` ([...]) and its metrics."""
+  beta = _checks.static_number(beta, "beta")
+  if not beta > 0:
+    raise ValueError(f"beta must be positive, got {beta!r}.")
+  wd = _checks.static_number(desirable_weight, "desirable_weight")
+  wu = _checks.static_number(undesirable_weight, "undesirable_weight")
+  if wd < 0 or wu < 0:
+    raise ValueError(f"desirable_weight and undesirable_weight must be >= 0, got {wd!r} and "
+                     f"{wu!r}.")
+  reduction = _checks.reduction(reduction)
+  return_metrics = _checks.static_bool(return_metrics, "return_metrics")
+  safe = lambda a: None if a is None else jnp.where(keep, a, -1.0)
+  s, ref = safe(s), safe(ref)
+  lr = s if ref is None else s - ref  # log(pi / pi_ref)
+  d = lr if kl is None else lr - jnp.where(keep, kl, 0)
+  # 1 - sigmoid(beta d) as sigmoid(-beta d): no cancellation where the loss is small.
+  losses = jnp.where(preferred, wd * jax.nn.sigmoid(-beta * d),
+                     wu * jax.nn.sigmoid(beta * d))
+  loss = _checks.reduce(jnp.where(keep, losses, 0), reduction, jnp.sum(keep))
+  if not return_metrics:
+    return loss
+  lr, s = jax.lax.stop_gradient((lr, s))
+  mean = lambda a, m: jnp.sum(jnp.where(m, a, 0)) / jnp.maximum(jnp.sum(m), 1).astype(a.dtype)
+  good, bad = keep & preferred, keep & ~preferred
+  return loss, {"chosen_rewards": mean(beta * lr, good),
+                "rejected_rewards": mean(beta * lr, bad),
+                "chosen_log_probs": mean(s, good), "rejected_log_probs": mean(s, bad)}
+
+
+def _kto_inputs(shape, preferred, kl, where, dtype):
+  preferred = _checks.as_array(preferred, "preferred")
+  if preferred.dtype != jnp.bool_ or preferred.shape != shape:
+    raise ValueError(f"preferred must be a boolean array of the sequences' shape {shape} "
+                     f"(True: a desirable completion), got {preferred.dtype}"
+                     f"{list(preferred.shape)}.")
+  if kl is not None:
+    kl = _checks.floating(kl, "kl")
+    try:
+      kl = jnp.broadcast_to(kl, shape).astype(dtype)
+    except ValueError:
+      raise ValueError(f"kl must be a scalar or broadcast to the sequences' shape {shape}, got "
+                       f"shape {kl.shape}.") from None
+  return preferred, kl, _pairs_where(where, shape)
+
+
+_KTO_DOC = r"""
+    kl: optional float, a scalar or ``[...]``: KTO's reference point :math:`z_0`, an estimate
+      of :math:`\mathrm{KL}(\pi \| \pi_\text{ref})` (TRL's: the clamped mean log-ratio of
+      mismatched completions, without gradient; the caller decides whether it carries one).
+      None: 0.
+    beta: :math:`\beta > 0` (static).
+    desirable_weight: :math:`\lambda_D \ge 0`, the desirable completions' weight (static).
+    undesirable_weight: :math:`\lambda_U \ge 0`, the undesirable ones' (static).
+    reduction: ``"mean"`` (over the kept sequences; 0 without any), ``"sum"`` or ``"none"``.
+    return_metrics: also return a dict of means without derivative: ``"chosen_rewards"`` and
+      ``"rejected_rewards"`` (:math:`\beta (s - s_\text{ref})` over the desirable and the
+      undesirable kept sequences), ``"chosen_log_probs"`` and ``"rejected_log_probs"``."""
+
+
+def kto_loss(
+    log_probs: ArrayLike,
+    preferred: ArrayLike,
+    *,
+    ref_log_probs: ArrayLike | None = None,
+    kl: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    reduction: str = "mean",
+    return_metrics: bool = False,
+) -> Array | tuple[Array, dict]:
+  r"""Kahneman–Tversky optimisation (KTO): an unpaired preference loss of the sequences'
+  log-probabilities.
+
+  .. math:: \ell = \begin{cases} \lambda_D \big(1 - \sigma(\beta (\Delta - z_0))\big) &
+     \text{desirable} \\ \lambda_U \big(1 - \sigma(\beta (z_0 - \Delta))\big) &
+     \text{undesirable} \end{cases}, \qquad \Delta = s - s_\text{ref},
+
+  with :math:`s` and :math:`s_\text{ref}` a completion's log-probability under the policy and
+  the reference policy and :math:`z_0` the KL reference point (as TRL's ``KTOTrainer`` and
+  Liger's ``LigerFusedLinearKTOLoss``). Each loss lies in :math:`[0, \lambda]`; computed as
+  :math:`\sigma(\mp\beta(\Delta - z_0))`, without the cancellation of :math:`1 - \sigma`.
+  From a linear head, :func:`linear_kto_loss`.
+
+  Args:
+    log_probs: float ``[...]``, each completion's log-probability (the sum, or the mean, of
+      its tokens'). Every float argument is differentiable.
+    preferred: boolean ``[...]``: True for a desirable completion, False for an undesirable
+      one.
+    ref_log_probs: optional float ``[...]``, the reference policy's; None: 0.
+    where: optional boolean ``[...]``: the sequences to keep.""" + _KTO_DOC + r"""
+
+  Returns:
+    The loss (float32, float64 for float64 inputs), or ``(loss, metrics)``.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> s = jnp.array([-4.0, -4.0]); ref = jnp.array([-6.0, -6.0])  # both 2 nats likelier
+  >>> out = jxent.kto_loss(s, jnp.array([True, False]), ref_log_probs=ref, beta=1.0,
+  ...                      reduction="none")
+  >>> [round(float(v), 4) for v in out]  # sigmoid(-2): good; sigmoid(2): bad
+  [0.1192, 0.8808]
+  """
+  s = _checks.floating(log_probs, "log_probs")
+  ref = None
+  if ref_log_probs is not None:
+    ref = _checks.floating(ref_log_probs, "ref_log_probs")
+    try:
+      ref = jnp.broadcast_to(ref, s.shape)
+    except ValueError:
+      raise ValueError(f"ref_log_probs must broadcast to log_probs' shape {s.shape}, got "
+                       f"shape {ref.shape}.") from None
+  dtype = s.dtype if ref is None else jnp.result_type(s, ref)
+  preferred, kl, keep = _kto_inputs(s.shape, preferred, kl, where, dtype)
+  return _kto(s.astype(dtype), None if ref is None else ref.astype(dtype), kl, preferred, keep,
+              beta, desirable_weight, undesirable_weight, reduction, return_metrics)
+
+
+def linear_kto_loss(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    preferred: ArrayLike,
+    *,
+    ref_log_probs: ArrayLike | None = None,
+    kl: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    average_log_prob: bool = False,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    reduction: str = "mean",
+    bias: ArrayLike | None = None,
+    weight_layout: str = "dv",
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    return_metrics: bool = False,
+) -> Array | tuple[Array, dict]:
+  r""":func:`kto_loss` of the sequences' log-probabilities under ``softmax((hidden @ weight +
+  bias) / T)``, without the logits (Liger's ``LigerFusedLinearKTOLoss``).
+
+  Each token's log-probability comes from :func:`linear_log_probs`, one block of logits at a
+  time; a sequence's is the sum over its kept tokens (their mean with ``average_log_prob``),
+  and a sequence without kept tokens is dropped. As for :func:`linear_preference_loss`, the
+  derivative computes the blocks again and keeps only ``[..., T]`` numbers.
+
+  Args:
+    hidden: ``[..., T, D]`` activations of the completions (bf16 and f16 accumulated in
+      float32).
+    weight: ``[D, V]`` (``weight_layout="dv"``) or ``[V, D]`` (``"vd"``).
+    labels: integer ``[..., T]`` completion tokens.
+    preferred: boolean ``[...]``, one per completion: True if desirable.
+    ref_log_probs: optional float ``[..., T]`` (aggregated as the policy's) or ``[...]`` (as
+      given): the reference policy's log-probabilities; None: 0.
+    where: optional boolean ``[..., T]``: the completion tokens.
+    average_log_prob: each sequence's mean log-probability instead of its sum (static).""" + (
+      _KTO_DOC) + r"""
+    bias: optional ``[V]``.
+    weight_layout: ``"dv"`` or ``"vd"``.
+    temperature: :math:`T > 0` of the softmax (static).
+    chunk_size: tokens per block on CPU; on GPU and TPU vocabulary blocks of all tokens.
+
+  Returns:
+    The loss, differentiable with respect to ``hidden``, ``weight``, ``bias``,
+    ``ref_log_probs`` and ``kl`` in every autodiff mode; with ``return_metrics``, ``(loss,
+    metrics)``.
+
+  >>> import jax.numpy as jnp
+  >>> import jxent
+  >>> h = jnp.zeros((2, 5, 4)); w = jnp.zeros((4, 8)); y = jnp.zeros((2, 5), int)
+  >>> float(jxent.linear_kto_loss(h, w, y, jnp.array([True, False])))  # Delta = 0: 1/2
+  0.5
+  """
+  labels = _checks.integer(labels, "labels")
+  if labels.ndim < 1:
+    raise ValueError(f"linear_kto_loss needs tokens laid out as [..., T], got labels of shape "
+                     f"{labels.shape}.")
+  average = _checks.static_bool(average_log_prob, "average_log_prob")
+  _, mask, seq, ref = _head_sequences(hidden, weight, labels, where, ref_log_probs, average,
+                                      bias, weight_layout, temperature, chunk_size)
+  preferred, kl, _ = _kto_inputs(seq.shape, preferred, kl, None, seq.dtype)
+  return _kto(seq, ref, kl, preferred, jnp.any(mask, axis=-1), beta, desirable_weight,
+              undesirable_weight, reduction, return_metrics)

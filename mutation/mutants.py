@@ -525,6 +525,20 @@ MUTANTS = [
        "  nll = -_checks.mean_of(jnp.sum(jnp.where(mask, lp, 0)), jnp.sum(mask))",
        "linear preference loss: the NLL over both completions, not the chosen ones",
        PREFERENCE),
+    _m("kto-weights-swapped", "jxent/_preference.py",
+       "  losses = jnp.where(preferred, wd * jax.nn.sigmoid(-beta * d),\n"
+       "                     wu * jax.nn.sigmoid(beta * d))",
+       "  losses = jnp.where(preferred, wu * jax.nn.sigmoid(-beta * d),\n"
+       "                     wd * jax.nn.sigmoid(beta * d))",
+       "KTO: the desirable and undesirable weights swapped", PREFERENCE),
+    _m("kto-kl-sign", "jxent/_preference.py",
+       "  d = lr if kl is None else lr - jnp.where(keep, kl, 0)",
+       "  d = lr if kl is None else lr + jnp.where(keep, kl, 0)",
+       "KTO: the KL reference point added to the log-ratio", PREFERENCE),
+    _m("kto-empty-kept", "jxent/_preference.py",
+       "  return _kto(seq, ref, kl, preferred, jnp.any(mask, axis=-1), beta, desirable_weight,",
+       "  return _kto(seq, ref, kl, preferred, jnp.ones(seq.shape, bool), beta, desirable_weight,",
+       "linear KTO: a sequence without kept tokens kept", PREFERENCE),
     # -------------------------------------------------------------- grads and apps
     _m("grads-mse-factor", "jxent/grads.py",
        "  return (s - targets) * s * jax.nn.sigmoid(-logits)", "  return (s - targets) * s",

@@ -280,3 +280,89 @@ def test_linear_preference_loss_inputs():
     jxent.linear_preference_loss(HH, WW, YY, nll_weight=1.0, reduction="none")
   with pytest.raises(TypeError, match="labels"):
     jxent.linear_preference_loss(HH, WW, YY.astype(float))
+
+
+# KTO: unpaired completions, each desirable or not.
+PREF = np.array([True, False, True, True, False, False])
+KL0 = 0.7
+
+
+def np_kto(s, ref, kl, preferred, beta, wd=1.0, wu=1.0):
+  """float64 NumPy, TRL's and Liger's formula: 1 - sigmoid(+-beta (log ratio - z0))."""
+  d = (s - ref) - kl
+  return np.where(preferred, wd * (1 - _sigmoid(beta * d)), wu * (1 - _sigmoid(-beta * d)))
+
+
+def test_kto_loss_against_numpy_float64():
+  kl = RNG.uniform(0, 1, size=P)
+  with jax.enable_x64(True):
+    ref = np_kto(C, RC, kl, PREF, 0.3, 1.5, 0.5)
+    f = lambda s, r, k, **kw: jxent.kto_loss(s, PREF, ref_log_probs=r, kl=k, beta=0.3,
+                                             desirable_weight=1.5, undesirable_weight=0.5, **kw)
+    np.testing.assert_allclose(f(C, RC, kl, reduction="none"), ref, rtol=1e-12)
+    np.testing.assert_allclose(f(C, RC, kl, where=KEEP), ref[KEEP].mean(), rtol=1e-12)
+    np.testing.assert_allclose(f(C, RC, kl, reduction="sum"), ref.sum(), rtol=1e-12)
+    np.testing.assert_allclose(jxent.kto_loss(C, PREF, kl=KL0, reduction="none"),
+                               np_kto(C, 0, KL0, PREF, 0.1), rtol=1e-12)
+    # The slopes in s: -lambda beta sigma(beta d) sigma(-beta d), its sign by the preference.
+    d = (C - RC) - kl
+    slope = 0.3 * _sigmoid(0.3 * d) * _sigmoid(-0.3 * d) * np.where(PREF, -1.5, 0.5)
+    cot = RNG.uniform(0.5, 1.5, size=P)
+    g = jax.jit(lambda s, r, k: jnp.sum(cot * f(s, r, k, reduction="none")))
+    gs, gr, gk = jax.grad(g, argnums=(0, 1, 2))(C, RC, kl)
+    np.testing.assert_allclose(gs, cot * slope, rtol=1e-12)
+    np.testing.assert_allclose(gr, -cot * slope, rtol=1e-12)
+    np.testing.assert_allclose(gk, -cot * slope, rtol=1e-12)
+    check_grads(g, (C, RC, kl), order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+    # Far from the reference point: a loss of about lambda or 0, never NaN.
+    v, gs = jax.value_and_grad(lambda s: jnp.sum(jxent.kto_loss(
+        s, np.array([True, False]), beta=1.0, reduction="none")))(np.array([-3e4, -3e4]))
+    np.testing.assert_allclose(v, 1.0, rtol=1e-12)
+    assert np.all(np.isfinite(gs))
+    loss, m = jxent.kto_loss(C, PREF, ref_log_probs=RC, beta=0.5, where=KEEP,
+                             return_metrics=True)
+    good, bad = KEEP & PREF, KEEP & ~PREF
+    np.testing.assert_allclose(m["chosen_rewards"], 0.5 * (C - RC)[good].mean(), rtol=1e-12)
+    np.testing.assert_allclose(m["rejected_rewards"], 0.5 * (C - RC)[bad].mean(), rtol=1e-12)
+    np.testing.assert_allclose(m["rejected_log_probs"], C[bad].mean(), rtol=1e-12)
+  with pytest.raises(ValueError, match="preferred must be a boolean"):
+    jxent.kto_loss(C, PREF.astype(int))
+  with pytest.raises(ValueError, match="kl must be a scalar or broadcast"):
+    jxent.kto_loss(C, PREF, kl=np.ones(4))
+  with pytest.raises(ValueError, match="undesirable_weight must be >= 0"):
+    jxent.kto_loss(C, PREF, undesirable_weight=-1)
+
+
+@pytest.mark.parametrize("layout, impl", [("dv", "platform"), ("vd", "accelerator")],
+                         indirect=["impl"])
+def test_linear_kto_loss_against_dense_float64(layout, impl):
+  h, y, mask = HH.reshape(2 * B, T, D), YY.reshape(2 * B, T), MM.reshape(2 * B, T)
+  with jax.enable_x64(True):
+    ref = np.asarray(_log_probs64(HH, WW, BB)).reshape(2 * B, T) + REF_SHIFT.reshape(2 * B, T)
+    wl = WW if layout == "dv" else WW.T
+    opts = dict(beta=0.4, desirable_weight=1.2, undesirable_weight=0.8, average_log_prob=True)
+
+    def fused(h, w, b, ref, kl, **kw):
+      return jxent.linear_kto_loss(h, w, y, PREF, ref_log_probs=ref, kl=kl, where=mask,
+                                   bias=b, weight_layout=layout, temperature=TEMP,
+                                   chunk_size=8, **opts, **kw)
+
+    def dense(h, w, b, ref, kl):
+      w = w if layout == "dv" else w.T
+      lp = jax.nn.log_softmax((h @ w + b) / TEMP)
+      lp = jnp.where(mask, jnp.take_along_axis(lp, y[..., None], -1)[..., 0], 0)
+      n = np.maximum(mask.sum(-1), 1)
+      s, rs = lp.sum(-1) / n, jnp.where(mask, ref, 0).sum(-1) / n
+      return jxent.kto_loss(s, PREF, ref_log_probs=rs, kl=kl, where=mask.any(-1),
+                            beta=0.4, desirable_weight=1.2, undesirable_weight=0.8)
+
+    args = (h, wl, BB, ref, 0.3)
+    v1, g1 = jax.jit(jax.value_and_grad(fused, range(5)))(*args)
+    v0, g0 = jax.value_and_grad(dense, range(5))(*args)
+    np.testing.assert_allclose(v1, v0, rtol=1e-12)
+    for a, b, i in zip(g1, g0, range(5)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=f"argument {i}")
+    assert not mask[2].any() and np.all(np.asarray(g1[0])[2] == 0)  # a dropped sequence
+    t = tuple(np.asarray(RNG.normal(size=np.shape(a))) for a in args)
+    np.testing.assert_allclose(jax.jvp(fused, args, t)[1], jax.jvp(dense, args, t)[1],
+                               rtol=1e-10)

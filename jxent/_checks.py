@@ -291,6 +291,17 @@ def mean_of(total: jax.Array, count) -> jax.Array:
   return total / jnp.where(count == 0, 1, count).astype(total.dtype)
 
 
+def options_doc(options: str) -> Callable:
+  """A decorator that puts ``options`` (argument docs shared by several functions) where
+  the docstring says ``<<options>>``: a docstring must be one literal, so it cannot be
+  built with ``+``."""
+  def deco(fn):
+    fn.__doc__ = fn.__doc__.replace("<<options>>", options)
+    return fn
+
+  return deco
+
+
 def nonzero_tangent(t) -> bool:
   """Whether a custom_jvp rule's tangent (``symbolic_zeros=True``) carries anything."""
   return t is not None and not isinstance(t, SymbolicZero)

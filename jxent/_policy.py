@@ -239,6 +239,7 @@ _ARGS_DOC = r"""
       estimate (times the ratio with ``bias_corrected_kl``)."""
 
 
+@_checks.options_doc(_ARGS_DOC)
 def policy_loss(
     log_probs: ArrayLike,
     advantages: ArrayLike,
@@ -273,7 +274,7 @@ def policy_loss(
   Args:
     log_probs: float ``[..., T]``: each sampled token's log-probability under the policy
       being trained (e.g. :func:`jxent.log_probs` of its logits), the only argument the loss
-      is usually differentiated in (every argument is differentiable).""" + _ARGS_DOC + r"""
+      is usually differentiated in (every argument is differentiable).<<options>>
 
   Returns:
     The scalar loss (float32, float64 for float64 inputs); 0 without kept tokens. With
@@ -305,6 +306,7 @@ def policy_loss(
                         old_log_probs is not None)
 
 
+@_checks.options_doc(_ARGS_DOC)
 def linear_policy_loss(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -344,7 +346,7 @@ def linear_policy_loss(
     hidden: ``[..., T, D]`` activations of the sampled sequences (bf16 and f16 are
       accumulated in float32).
     weight: ``[D, V]`` (``weight_layout="dv"``) or ``[V, D]`` (``"vd"``).
-    labels: integer ``[..., T]``, the sampled tokens.""" + _ARGS_DOC + r"""
+    labels: integer ``[..., T]``, the sampled tokens.<<options>>
     bias: optional ``[V]``.
     weight_layout: ``"dv"`` or ``"vd"``.
     temperature: :math:`T > 0` of the policy's softmax, a Python number (the sampling

@@ -156,6 +156,7 @@ _ARGS_DOC = r"""
       ``"rejected_log_probs"``."""
 
 
+@_checks.options_doc(_ARGS_DOC)
 def preference_loss(
     chosen_log_probs: ArrayLike,
     rejected_log_probs: ArrayLike,
@@ -193,7 +194,7 @@ def preference_loss(
     ref_chosen_log_probs: optional float ``[...]`` (broadcast), the reference policy's; None:
       0 (reference-free).
     ref_rejected_log_probs: optional, the same for the rejected completions.
-    where: optional boolean ``[...]``: the pairs to keep.""" + _ARGS_DOC + r"""
+    where: optional boolean ``[...]``: the pairs to keep.<<options>>
 
   Returns:
     The loss (float32, float64 for float64 inputs), or ``(loss, metrics)``.
@@ -281,6 +282,7 @@ def _sequence_log_probs(lp, mask, average):
   return total / jnp.maximum(count, 1).astype(total.dtype)
 
 
+@_checks.options_doc(_ARGS_DOC)
 def linear_preference_loss(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -336,7 +338,7 @@ def linear_preference_loss(
     average_log_prob: each sequence's mean log-probability instead of its sum (IPO, SimPO,
       ORPO; static).
     nll_weight: :math:`\lambda_\text{nll}` (static; 0: no term; not with
-      ``reduction="none"``).""" + _ARGS_DOC + r"""
+      ``reduction="none"``).<<options>>
     bias: optional ``[V]``.
     weight_layout: ``"dv"`` or ``"vd"``.
     temperature: :math:`T > 0` of the softmax (static).
@@ -444,6 +446,7 @@ _KTO_DOC = r"""
       undesirable kept sequences), ``"chosen_log_probs"`` and ``"rejected_log_probs"``."""
 
 
+@_checks.options_doc(_KTO_DOC)
 def kto_loss(
     log_probs: ArrayLike,
     preferred: ArrayLike,
@@ -476,7 +479,7 @@ def kto_loss(
     preferred: boolean ``[...]``: True for a desirable completion, False for an undesirable
       one.
     ref_log_probs: optional float ``[...]``, the reference policy's; None: 0.
-    where: optional boolean ``[...]``: the sequences to keep.""" + _KTO_DOC + r"""
+    where: optional boolean ``[...]``: the sequences to keep.<<options>>
 
   Returns:
     The loss (float32, float64 for float64 inputs), or ``(loss, metrics)``.
@@ -504,6 +507,7 @@ def kto_loss(
               beta, desirable_weight, undesirable_weight, reduction, return_metrics)
 
 
+@_checks.options_doc(_KTO_DOC)
 def linear_kto_loss(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -541,8 +545,8 @@ def linear_kto_loss(
     ref_log_probs: optional float ``[..., T]`` (aggregated as the policy's) or ``[...]`` (as
       given): the reference policy's log-probabilities; None: 0.
     where: optional boolean ``[..., T]``: the completion tokens.
-    average_log_prob: each sequence's mean log-probability instead of its sum (static).""" + (
-      _KTO_DOC) + r"""
+    average_log_prob: each sequence's mean log-probability instead of its sum
+      (static).<<options>>
     bias: optional ``[V]``.
     weight_layout: ``"dv"`` or ``"vd"``.
     temperature: :math:`T > 0` of the softmax (static).

@@ -37,6 +37,25 @@ def test_every_public_name_is_in_the_api_reference(built):
   assert not missing
 
 
+def test_every_public_function_has_its_docstring():
+  # A docstring is one string literal: one built with "+" is no docstring at all (None), and
+  # the reference page, help() and the doctests then silently lose it.
+  import inspect
+
+  import jxent
+
+  public = [(f"jxent.{n}", getattr(jxent, n)) for n in jxent.__all__]
+  public += [(f"jxent.sharded.{n}", getattr(jxent.sharded, n)) for n in jxent.sharded.__all__]
+  bare = [name for name, f in public if inspect.isfunction(f)
+          and (not (f.__doc__ or "").strip() or "<<" in f.__doc__)]
+  assert not bare
+  # The top-level functions each carry a runnable example (collected by --doctest-modules);
+  # value_checks only wraps a function for checkify (checked's example shows it).
+  no_example = [name for name, f in public if inspect.isfunction(f) and name.count(".") == 1
+                and ">>>" not in f.__doc__ and name != "jxent.value_checks"]
+  assert not no_example
+
+
 def test_links_resolve(built):
   sys.path.insert(0, str(ROOT / "docs"))
   import check

@@ -309,22 +309,61 @@ class _TokenFn:
     return hash(self.fn)
 
   def __eq__(self, other):
-    return isinstance(other, _TokenFn) and other.fn == self.fn
+    return type(other) is _TokenFn and other.fn == self.fn
 
   def terms(self, lp, valid, args):
     """(values, their slopes in log p, their slopes in each argument), each [T], 0 on
     dropped tokens (there the function sees log p = 0 and its value is discarded)."""
-    # Dropped tokens' inputs held constant: a derivative that is singular there (log(-lp)
-    # at lp = 0) then reaches no gradient, not even as 0 * inf.
-    hold = lambda a: jnp.where(_trailing(valid, a), a, jax.lax.stop_gradient(a))
-    val, vjp = jax.vjp(jax.vmap(self.fn), hold(lp), *map(hold, args))
+    val, vjp = jax.vjp(jax.vmap(self.fn), *_held(valid, lp, *args))
     if jnp.shape(val) != lp.shape or not jnp.issubdtype(val.dtype, jnp.floating):
       raise ValueError("linear_log_prob_loss's loss_fn must map scalars (a log-probability "
                        "and one entry of each token argument) to one float scalar; applied "
                        f"to a chunk of {lp.shape[0]} tokens it gave {jax.typeof(val)}.")
     g_lp, *slopes = vjp(jnp.ones_like(val))
-    keep = lambda a: jnp.where(_trailing(valid, a), a, 0).astype(lp.dtype)
-    return keep(val), keep(g_lp), tuple(keep(s) for s in slopes)
+    return _kept_terms(valid, lp.dtype, val, g_lp, slopes)
+
+
+def _held(valid, *arrays):
+  """The arrays with dropped tokens' entries held constant: a derivative that is singular
+  there (log(-lp) at lp = 0) then reaches no gradient, not even as 0 * inf."""
+  return [jnp.where(_trailing(valid, a), a, jax.lax.stop_gradient(a)) for a in arrays]
+
+
+def _kept_terms(valid, dtype, val, g_lp, slopes):
+  keep = lambda a: jnp.where(_trailing(valid, a), a, 0).astype(dtype)
+  return keep(val), keep(g_lp), tuple(keep(s) for s in slopes)
+
+
+class _GroupFn(_TokenFn):
+  """A loss of whole groups of ``length`` consecutive tokens (the sequences of a pair, or
+  one sequence): ``fn(log_p [G, length], kept [G, length], *args [G, length, ...])`` gives
+  each group's loss [G], 0 for a group it drops. Every chunk holds whole groups, so the
+  slope of each token's log-probability is known in the chunk's own pass, as a per-token
+  loss's is. A group's loss is spread over its kept tokens (their sum is the loss)."""
+
+  def __init__(self, fn, length):
+    super().__init__(fn)
+    self.length = int(length)
+
+  def __hash__(self):
+    return hash((self.fn, self.length))
+
+  def __eq__(self, other):
+    return (isinstance(other, _GroupFn) and other.fn == self.fn
+            and other.length == self.length)
+
+  def terms(self, lp, valid, args):
+    group = lambda a: a.reshape((-1, self.length) + a.shape[1:])
+    kept = group(valid)
+    loss, vjp = jax.vjp(lambda lp, *a: self.fn(group(lp), kept, *map(group, a)),
+                        *_held(valid, lp, *args))
+    if loss.shape != kept.shape[:1] or not jnp.issubdtype(loss.dtype, jnp.floating):
+      raise ValueError(f"a group loss must give one float per group of {self.length} tokens "
+                       f"({kept.shape[0]} here), got {jax.typeof(loss)}.")
+    g_lp, *slopes = vjp(jnp.ones_like(loss))
+    count = jnp.maximum(jnp.sum(kept, axis=-1), 1).astype(loss.dtype)
+    val = ((loss / count)[:, None] * kept).reshape(-1)
+    return _kept_terms(valid, lp.dtype, val, g_lp, slopes)
 
 
 def _trailing(a, like):
@@ -796,6 +835,30 @@ def _log_prob_loss(hidden, weight, labels, fn, args, *, bias, weight_layout, whe
 
   return _reduce_tokens(kind, h3, w, b, (y2, v2, args), v2, wt, cfg, reduction, per_token,
                         unflat, with_aux=True)
+
+
+def group_loss(hidden, weight, labels, fn, length, args, *, bias, weight_layout, where,
+               temperature, chunk_size):
+  """(the sum over groups of ``fn``'s losses, the tokens' label log-probabilities without
+  derivative): a loss of whole groups of ``length`` consecutive tokens of ``hidden``'s
+  flattened tokens (``_GroupFn``), each block of logits once. The token chunks hold whole
+  groups (``chunk_size``, or the default, rounded to a multiple of ``length``); ``args`` are
+  float arrays of the tokens' shape."""
+  hidden = _checks.as_array(hidden, "hidden")
+  if _num_tokens(hidden) % length:
+    raise ValueError(f"{_num_tokens(hidden)} tokens are not whole groups of {length}.")
+  if chunk_size is None:
+    v = jnp.shape(weight)[1 if weight_layout == "dv" else 0]
+    chunk_size = _forward_method_chunk(hidden.shape, v, "log_probs")
+  chunk_size = max(1, -(-min(int(chunk_size), _num_tokens(hidden)) // length)) * length
+  h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
+                                              where, temperature, chunk_size, "group_loss",
+                                              "sum", "log_probs")
+  n = _num_tokens(hidden)
+  args = tuple(jnp.pad(a.reshape(n), (0, v2.size - n)).reshape(v2.shape) for a in args)
+  out, lp = _one_head_sum(h3, w, b, (y2, v2, args), v2.astype(cfg.acc), cfg,
+                          _GroupFn(fn, length))
+  return out, unflat(jax.lax.stop_gradient(lp).reshape(-1))
 
 
 def _on_mesh(*arrays) -> bool:

@@ -12,11 +12,14 @@ linear head without the logits.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent import _checks
+from jxent import _lmhead as LH
 from jxent._lmhead import linear_log_probs
 
 Array = jax.Array
@@ -233,8 +236,7 @@ def _loss(c, r, rc, rr, where, loss_type, beta, label_smoothing, gamma, discopop
   reduction = _checks.reduction(reduction)
   return_metrics = _checks.static_bool(return_metrics, "return_metrics")
   if loss_type == "orpo" and (rc is not None or rr is not None):
-    raise ValueError("loss_type='orpo' (the odds ratio) has no reference policy; give no "
-                     "reference log-probabilities.")
+    raise ValueError(_ORPO_REF)
   keep = _pairs_where(where, c.shape)
   # Dropped pairs' inputs replaced first: whatever they hold reaches no value or gradient.
   safe = lambda a: None if a is None else jnp.where(keep, a, -1.0)
@@ -362,32 +364,153 @@ def linear_preference_loss(
                      "stacked on a leading axis of 2: labels [2, ..., T], got shape "
                      f"{labels.shape}.")
   average = _checks.static_bool(average_log_prob, "average_log_prob")
+  reduction = _checks.reduction(reduction)
   nll_weight = _checks.static_number(nll_weight, "nll_weight")
   if nll_weight != 0 and reduction == "none":
     raise ValueError("nll_weight adds one number (the chosen tokens' mean negative "
                      "log-likelihood) to the loss; with reduction='none' (per pair) take it "
                      "from return_metrics' 'nll' instead.")
-  lp, mask, seq, ref = _head_sequences(hidden, weight, labels, where, ref_log_probs, average,
-                                       bias, weight_layout, temperature, chunk_size)
+  length = 2 * labels.shape[-1]
+  if reduction == "none" or not _groups_fit(hidden, weight, weight_layout, length, labels,
+                                            where, ref_log_probs):
+    lp, mask, seq, ref = _head_sequences(hidden, weight, labels, where, ref_log_probs,
+                                         average, bias, weight_layout, temperature,
+                                         chunk_size)
+    keep = jnp.all(jnp.any(mask, axis=-1), axis=0)
+    nll = -_checks.mean_of(jnp.sum(jnp.where(mask[0], lp[0], 0)), jnp.sum(mask[0]))
+    out = _loss(seq[0], seq[1], None if ref is None else ref[0],
+                None if ref is None else ref[1], keep, loss_type, beta, label_smoothing,
+                gamma, discopop_tau, reduction, return_metrics,
+                extra={"nll": jax.lax.stop_gradient(nll)})
+    loss, metrics = out if return_metrics else (out, None)
+    if nll_weight != 0:
+      loss = loss + nll_weight * nll
+    return (loss, metrics) if return_metrics else loss
+  # Each pair's two sequences side by side ([..., 2, T]), so that token chunks hold whole
+  # pairs and each block of logits is computed once.
+  opts = _options(loss_type, beta, label_smoothing, gamma, discopop_tau)
+  return_metrics = _checks.static_bool(return_metrics, "return_metrics")
+  if loss_type == "orpo" and ref_log_probs is not None:
+    raise ValueError(_ORPO_REF)
+  mask = _token_mask(where, labels.shape)
+  ref, per_seq = _ref_tokens(ref_log_probs, labels.shape)
   keep = jnp.all(jnp.any(mask, axis=-1), axis=0)
-  chosen_count = jnp.sum(mask[0])
-  nll = -_checks.mean_of(jnp.sum(jnp.where(mask[0], lp[0], 0)), chosen_count)
-  out = _loss(seq[0], seq[1], None if ref is None else ref[0],
-              None if ref is None else ref[1], keep, loss_type, beta, label_smoothing, gamma,
-              discopop_tau, reduction, return_metrics,
-              extra={"nll": jax.lax.stop_gradient(nll)})
-  loss, metrics = out if return_metrics else (out, None)
-  if nll_weight != 0:
-    loss = loss + nll_weight * nll
-  return (loss, metrics) if return_metrics else loss
+  acc = _acc(hidden, weight)
+  inv_pairs = jnp.asarray(1 / jnp.maximum(jnp.sum(keep), 1) if reduction == "mean" else 1,
+                          acc)
+  inv_chosen = (1 / jnp.maximum(jnp.sum(mask[0]), 1)).astype(acc)
+  pairs = lambda a: jnp.moveaxis(a, 0, -2)
+  args = ([] if ref is None else [pairs(ref)]) + [
+      jnp.broadcast_to(inv_pairs, labels.shape), jnp.broadcast_to(inv_chosen, labels.shape)]
+  fn = _pair_group_fn(loss_type, *opts, average, nll_weight, length, ref is not None,
+                      per_seq)
+  loss, lp = LH.group_loss(jnp.moveaxis(_checks.as_array(hidden, "hidden"), 0, -3), weight,
+                           pairs(labels), fn, length, args, bias=bias,
+                           weight_layout=weight_layout, where=pairs(mask),
+                           temperature=temperature, chunk_size=chunk_size)
+  if not return_metrics:
+    return loss
+  lp = jnp.moveaxis(lp, -2, 0)
+  seq = _sequence_log_probs(lp, mask, average)
+  rs = None if ref is None else jax.lax.stop_gradient(_ref_sequences(ref, mask, average,
+                                                                      per_seq))
+  nll = -_checks.mean_of(jnp.sum(jnp.where(mask[0], lp[0], 0)), jnp.sum(mask[0]))
+  safe = lambda a: None if a is None else jnp.where(keep, a, -1.0)
+  metrics = _metrics(safe(seq[0]), safe(seq[1]), safe(None if rs is None else rs[0]),
+                     safe(None if rs is None else rs[1]), opts[0], keep)
+  return loss, {**metrics, "nll": nll}
+
+
+# The fused path holds a chunk of whole groups (a pair's two sequences, or one sequence for
+# KTO): it is taken while a group is at most this many default chunks of tokens (a group's
+# logits then take at most this many times the default block's memory); longer sequences
+# take the per-token log-probabilities, whose derivative computes the blocks again.
+_GROUP_CHUNKS = 8
+_ORPO_REF = ("loss_type='orpo' (the odds ratio) has no reference policy; give no reference "
+             "log-probabilities.")
+
+
+def _acc(hidden, weight):
+  return (jnp.float64 if jnp.float64 in (jnp.result_type(hidden), jnp.result_type(weight))
+          else jnp.float32)
+
+
+def _groups_fit(hidden, weight, weight_layout, length, *tokens) -> bool:
+  """Whether the fused path takes groups of ``length`` tokens: one device's tokens (not an
+  explicit mesh) and a group within ``_GROUP_CHUNKS`` default chunks."""
+  shape, wshape = jnp.shape(hidden), jnp.shape(weight)
+  if len(wshape) != 2 or weight_layout not in ("dv", "vd") or LH._on_mesh(hidden, *tokens):
+    return False
+  chunk = LH._forward_method_chunk(shape, wshape[1 if weight_layout == "dv" else 0],
+                                   "log_probs")
+  return chunk is not None and length <= _GROUP_CHUNKS * chunk
+
+
+def _token_mask(where, shape):
+  if where is None:
+    return jnp.ones(shape, bool)
+  mask = _checks.as_array(where, "where")
+  if mask.dtype != jnp.bool_ or mask.shape != shape:
+    raise ValueError(f"where must be a boolean array of the labels' shape {shape}, got "
+                     f"{mask.dtype}{list(mask.shape)}.")
+  return mask
+
+
+def _ref_tokens(ref_log_probs, shape):
+  """(the reference's log-probabilities broadcast to the tokens' ``shape``, whether they were
+  given per sequence), or (None, False)."""
+  if ref_log_probs is None:
+    return None, False
+  ref = _checks.floating(ref_log_probs, "ref_log_probs")
+  if ref.shape == shape:
+    return ref, False
+  if ref.shape != shape[:-1]:
+    raise ValueError(f"ref_log_probs must have the labels' shape {shape} (per token) or the "
+                     f"sequences' {shape[:-1]}, got shape {ref.shape}.")
+  return jnp.broadcast_to(ref[..., None], shape), True
+
+
+def _ref_sequences(ref, mask, average, per_seq):
+  """The reference's sequence log-probabilities from its per-token array: one given per
+  sequence (broadcast) is its kept tokens' mean, so that its slope reaches it whole."""
+  return _sequence_log_probs(ref, mask, average or per_seq)
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_group_fn(loss_type, beta, eps, gamma, tau, average, nll_weight, length, has_ref,
+                   ref_per_seq):
+  """The loss of groups of a pair's two sequences ([G, 2T] tokens, chosen first) for
+  :func:`jxent._lmhead.group_loss`, its arguments per token: [the reference's
+  log-probabilities,] 1 / the kept pairs (or 1), 1 / the kept chosen tokens."""
+  t = length // 2
+
+  def fn(lp, kept, *args):
+    args = list(args)
+    ref = args.pop(0) if has_ref else None
+    inv_pairs, inv_chosen = (a[:, 0] for a in args)
+    split = lambda a: a.reshape(a.shape[0], 2, t)
+    lp, kept = split(lp), split(kept)
+    seq = _sequence_log_probs(lp, kept, average)
+    rs = None if ref is None else _ref_sequences(split(ref), kept, average, ref_per_seq)
+    keep = jnp.all(jnp.any(kept, axis=-1), axis=-1)
+    safe = lambda a: jnp.where(keep, a, -1.0)
+    losses = _pair_losses(safe(seq[:, 0]), safe(seq[:, 1]),
+                          None if rs is None else safe(rs[:, 0]),
+                          None if rs is None else safe(rs[:, 1]), loss_type, beta, eps, gamma,
+                          tau)
+    losses = jnp.where(keep, losses, 0) * inv_pairs
+    if nll_weight != 0:  # the chosen tokens' share of their mean negative log-likelihood
+      losses = losses - nll_weight * inv_chosen * jnp.sum(
+          jnp.where(kept[:, 0], lp[:, 0], 0), axis=-1)
+    return losses
+
+  return fn
 
 
 # ------------------------------------------------------------------------------------ KTO
 
 
-def _kto(s, ref, kl, preferred, keep, beta, desirable_weight, undesirable_weight, reduction,
-         return_metrics):
-  """KTO's loss of the sequences' log-probabilities ``s`` ([...]) and its metrics."""
+def _kto_options(beta, desirable_weight, undesirable_weight):
   beta = _checks.static_number(beta, "beta")
   if not beta > 0:
     raise ValueError(f"beta must be positive, got {beta!r}.")
@@ -396,8 +519,11 @@ def _kto(s, ref, kl, preferred, keep, beta, desirable_weight, undesirable_weight
   if wd < 0 or wu < 0:
     raise ValueError(f"desirable_weight and undesirable_weight must be >= 0, got {wd!r} and "
                      f"{wu!r}.")
-  reduction = _checks.reduction(reduction)
-  return_metrics = _checks.static_bool(return_metrics, "return_metrics")
+  return beta, wd, wu
+
+
+def _kto_losses(s, ref, kl, preferred, keep, beta, wd, wu):
+  """Each kept sequence's KTO loss ([...]), 0 on the others; (the losses, log(pi / pi_ref))."""
   safe = lambda a: None if a is None else jnp.where(keep, a, -1.0)
   s, ref = safe(s), safe(ref)
   lr = s if ref is None else s - ref  # log(pi / pi_ref)
@@ -405,15 +531,50 @@ def _kto(s, ref, kl, preferred, keep, beta, desirable_weight, undesirable_weight
   # 1 - sigmoid(beta d) as sigmoid(-beta d): no cancellation where the loss is small.
   losses = jnp.where(preferred, wd * jax.nn.sigmoid(-beta * d),
                      wu * jax.nn.sigmoid(beta * d))
-  loss = _checks.reduce(jnp.where(keep, losses, 0), reduction, jnp.sum(keep))
-  if not return_metrics:
-    return loss
+  return jnp.where(keep, losses, 0), lr
+
+
+def _kto_metrics(s, lr, preferred, keep, beta):
   lr, s = jax.lax.stop_gradient((lr, s))
   mean = lambda a, m: jnp.sum(jnp.where(m, a, 0)) / jnp.maximum(jnp.sum(m), 1).astype(a.dtype)
   good, bad = keep & preferred, keep & ~preferred
-  return loss, {"chosen_rewards": mean(beta * lr, good),
-                "rejected_rewards": mean(beta * lr, bad),
-                "chosen_log_probs": mean(s, good), "rejected_log_probs": mean(s, bad)}
+  return {"chosen_rewards": mean(beta * lr, good), "rejected_rewards": mean(beta * lr, bad),
+          "chosen_log_probs": mean(s, good), "rejected_log_probs": mean(s, bad)}
+
+
+def _kto(s, ref, kl, preferred, keep, beta, desirable_weight, undesirable_weight, reduction,
+         return_metrics):
+  """KTO's loss of the sequences' log-probabilities ``s`` ([...]) and its metrics."""
+  beta, wd, wu = _kto_options(beta, desirable_weight, undesirable_weight)
+  reduction = _checks.reduction(reduction)
+  return_metrics = _checks.static_bool(return_metrics, "return_metrics")
+  losses, lr = _kto_losses(s, ref, kl, preferred, keep, beta, wd, wu)
+  loss = _checks.reduce(losses, reduction, jnp.sum(keep))
+  if not return_metrics:
+    return loss
+  return loss, _kto_metrics(jnp.where(keep, s, -1.0), lr, preferred, keep, beta)
+
+
+@functools.lru_cache(maxsize=64)
+def _kto_group_fn(beta, wd, wu, average, has_ref, ref_per_seq, has_kl):
+  """KTO's loss of groups of one sequence ([G, T] tokens) for
+  :func:`jxent._lmhead.group_loss`, its arguments per token: [the reference's
+  log-probabilities,] [the KL point,] preferred (1 or 0), 1 / the kept sequences (or 1)."""
+
+  def fn(lp, kept, *args):
+    args = list(args)
+    ref = args.pop(0) if has_ref else None
+    kl = args.pop(0) if has_kl else None
+    pref, inv = args
+    s = _sequence_log_probs(lp, kept, average)
+    rs = None if ref is None else _ref_sequences(ref, kept, average, ref_per_seq)
+    kl = None if kl is None else _sequence_log_probs(kl, kept, True)  # one per sequence
+    keep = jnp.any(kept, axis=-1)
+    preferred = jnp.max(jnp.where(kept, pref, 0), axis=-1) > 0.5
+    losses, _ = _kto_losses(s, rs, kl, preferred, keep, beta, wd, wu)
+    return losses * inv[:, 0]
+
+  return fn
 
 
 def _kto_inputs(shape, preferred, kl, where, dtype):
@@ -568,8 +729,34 @@ def linear_kto_loss(
     raise ValueError(f"linear_kto_loss needs tokens laid out as [..., T], got labels of shape "
                      f"{labels.shape}.")
   average = _checks.static_bool(average_log_prob, "average_log_prob")
-  _, mask, seq, ref = _head_sequences(hidden, weight, labels, where, ref_log_probs, average,
-                                      bias, weight_layout, temperature, chunk_size)
-  preferred, kl, _ = _kto_inputs(seq.shape, preferred, kl, None, seq.dtype)
-  return _kto(seq, ref, kl, preferred, jnp.any(mask, axis=-1), beta, desirable_weight,
-              undesirable_weight, reduction, return_metrics)
+  reduction = _checks.reduction(reduction)
+  if reduction == "none" or not _groups_fit(hidden, weight, weight_layout, labels.shape[-1],
+                                            labels, where, ref_log_probs, kl):
+    _, mask, seq, ref = _head_sequences(hidden, weight, labels, where, ref_log_probs, average,
+                                        bias, weight_layout, temperature, chunk_size)
+    preferred, kl, _ = _kto_inputs(seq.shape, preferred, kl, None, seq.dtype)
+    return _kto(seq, ref, kl, preferred, jnp.any(mask, axis=-1), beta, desirable_weight,
+                undesirable_weight, reduction, return_metrics)
+  # Whole sequences in each token chunk: each block of logits computed once.
+  opts = _kto_options(beta, desirable_weight, undesirable_weight)
+  return_metrics = _checks.static_bool(return_metrics, "return_metrics")
+  mask = _token_mask(where, labels.shape)
+  ref, per_seq = _ref_tokens(ref_log_probs, labels.shape)
+  acc = _acc(hidden, weight)
+  preferred, kl, _ = _kto_inputs(labels.shape[:-1], preferred, kl, None, acc)
+  keep = jnp.any(mask, axis=-1)
+  inv = jnp.asarray(1 / jnp.maximum(jnp.sum(keep), 1) if reduction == "mean" else 1, acc)
+  tokens = lambda a: jnp.broadcast_to(jnp.asarray(a, acc)[..., None], labels.shape)
+  args = (([] if ref is None else [ref]) + ([] if kl is None else [tokens(kl)])
+          + [tokens(preferred), jnp.broadcast_to(inv, labels.shape)])
+  fn = _kto_group_fn(*opts, average, ref is not None, per_seq, kl is not None)
+  loss, lp = LH.group_loss(hidden, weight, labels, fn, labels.shape[-1], args, bias=bias,
+                           weight_layout=weight_layout, where=mask, temperature=temperature,
+                           chunk_size=chunk_size)
+  if not return_metrics:
+    return loss
+  s = _sequence_log_probs(lp, mask, average)
+  lr = s if ref is None else s - jax.lax.stop_gradient(_ref_sequences(ref, mask, average,
+                                                                       per_seq))
+  return loss, _kto_metrics(jnp.where(keep, s, -1.0), jnp.where(keep, lr, 0), preferred, keep,
+                            opts[0])

@@ -280,6 +280,10 @@ def test_linear_preference_loss_inputs():
     jxent.linear_preference_loss(HH, WW, YY, nll_weight=1.0, reduction="none")
   with pytest.raises(TypeError, match="labels"):
     jxent.linear_preference_loss(HH, WW, YY.astype(float))
+  with pytest.raises(ValueError, match="reduction must be one of"):
+    jxent.linear_preference_loss(HH, WW, YY, reduction="avg")
+  with pytest.raises(ValueError, match="reduction must be one of"):
+    jxent.linear_kto_loss(HH[0], WW, YY[0], PREF[:B], reduction="avg")
 
 
 # KTO: unpaired completions, each desirable or not.
@@ -366,3 +370,42 @@ def test_linear_kto_loss_against_dense_float64(layout, impl):
     t = tuple(np.asarray(RNG.normal(size=np.shape(a))) for a in args)
     np.testing.assert_allclose(jax.jvp(fused, args, t)[1], jax.jvp(dense, args, t)[1],
                                rtol=1e-10)
+
+
+def test_fused_and_per_token_paths_agree(monkeypatch):
+  # Whole pairs (or sequences) per token chunk form each block's gradient in its own pass;
+  # longer groups, per-pair outputs and meshes take the per-token log-probabilities. Both
+  # give the same loss and gradients (a per-sequence reference and a KL point included).
+  from jxent import _preference
+  seq_ref = np.where(MM, REF_SHIFT - 4, 0).sum(-1)
+  h, y, mask = HH.reshape(2 * B, T, D), YY.reshape(2 * B, T), MM.reshape(2 * B, T)
+  kl = RNG.uniform(0, 1, size=2 * B)
+
+  def dpo(hh, w, b, ref):
+    return jxent.linear_preference_loss(hh, w, YY, where=MM, bias=b, ref_log_probs=ref,
+                                        beta=0.3, nll_weight=0.5, chunk_size=8,
+                                        reduction="sum")
+
+  def kto(hh, w, b, kl):
+    return jxent.linear_kto_loss(hh, w, y, PREF, where=mask, bias=b, kl=kl,
+                                 ref_log_probs=seq_ref.reshape(-1), chunk_size=8)
+
+  with jax.enable_x64(True):
+    for f, args in ((dpo, (HH, WW, BB, seq_ref)), (kto, (h, WW, BB, kl))):
+      fused = jax.value_and_grad(f, range(4))(*args)
+      monkeypatch.setattr(_preference, "_GROUP_CHUNKS", 0)
+      per_token = jax.value_and_grad(f, range(4))(*args)
+      monkeypatch.undo()
+      np.testing.assert_allclose(fused[0], per_token[0], rtol=1e-12)
+      for a, b, i in zip(fused[1], per_token[1], range(4)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=f"{f.__name__} {i}")
+    # Per-pair and per-sequence losses (the per-token path) sum to the fused sum.
+    none = jxent.linear_preference_loss(HH, WW, YY, where=MM, ref_log_probs=seq_ref,
+                                        beta=0.3, reduction="none")
+    total = jxent.linear_preference_loss(HH, WW, YY, where=MM, ref_log_probs=seq_ref,
+                                         beta=0.3, reduction="sum")
+    assert none.shape == (B,) and none[2] == 0
+    np.testing.assert_allclose(np.sum(none), total, rtol=1e-12)
+    none = jxent.linear_kto_loss(h, WW, y, PREF, where=mask, reduction="none")
+    np.testing.assert_allclose(np.sum(none) / mask.any(-1).sum(),
+                               jxent.linear_kto_loss(h, WW, y, PREF, where=mask), rtol=1e-12)

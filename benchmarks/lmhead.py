@@ -42,11 +42,12 @@ K = 64  # the teacher's top-k
 # against a reference's, DAPO's token mean; its gradients formed with the value); "grpo, via
 # log_probs/token": policy_loss of linear_log_probs' per-token output (any cotangent).
 # "dpo": linear_preference_loss (DPO's sigmoid loss of sequence sums against a reference's,
-# pairs of SEQ-token sequences; its derivative computes the blocks again, as a per-token one).
+# pairs of SEQ-token sequences, each chunk whole pairs); "kto": linear_kto_loss (sequences of
+# SEQ tokens, every other one desirable, against a reference's, KL point 0.1).
 QUANTITIES = ("log_probs", "log_probs/token", "entropy", "entropy/token",
               "log_probs+entropy/token", "log_probs+entropy/token, two calls",
               "log_probs+entropy, two calls", "kl", "js", "tv", "topk_kl", "kl+ce",
-              "kl+ce, two calls", "grpo", "grpo, via log_probs/token", "dpo")
+              "kl+ce, two calls", "grpo", "grpo, via log_probs/token", "dpo", "kto")
 SEQ = 256  # tokens per sequence of the policy losses (one advantage per sequence)
 
 
@@ -89,6 +90,10 @@ def _dense(q):
       rs = ref.reshape(2, -1, SEQ).sum(-1)
       return jxent.preference_loss(seq[0], seq[1], ref_chosen_log_probs=rs[0],
                                    ref_rejected_log_probs=rs[1])
+    if q == "kto":
+      seq = jnp.take_along_axis(lq, y[:, None], axis=-1)[:, 0].reshape(-1, SEQ).sum(-1)
+      return jxent.kto_loss(seq, _preferred(seq.shape[0]),
+                            ref_log_probs=ref.reshape(-1, SEQ).sum(-1), kl=0.1)
     if q == "log_probs":
       return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
     if q == "entropy":
@@ -118,6 +123,10 @@ def _dense(q):
   return f
 
 
+def _preferred(n):
+  return jnp.arange(n) % 2 == 0
+
+
 def _policy(loss, lp, adv, old, ref):
   """GRPO's loss of per-token log-probabilities [N] as sequences of SEQ tokens."""
   seqs = lambda a: a.reshape(-1, SEQ)
@@ -135,6 +144,10 @@ def _fused(q):
       return jxent.linear_preference_loss(h.reshape(2, -1, SEQ, h.shape[-1]), w,
                                           y.reshape(2, -1, SEQ),
                                           ref_log_probs=ref.reshape(2, -1, SEQ))
+    if q == "kto":
+      return jxent.linear_kto_loss(h.reshape(-1, SEQ, h.shape[-1]), w, y.reshape(-1, SEQ),
+                                   _preferred(h.shape[0] // SEQ),
+                                   ref_log_probs=ref.reshape(-1, SEQ), kl=0.1)
     if q == "grpo, via log_probs/token":
       return _policy(jxent.policy_loss, jxent.linear_log_probs(h, w, y), adv, old, ref)
     if q == "log_probs":
@@ -266,7 +279,9 @@ def to_markdown(rows, reps):
       "log_probs/token\": `policy_loss` of `linear_log_probs`' per-token output. \"dpo\": "
       f"`linear_preference_loss` (pairs of {SEQ}-token sequences, DPO's sigmoid loss of "
       "the sequences' sums against a reference's, beta = 0.1), against `preference_loss` of "
-      "the materialised log-softmax's sums. The "
+      "the materialised log-softmax's sums; \"kto\": `linear_kto_loss` (sequences of "
+      f"{SEQ} tokens, every other one desirable, the KL point 0.1), against `kto_loss` "
+      "likewise. The "
       "total variation's gradient jumps by q_v where "
       "p_v = q_v; a (token, class) pair whose p_v and q_v agree to float32's rounding (a "
       "relative gap under 1e-6: 67 of the 134M pairs at the first size, counted in float64) "

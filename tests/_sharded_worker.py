@@ -315,6 +315,16 @@ def axis_type_checks(kind):
                                           put(seqs(old), P("data")), put(adv, P("data")))
       out["policy_grad_h"] = rel(gp[0].reshape(h.shape), gp0[0])
       out["policy_grad_w"] = rel(gp[1], gp0[1])
+      # A preference loss (DPO against a reference) with the pairs over the mesh (the
+      # per-token log-probabilities there), as on one device (whole pairs per block).
+      pairs = lambda a: a.reshape(2, 4, -1, *a.shape[1:])
+      dpo = lambda h, w, y, r: jxent.linear_preference_loss(h, w, y, ref_log_probs=r,
+                                                            nll_weight=0.5)
+      gd0 = jax.grad(dpo, argnums=(0, 1))(pairs(h), w, pairs(y), pairs(old))
+      on_mesh = lambda a: put(pairs(a), P(None, "data"))
+      gd = jax.jit(jax.grad(dpo, argnums=(0, 1)))(on_mesh(h), w, on_mesh(y), on_mesh(old))
+      out["preference_grad_h"] = rel(gd[0], gd0[0])
+      out["preference_grad_w"] = rel(gd[1], gd0[1])
       # The other head functions with the tokens over the mesh: value and gradient in h
       # (a non-uniform cotangent for the per-token outputs) as unsharded.
       cot = jnp.linspace(0.5, 1.5, y.shape[0])

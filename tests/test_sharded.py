@@ -72,7 +72,8 @@ def test_every_mesh_axis_type(worker, kind):
     want |= {"class_weights", "fused_grad_h", "fused_grad_w", "fused_weights_grad_h",
              "fused_weights_grad_w", "fused_weights_grad_weights", "fused_scaled_grad_h",
              "fused_scaled_grad_w", "fused_stats_entropy", "fused_stats_argmax",
-             "policy_grad_h", "policy_grad_w", "head_log_probs_entropy",
+             "policy_grad_h", "policy_grad_w", "preference_grad_h", "preference_grad_w",
+             "head_log_probs_entropy",
              "head_entropy_mean", "head_distillation", "head_topk", "head_token_stats"}
   assert set(r) == want
   for key, err in r.items():

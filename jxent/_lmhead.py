@@ -850,7 +850,9 @@ def group_loss(hidden, weight, labels, fn, length, args, *, bias, weight_layout,
   if chunk_size is None:
     v = jnp.shape(weight)[1 if weight_layout == "dv" else 0]
     chunk_size = _forward_method_chunk(hidden.shape, v, "log_probs")
-  chunk_size = max(1, -(-min(int(chunk_size), _num_tokens(hidden)) // length)) * length
+  elif int(chunk_size) <= 0:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size!r}.")
+  chunk_size = -(-min(int(chunk_size), _num_tokens(hidden)) // length) * length
   h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
                                               where, temperature, chunk_size, "group_loss",
                                               "sum", "log_probs")

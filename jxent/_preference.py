@@ -253,24 +253,13 @@ def _head_sequences(hidden, weight, labels, where, ref_log_probs, average, bias,
                     temperature, chunk_size):
   """(the tokens' log-probabilities [..., T] (0 on dropped ones), the kept tokens, the
   sequences' log-probabilities [...], the reference's [...] or None) from a linear head."""
-  mask = jnp.ones(labels.shape, bool)
-  if where is not None:
-    mask = _checks.as_array(where, "where")
-    if mask.dtype != jnp.bool_ or mask.shape != labels.shape:
-      raise ValueError(f"where must be a boolean array of the labels' shape {labels.shape}, "
-                       f"got {mask.dtype}{list(mask.shape)}.")
+  mask = _token_mask(where, labels.shape)
   lp = linear_log_probs(hidden, weight, labels, bias=bias, weight_layout=weight_layout,
                         where=mask, temperature=temperature, chunk_size=chunk_size)
   seq = _sequence_log_probs(lp, mask, average)
-  ref = None
-  if ref_log_probs is not None:
-    ref = _checks.floating(ref_log_probs, "ref_log_probs")
-    if ref.shape == labels.shape:
-      ref = _sequence_log_probs(ref, mask, average)
-    elif ref.shape != labels.shape[:-1]:
-      raise ValueError(f"ref_log_probs must have the labels' shape {labels.shape} (per token) "
-                       f"or the sequences' {labels.shape[:-1]}, got shape {ref.shape}.")
-    ref = ref.astype(seq.dtype)
+  ref, per_seq = _ref_tokens(ref_log_probs, labels.shape)
+  if ref is not None:
+    ref = _ref_sequences(ref, mask, average, per_seq).astype(seq.dtype)
   return lp, mask, seq, ref
 
 
@@ -381,7 +370,7 @@ def linear_preference_loss(
                                          average, bias, weight_layout, temperature,
                                          chunk_size)
     keep = jnp.all(jnp.any(mask, axis=-1), axis=0)
-    nll = -_checks.mean_of(jnp.sum(jnp.where(mask[0], lp[0], 0)), jnp.sum(mask[0]))
+    nll = _chosen_nll(lp, mask)
     out = _loss(seq[0], seq[1], None if ref is None else ref[0],
                 None if ref is None else ref[1], keep, loss_type, beta, label_smoothing,
                 gamma, discopop_tau, reduction, return_metrics,
@@ -416,9 +405,8 @@ def linear_preference_loss(
     return loss
   lp = jnp.moveaxis(lp, -2, 0)
   seq = _sequence_log_probs(lp, mask, average)
-  rs = None if ref is None else jax.lax.stop_gradient(_ref_sequences(ref, mask, average,
-                                                                      per_seq))
-  nll = -_checks.mean_of(jnp.sum(jnp.where(mask[0], lp[0], 0)), jnp.sum(mask[0]))
+  rs = None if ref is None else _ref_sequences(ref, mask, average, per_seq)
+  nll = _chosen_nll(lp, mask)
   safe = lambda a: None if a is None else jnp.where(keep, a, -1.0)
   metrics = _metrics(safe(seq[0]), safe(seq[1]), safe(None if rs is None else rs[0]),
                      safe(None if rs is None else rs[1]), opts[0], keep)
@@ -432,6 +420,11 @@ def linear_preference_loss(
 _GROUP_CHUNKS = 8
 _ORPO_REF = ("loss_type='orpo' (the odds ratio) has no reference policy; give no reference "
              "log-probabilities.")
+
+
+def _chosen_nll(lp, mask):
+  """The chosen completions' tokens' mean negative log-likelihood ([2, ..., T] inputs)."""
+  return -_checks.mean_of(jnp.sum(jnp.where(mask[0], lp[0], 0)), jnp.sum(mask[0]))
 
 
 def _acc(hidden, weight):
@@ -762,7 +755,6 @@ def linear_kto_loss(
   if not return_metrics:
     return loss
   s = _sequence_log_probs(lp, mask, average)
-  lr = s if ref is None else s - jax.lax.stop_gradient(_ref_sequences(ref, mask, average,
-                                                                       per_seq))
+  lr = s if ref is None else s - _ref_sequences(ref, mask, average, per_seq)
   return loss, _kto_metrics(jnp.where(keep, s, -1.0), jnp.where(keep, lr, 0), preferred, keep,
                             opts[0])

@@ -521,10 +521,8 @@ MUTANTS = [
        "    keep = jnp.any(jnp.any(kept, axis=-1), axis=-1)",
        "linear preference loss: a pair with an empty completion kept", PREFERENCE),
     _m("pref-nll-chosen", "jxent/_preference.py",
-       "    nll = -_checks.mean_of(jnp.sum(jnp.where(mask[0], lp[0], 0)), jnp.sum(mask[0]))\n"
-       "    out = _loss(",
-       "    nll = -_checks.mean_of(jnp.sum(jnp.where(mask, lp, 0)), jnp.sum(mask))\n"
-       "    out = _loss(",
+       "  return -_checks.mean_of(jnp.sum(jnp.where(mask[0], lp[0], 0)), jnp.sum(mask[0]))",
+       "  return -_checks.mean_of(jnp.sum(jnp.where(mask, lp, 0)), jnp.sum(mask))",
        "linear preference loss: the NLL over both completions, not the chosen ones",
        PREFERENCE),
     _m("kto-weights-swapped", "jxent/_preference.py",

@@ -282,6 +282,8 @@ def test_linear_preference_loss_inputs():
     jxent.linear_preference_loss(HH, WW, YY.astype(float))
   with pytest.raises(ValueError, match="reduction must be one of"):
     jxent.linear_preference_loss(HH, WW, YY, reduction="avg")
+  with pytest.raises(ValueError, match="chunk_size must be positive"):
+    jxent.linear_preference_loss(HH, WW, YY, chunk_size=0)
   with pytest.raises(ValueError, match="reduction must be one of"):
     jxent.linear_kto_loss(HH[0], WW, YY[0], PREF[:B], reduction="avg")
 

@@ -837,6 +837,24 @@ def _log_prob_loss(hidden, weight, labels, fn, args, *, bias, weight_layout, whe
                         unflat, with_aux=True)
 
 
+# group_loss holds a chunk of whole groups (a pair's two sequences, one sequence): callers
+# take it while a group is at most this many default chunks of tokens (a group's logits then
+# take at most this many times the default block's memory); longer groups take the per-token
+# log-probabilities, whose derivative computes the blocks again.
+GROUP_CHUNKS = 8
+
+
+def groups_fit(hidden, weight, weight_layout, length, *tokens) -> bool:
+  """Whether :func:`group_loss` takes groups of ``length`` tokens: one device's tokens (none
+  of ``hidden`` and ``tokens`` over an explicit mesh) and a group within ``GROUP_CHUNKS``
+  default chunks."""
+  shape, wshape = jnp.shape(hidden), jnp.shape(weight)
+  if len(wshape) != 2 or weight_layout not in ("dv", "vd") or _on_mesh(hidden, *tokens):
+    return False
+  chunk = _forward_method_chunk(shape, wshape[1 if weight_layout == "dv" else 0], "log_probs")
+  return chunk is not None and length <= GROUP_CHUNKS * chunk
+
+
 def group_loss(hidden, weight, labels, fn, length, args, *, bias, weight_layout, where,
                temperature, chunk_size):
   """(the sum over groups of ``fn``'s losses, the tokens' label log-probabilities without

@@ -9,8 +9,9 @@ advantage :math:`A`, PPO's clipped surrogate
 
 the last term the "k3" estimate of :math:`\\mathrm{KL}(p \\| p_\\text{ref})`, and one of the
 normalisations of GRPO's family (the sum over the tokens with per-token weights). Each
-token's loss is a function of its own log-probability: :func:`linear_policy_loss` computes it
-from a linear head with :func:`jxent.linear_log_prob_loss`, each block of logits once.
+token's loss is a function of its own log-probability (with GSPO's sequence ratio, of its
+sequence's): :func:`linear_policy_loss` computes it from a linear head with
+:func:`jxent.linear_log_prob_loss` (or whole sequences per block), each block of logits once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jxent import _checks
-from jxent._lmhead import linear_log_prob_loss
+from jxent import _lmhead as LH
+from jxent._lmhead import linear_log_prob_loss, linear_log_probs
 
 Array = jax.Array
 
@@ -71,12 +73,12 @@ class _Options:
     return isinstance(other, _Options) and other._key() == self._key()
 
 
-def _token_loss(lp, adv, old, ref, isw, opts):
+def _token_loss(lp, adv, old, ref, isw, opts, log_ratio=None):
   """One token's loss (elementwise on arrays too). ``old`` None: the on-policy ratio
   (``stop_gradient(lp)``, r = 1 with r's gradient); ``ref`` None: no KL term; ``isw``
-  None: no importance weight."""
-  old = jax.lax.stop_gradient(lp) if old is None else old
-  log_ratio = lp - old
+  None: no importance weight; ``log_ratio``: the sequence's (GSPO), else the token's."""
+  if log_ratio is None:
+    log_ratio = lp - (jax.lax.stop_gradient(lp) if old is None else old)
   r = jnp.exp(log_ratio)
   if opts.loss_type == "cispo":  # the ratio clipped above at epsilon_high, held constant
     loss = -jax.lax.stop_gradient(jnp.minimum(r, opts.eps_high)) * adv * lp
@@ -112,14 +114,40 @@ def _token_fn(opts, has_old, has_ref, has_isw):
   return fn
 
 
-def _metrics(lp, args, mask, opts, has_old):
+def _sequence_log_ratio(lp, old, mask):
+  """GSPO's log-ratio of each sequence, the mean over its kept tokens of log p - log p_old
+  (``old`` None: the on-policy ``stop_gradient(lp)``), broadcast to its tokens ([..., T])."""
+  old = jax.lax.stop_gradient(lp) if old is None else old
+  d = jnp.where(mask, lp - old, 0)
+  count = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1).astype(lp.dtype)
+  return jnp.broadcast_to(jnp.sum(d, axis=-1, keepdims=True) / count, lp.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _sequence_fn(opts, has_old, has_ref, has_isw):
+  """GSPO's loss of groups of one sequence ([G, T] tokens) for
+  :func:`jxent._lmhead.group_loss`, its arguments per token: the advantage, [old], [ref],
+  [importance weight], the loss type's token weight."""
+  def fn(lp, kept, adv, *rest):
+    rest = list(rest)
+    old = rest.pop(0) if has_old else None
+    ref = rest.pop(0) if has_ref else None
+    isw = rest.pop(0) if has_isw else None
+    (wt,) = rest
+    loss = _token_loss(lp, adv, old, ref, isw, opts, _sequence_log_ratio(lp, old, kept))
+    return jnp.sum(jnp.where(kept, wt * loss, 0), axis=-1)
+
+  return fn
+
+
+def _metrics(lp, args, mask, opts, has_old, sequence=False):
   """Liger's and TRL's monitoring numbers over the kept tokens, without derivative: the
   fraction of tokens whose ratio the clip holds (on the side that matters for the
   advantage's sign) and, with a KL term, the mean KL estimate."""
   lp, args = jax.lax.stop_gradient((lp, args))
   adv, rest = args[0], list(args[1:])
   old = rest.pop(0) if has_old else lp
-  r = jnp.exp(lp - old)
+  r = jnp.exp(_sequence_log_ratio(lp, old, mask) if sequence else lp - old)
   if opts.loss_type == "cispo":
     lower, upper = jnp.zeros_like(mask), r > opts.eps_high
   elif opts.loss_type == "sapo":  # a soft gate, no clip
@@ -170,12 +198,18 @@ def _token_weights(mask, loss_type, max_completion_length, num_items_in_batch, a
 
 def _setup(shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
            loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures,
-           bias_corrected_kl, max_completion_length, num_items_in_batch, acc, name):
+           bias_corrected_kl, max_completion_length, num_items_in_batch, level, acc, name):
   if len(shape) < 1:
     raise ValueError(f"{name} needs tokens laid out as [..., T] (sequences of T tokens), got "
                      f"shape {shape}.")
   opts = _Options(loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures,
                   bias_corrected_kl)
+  if level not in ("token", "sequence"):
+    raise ValueError("importance_sampling_level must be 'token' or 'sequence', got "
+                     f"{level!r}.")
+  if level == "sequence" and loss_type in ("cispo", "sapo"):
+    raise ValueError("importance_sampling_level='sequence' (GSPO) clips the sequence's ratio; "
+                     f"loss_type={loss_type!r} has no such clip.")
   if opts.beta != 0 and ref_log_probs is None:
     raise ValueError(f"beta={beta!r} weighs the KL divergence from a reference policy: give "
                      "ref_log_probs (its log-probabilities of the same tokens).")
@@ -217,8 +251,8 @@ _ARGS_DOC = r"""
       \epsilon_\text{high})) A \log p`, normalised as ``"dapo"`` (the clip bound is
       ``epsilon_high`` itself); ``"sapo"``: :math:`-A (4/\tau) \sigma(\tau (r - 1))`, a soft
       gate with ``tau`` from ``sapo_temperatures`` by the advantage's sign, normalised as
-      ``"grpo"``. Sequence-level ratios (GSPO, VESPO) need each sequence's sum of ratios
-      before any token's gradient: not a per-token loss, not here.
+      ``"grpo"``. GSPO's sequence ratio: ``importance_sampling_level``. VESPO and LUSPO are
+      not here.
     epsilon_low: the ratio's lower clip, :math:`1 - \epsilon_\text{low}` (static).
     epsilon_high: the upper clip :math:`1 + \epsilon_\text{high}` (DAPO's clip-higher);
       None: ``epsilon_low`` (static).
@@ -232,6 +266,12 @@ _ARGS_DOC = r"""
     max_completion_length: the length ``"dr_grpo"`` divides by.
     num_items_in_batch: optional number of kept tokens ``"dapo"`` and ``"cispo"`` divide by
       (the whole generation batch's, when it is split into steps).
+    importance_sampling_level: ``"token"`` (default): each token's own ratio; ``"sequence"``
+      (GSPO): every token of a sequence takes the sequence's ratio :math:`r = e^{\bar\ell}`,
+      :math:`\bar\ell` the mean over its kept tokens of :math:`\log p - \log
+      p_\text{old}` (as Liger's and TRL's ``importance_sampling_level``; not with
+      ``"cispo"`` or ``"sapo"``; the KL term stays per token, times :math:`r` with
+      ``bias_corrected_kl``).
     return_metrics: also return a dict of monitoring numbers over the kept tokens, without
       derivative (Liger's metrics): ``"clip_ratio"``, the fraction of tokens whose ratio is
       clipped on the side the advantage's sign acts on (``"cispo"``: above
@@ -257,6 +297,7 @@ def policy_loss(
     importance_weights: ArrayLike | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: ArrayLike | None = None,
+    importance_sampling_level: str = "token",
     return_metrics: bool = False,
 ) -> Array | tuple[Array, dict]:
   r"""The clipped policy-gradient loss (PPO, GRPO, DAPO, Dr. GRPO, CISPO, SAPO) of per-token
@@ -294,16 +335,33 @@ def policy_loss(
   fn, args, mask, wt, opts = _setup(
       lp.shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
       loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures, bias_corrected_kl,
-      max_completion_length, num_items_in_batch, lp.dtype, "policy_loss")
+      max_completion_length, num_items_in_batch, importance_sampling_level, lp.dtype,
+      "policy_loss")
+  sequence = importance_sampling_level == "sequence"
+  loss = _dense_loss(lp, args, mask, wt, opts, fn, old_log_probs is not None, sequence)
+  if not _checks.static_bool(return_metrics, "return_metrics"):
+    return loss
+  safe = lambda a: jnp.where(mask, a, 0)
+  return loss, _metrics(safe(lp), tuple(map(safe, args)), mask, opts,
+                        old_log_probs is not None, sequence)
+
+
+def _dense_loss(lp, args, mask, wt, opts, fn, has_old, sequence):
+  """The loss of per-token log-probabilities ``lp``; ``fn`` the per-token loss of
+  ``_token_fn``, or with ``sequence`` GSPO's ratio of each sequence."""
   # Dropped tokens' inputs are replaced before the loss: whatever they hold (-inf, NaN)
   # reaches neither the value nor a gradient.
   safe = lambda a: jnp.where(mask, a, 0)
-  loss = fn(safe(lp), *(safe(a) for a in args))
-  loss = jnp.sum(jnp.where(mask, wt * loss, 0))
-  if not _checks.static_bool(return_metrics, "return_metrics"):
-    return loss
-  return loss, _metrics(safe(lp), tuple(map(safe, args)), mask, opts,
-                        old_log_probs is not None)
+  lp, args = safe(lp), tuple(map(safe, args))
+  if sequence:
+    adv, rest = args[0], list(args[1:])
+    old = rest.pop(0) if has_old else None
+    ref = rest.pop(0) if opts.beta != 0 else None
+    isw = rest.pop(0) if rest else None
+    loss = _token_loss(lp, adv, old, ref, isw, opts, _sequence_log_ratio(lp, old, mask))
+  else:
+    loss = fn(lp, *args)
+  return jnp.sum(jnp.where(mask, wt * loss, 0))
 
 
 @_checks.options_doc(_ARGS_DOC)
@@ -326,6 +384,7 @@ def linear_policy_loss(
     importance_weights: ArrayLike | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: ArrayLike | None = None,
+    importance_sampling_level: str = "token",
     bias: ArrayLike | None = None,
     weight_layout: str = "dv",
     temperature: float = 1.0,
@@ -338,7 +397,10 @@ def linear_policy_loss(
   Each token's loss is a function of its own log-probability, so its gradient in the logits,
   :math:`w\, \ell'(\log p_y)\, (\mathrm{onehot}(y) - p) / T`, is formed beside the value one
   block of logits at a time (:func:`linear_log_prob_loss`): each block is computed once (the
-  unfused computation's 6 N·D·V flops). The reference policy's log-probabilities come from
+  unfused computation's 6 N·D·V flops). With GSPO's sequence ratio each block holds whole
+  sequences, and the same holds (sequences longer than 8 default blocks, and tokens over an
+  explicit mesh, take the per-token log-probabilities, 8 N·D·V flops). The reference
+  policy's log-probabilities come from
   its own head without gradient (``linear_log_probs(ref_h, ref_W, labels)``: one forward
   pass), as the old policy's come from the rollout.
 
@@ -373,14 +435,28 @@ def linear_policy_loss(
   fn, args, mask, wt, opts = _setup(
       labels.shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
       loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures, bias_corrected_kl,
-      max_completion_length, num_items_in_batch, acc, "linear_policy_loss")
+      max_completion_length, num_items_in_batch, importance_sampling_level, acc,
+      "linear_policy_loss")
   return_metrics = _checks.static_bool(return_metrics, "return_metrics")
-  loss, lp = linear_log_prob_loss(h, weight, labels, fn, args, bias=bias,
-                                  weight_layout=weight_layout, where=mask,
-                                  temperature=temperature, weights=wt, reduction="sum",
-                                  chunk_size=chunk_size, return_log_probs=True)
+  has_old = old_log_probs is not None
+  sequence = importance_sampling_level == "sequence"
+  seq_len = labels.shape[-1]
+  common = dict(bias=bias, weight_layout=weight_layout, where=mask, temperature=temperature,
+                chunk_size=chunk_size)
+  if not sequence:
+    loss, lp = linear_log_prob_loss(h, weight, labels, fn, args, weights=wt, reduction="sum",
+                                    return_log_probs=True, **common)
+  elif LH.groups_fit(h, weight, weight_layout, seq_len, labels, where, *args):
+    # Whole sequences per token chunk: each sequence's ratio, and so every token's slope,
+    # from its chunk's own pass (each block of logits once).
+    sfn = _sequence_fn(opts, has_old, opts.beta != 0, importance_weights is not None)
+    loss, lp = LH.group_loss(h, weight, labels, sfn, seq_len, args + (wt,), **common)
+  else:  # longer sequences, or tokens over a mesh: the per-token log-probabilities
+    lp = linear_log_probs(h, weight, labels, **common)
+    loss = _dense_loss(lp, args, mask, wt, opts, fn, has_old, True)
+    lp = jax.lax.stop_gradient(lp)
   if not return_metrics:
     return loss
   safe = lambda a: jnp.where(mask, a, 0)
-  metrics = _metrics(lp, tuple(map(safe, args)), mask, opts, old_log_probs is not None)
+  metrics = _metrics(lp, tuple(map(safe, args)), mask, opts, has_old, sequence)
   return loss, {**metrics, "log_probs": lp}

@@ -364,7 +364,7 @@ def linear_preference_loss(
                      "log-likelihood) to the loss; with reduction='none' (per pair) take it "
                      "from return_metrics' 'nll' instead.")
   length = 2 * labels.shape[-1]
-  if reduction == "none" or not _groups_fit(hidden, weight, weight_layout, length, labels,
+  if reduction == "none" or not LH.groups_fit(hidden, weight, weight_layout, length, labels,
                                             where, ref_log_probs):
     lp, mask, seq, ref = _head_sequences(hidden, weight, labels, where, ref_log_probs,
                                          average, bias, weight_layout, temperature,
@@ -413,11 +413,6 @@ def linear_preference_loss(
   return loss, {**metrics, "nll": nll}
 
 
-# The fused path holds a chunk of whole groups (a pair's two sequences, or one sequence for
-# KTO): it is taken while a group is at most this many default chunks of tokens (a group's
-# logits then take at most this many times the default block's memory); longer sequences
-# take the per-token log-probabilities, whose derivative computes the blocks again.
-_GROUP_CHUNKS = 8
 _ORPO_REF = ("loss_type='orpo' (the odds ratio) has no reference policy; give no reference "
              "log-probabilities.")
 
@@ -430,17 +425,6 @@ def _chosen_nll(lp, mask):
 def _acc(hidden, weight):
   return (jnp.float64 if jnp.float64 in (jnp.result_type(hidden), jnp.result_type(weight))
           else jnp.float32)
-
-
-def _groups_fit(hidden, weight, weight_layout, length, *tokens) -> bool:
-  """Whether the fused path takes groups of ``length`` tokens: one device's tokens (not an
-  explicit mesh) and a group within ``_GROUP_CHUNKS`` default chunks."""
-  shape, wshape = jnp.shape(hidden), jnp.shape(weight)
-  if len(wshape) != 2 or weight_layout not in ("dv", "vd") or LH._on_mesh(hidden, *tokens):
-    return False
-  chunk = LH._forward_method_chunk(shape, wshape[1 if weight_layout == "dv" else 0],
-                                   "log_probs")
-  return chunk is not None and length <= _GROUP_CHUNKS * chunk
 
 
 def _token_mask(where, shape):
@@ -729,7 +713,7 @@ def linear_kto_loss(
                      f"{labels.shape}.")
   average = _checks.static_bool(average_log_prob, "average_log_prob")
   reduction = _checks.reduction(reduction)
-  if reduction == "none" or not _groups_fit(hidden, weight, weight_layout, labels.shape[-1],
+  if reduction == "none" or not LH.groups_fit(hidden, weight, weight_layout, labels.shape[-1],
                                             labels, where, ref_log_probs, kl):
     _, mask, seq, ref = _head_sequences(hidden, weight, labels, where, ref_log_probs, average,
                                         bias, weight_layout, temperature, chunk_size)

@@ -24,14 +24,22 @@ ISW = RNG.uniform(0.5, 1.5, size=(S, T))
 TEMP = 0.7
 
 
+def np_ratio(lp, old, mask, level):
+  """Token-level ratios, or GSPO's: the sequence's mean log-ratio over its kept tokens."""
+  d = lp - (lp if old is None else old)
+  if level == "sequence":
+    d = np.broadcast_to((np.sum(d * mask, -1) / np.maximum(mask.sum(-1), 1))[:, None], d.shape)
+  return np.exp(d)
+
+
 def np_policy(lp, adv, old=None, ref=None, isw=None, mask=MASK, *, loss_type="dapo",
               eps_low=0.2, eps_high=None, beta=0.0, delta=None, tau=(1.0, 1.05),
-              bias_kl=False, max_len=None, num_items=None):
-  """float64 NumPy, written from the formulas (Liger's GRPO, token-level ratios)."""
+              bias_kl=False, max_len=None, num_items=None, level="token"):
+  """float64 NumPy, written from the formulas (Liger's GRPO; token- or sequence-level
+  ratios)."""
   eps_high = eps_low if eps_high is None else eps_high
   adv = np.broadcast_to(adv[:, None] if np.ndim(adv) == 1 else adv, lp.shape)
-  old = lp if old is None else old
-  r = np.exp(lp - old)
+  r = np_ratio(lp, old, mask, level)
   if loss_type == "cispo":
     loss = -np.minimum(r, eps_high) * adv * lp
   elif loss_type == "sapo":
@@ -57,12 +65,12 @@ def np_policy(lp, adv, old=None, ref=None, isw=None, mask=MASK, *, loss_type="da
 
 
 def np_metrics(lp, adv, old=None, ref=None, isw=None, mask=MASK, *, loss_type="dapo",
-               eps_low=0.2, eps_high=None, beta=0.0, bias_kl=False, **_):
+               eps_low=0.2, eps_high=None, beta=0.0, bias_kl=False, level="token", **_):
   """Liger's metrics: the clipped fraction (on the side of the advantage's sign), the KL."""
   del isw
   eps_high = eps_low if eps_high is None else eps_high
   adv = np.broadcast_to(adv[:, None], lp.shape)
-  r = np.exp(lp - (lp if old is None else old))
+  r = np_ratio(lp, old, mask, level)
   lower, upper = r < 1 - eps_low, r > 1 + eps_high
   if loss_type == "cispo":
     lower, upper = np.zeros_like(mask), r > eps_high
@@ -90,6 +98,10 @@ CASES = {  # name: (options, which optional per-token arrays)
     "dapo-items": (dict(num_items=40.0), ("old",)),
     "cispo": (dict(loss_type="cispo", eps_high=1.25), ("old",)),
     "sapo": (dict(loss_type="sapo", tau=(1.0, 1.5)), ("old",)),
+    # GSPO: each sequence's ratio (the mean log-ratio of its kept tokens) on all its tokens.
+    "gspo-kl-corrected": (dict(level="sequence", loss_type="grpo", beta=0.1, bias_kl=True,
+                               eps_low=3e-4, eps_high=4e-4), ("old", "ref")),
+    "gspo-dapo-isw": (dict(level="sequence", eps_high=0.01), ("old", "isw")),
 }
 
 
@@ -98,7 +110,7 @@ def _options(opts):
   names = dict(eps_low="epsilon_low", eps_high="epsilon_high", beta="beta", delta="delta",
                tau="sapo_temperatures", bias_kl="bias_corrected_kl",
                max_len="max_completion_length", num_items="num_items_in_batch",
-               loss_type="loss_type")
+               loss_type="loss_type", level="importance_sampling_level")
   return {names[k]: v for k, v in opts.items()}
 
 
@@ -184,7 +196,8 @@ def _fused_vs_dense(case, layout, temp=TEMP):
 
 @pytest.mark.parametrize("case, layout, impl", [
     ("grpo-kl-corrected", "dv", "platform"), ("dr_grpo-delta-isw", "vd", "platform"),
-    ("bnpo-kl", "vd", "accelerator"), ("dapo-on-policy", "dv", "accelerator")],
+    ("bnpo-kl", "vd", "accelerator"), ("dapo-on-policy", "dv", "accelerator"),
+    ("gspo-kl-corrected", "dv", "platform"), ("gspo-dapo-isw", "vd", "accelerator")],
     indirect=["impl"])
 def test_linear_policy_loss_against_dense_float64(case, layout, impl):
   with jax.enable_x64(True):
@@ -313,3 +326,30 @@ def test_bfloat16_and_bad_input():
     jxent.linear_log_prob_loss(H, W, Y, lambda lp, a: a * lp, (np.zeros(5),))
   with pytest.raises(ValueError, match="must map scalars"):
     jxent.linear_log_prob_loss(H, W, Y, lambda lp: jnp.stack([lp, lp]))
+
+
+def test_sequence_ratio_paths_agree_and_errors(monkeypatch):
+  # GSPO's ratio from whole sequences per token chunk (each block once) and from the
+  # per-token log-probabilities (sequences longer than the blocks, meshes): the same loss
+  # and gradients in h, W and the old and reference log-probabilities.
+  from jxent import _lmhead
+  with jax.enable_x64(True):
+    lp = np.asarray(log_probs64(H, W, BIAS))
+    old, ref = lp + OLD_SHIFT, lp + REF_SHIFT
+
+    def f(h, w, old, ref):
+      return jxent.linear_policy_loss(h, w, Y, ADV, where=MASK, bias=BIAS, temperature=TEMP,
+                                      old_log_probs=old, ref_log_probs=ref, beta=0.1,
+                                      bias_corrected_kl=True, loss_type="bnpo",
+                                      importance_sampling_level="sequence", chunk_size=8)
+
+    fused = jax.value_and_grad(f, range(4))(H, W, old, ref)
+    monkeypatch.setattr(_lmhead, "GROUP_CHUNKS", 0)
+    per_token = jax.value_and_grad(f, range(4))(H, W, old, ref)
+    np.testing.assert_allclose(fused[0], per_token[0], rtol=1e-12)
+    for a, b, i in zip(fused[1], per_token[1], range(4)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=f"argument {i}")
+  with pytest.raises(ValueError, match="no such clip"):
+    jxent.policy_loss(lp, ADV, loss_type="cispo", importance_sampling_level="sequence")
+  with pytest.raises(ValueError, match="importance_sampling_level must be"):
+    jxent.linear_policy_loss(H, W, Y, ADV, importance_sampling_level="sentence")

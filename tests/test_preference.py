@@ -378,7 +378,7 @@ def test_fused_and_per_token_paths_agree(monkeypatch):
   # Whole pairs (or sequences) per token chunk form each block's gradient in its own pass;
   # longer groups, per-pair outputs and meshes take the per-token log-probabilities. Both
   # give the same loss and gradients (a per-sequence reference and a KL point included).
-  from jxent import _preference
+  from jxent import _lmhead
   seq_ref = np.where(MM, REF_SHIFT - 4, 0).sum(-1)
   h, y, mask = HH.reshape(2 * B, T, D), YY.reshape(2 * B, T), MM.reshape(2 * B, T)
   kl = RNG.uniform(0, 1, size=2 * B)
@@ -395,7 +395,7 @@ def test_fused_and_per_token_paths_agree(monkeypatch):
   with jax.enable_x64(True):
     for f, args in ((dpo, (HH, WW, BB, seq_ref)), (kto, (h, WW, BB, kl))):
       fused = jax.value_and_grad(f, range(4))(*args)
-      monkeypatch.setattr(_preference, "_GROUP_CHUNKS", 0)
+      monkeypatch.setattr(_lmhead, "GROUP_CHUNKS", 0)
       per_token = jax.value_and_grad(f, range(4))(*args)
       monkeypatch.undo()
       np.testing.assert_allclose(fused[0], per_token[0], rtol=1e-12)

@@ -300,8 +300,8 @@ def policy_loss(
     importance_sampling_level: str = "token",
     return_metrics: bool = False,
 ) -> Array | tuple[Array, dict]:
-  r"""The clipped policy-gradient loss (PPO, GRPO, DAPO, Dr. GRPO, CISPO, SAPO) of per-token
-  log-probabilities.
+  r"""The clipped policy-gradient loss (PPO, GRPO, DAPO, Dr. GRPO, CISPO, SAPO, GSPO) of
+  per-token log-probabilities.
 
   .. math:: L = \sum_{i,t} w_{i,t} \Big[-\min\big(r A, \mathrm{clip}(r, 1 -
      \epsilon_\text{low}, 1 + \epsilon_\text{high}) A\big) + \beta \big(e^{\log

@@ -36,7 +36,7 @@ docs: $(VENV)/.docs-installed
 docs-check: docs
 	$(PY) docs/check.py docs/_build/html
 
-# Mutants of the math against the suite; writes mutation/RESULTS.md (about 16 minutes).
+# Mutants of the math against the suite; writes mutation/RESULTS.md (about 26 minutes).
 mutation: $(VENV)/.test-installed
 	$(PY) -m mutation
 

@@ -5,7 +5,7 @@ flipped sign, a dropped factor, a mask ignored in one pass, a wrong denominator,
 harness copies the repository to a temporary directory, applies one mutant, runs the test
 files that cover the mutated module (``pytest -x``: the first failure kills the mutant)
 and records whether the suite noticed. The kill rate and every survivor are written to
-mutation/RESULTS.md. Not part of ``make test``: a full run takes about 16 minutes on two cores.
+mutation/RESULTS.md. Not part of ``make test``: a full run takes about 26 minutes on two cores.
 
     python -m mutation [--only NAME ...] [--jobs 2] [--list]
 """

@@ -671,10 +671,12 @@ def _fused_line(r) -> str:
 # "kl+ce": linear_distillation_loss (half the forward KL, half the labels' cross-entropy);
 # "(two calls)": the same from linear_kl_divergence and linear_cross_entropy.
 # "grpo": linear_policy_loss (sequences of up to 256 tokens, one advantage each, the clipped
-# ratio against old log-probabilities, beta = 0.04 against a reference's, the token mean).
+# ratio against old log-probabilities, beta = 0.04 against a reference's, the token mean);
+# "gspo": the same with GSPO's sequence ratio; "dpo": linear_preference_loss (pairs of such
+# sequences, DPO's sigmoid loss against a reference's sums).
 HEAD_QUANTITIES = ("log_probs", "log_probs/token", "entropy", "kl", "js", "topk_kl", "tv",
                    "log_probs+entropy/token", "log_probs+entropy/token (two calls)", "kl+ce",
-                   "kl+ce (two calls)", "grpo")
+                   "kl+ce (two calls)", "grpo", "gspo", "dpo")
 SMOKE_HEAD_QUANTITIES = ("log_probs", "kl", "topk_kl")  # one of each path: a short smoke run
 HEAD_VARIANTS = ("jxent", "jxent token chunks", "unfused JAX")
 HEAD_TOPK = 32  # the teacher's top-k log-probabilities of the top-k KL
@@ -707,6 +709,15 @@ def _policy(loss, lp_or_labels, y, v, **kw):
               old_log_probs=old, ref_log_probs=old + 0.25 * jnp.cos(s), beta=0.04, **kw)
 
 
+def _pairs(lp_or_h, y):
+  """Tokens as [2, pairs, seq, ...] (chosen, rejected; sequences of up to 256 tokens) and a
+  reference's per-token log-probabilities formed from the labels."""
+  seq = math.gcd(y.shape[0] // 2, 256)
+  ref = -5.0 + 0.5 * jnp.sin(y.astype(jnp.float32))
+  split = lambda a: a.reshape(2, -1, seq, *a.shape[1:])
+  return split(lp_or_h), split(y), split(ref)
+
+
 def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
   """``(jit(value_and_grad) in (h, W), its other arguments)`` of the token mean of quantity
   ``q``, weight [V, D]; ``topk``: the teacher's (indices, log-probabilities) for "topk_kl".
@@ -715,9 +726,15 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
   if variant == "unfused JAX":
     def f(h, w, y, ht, wt, topk):
       lq = jax.nn.log_softmax(jnp.dot(h, w.T, preferred_element_type=jnp.float32))
-      if q == "grpo":
+      if q in ("grpo", "gspo"):
         lp = jnp.take_along_axis(lq, y[:, None], axis=-1)[:, 0]
-        return _policy(jxent.policy_loss, lp, y, lq.shape[-1])
+        return _policy(jxent.policy_loss, lp, y, lq.shape[-1], importance_sampling_level=(
+            "sequence" if q == "gspo" else "token"))
+      if q == "dpo":
+        lp, _, ref = _pairs(jnp.take_along_axis(lq, y[:, None], axis=-1)[:, 0], y)
+        seq, rs = jnp.sum(lp, -1), jnp.sum(ref, -1)
+        return jxent.preference_loss(seq[0], seq[1], ref_chosen_log_probs=rs[0],
+                                     ref_rejected_log_probs=rs[1])
       if q.startswith("log_probs+entropy"):
         return (jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
                 + jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1)))
@@ -740,9 +757,13 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
       return jnp.mean(_unfused_pair(lq, lp, q))
   else:
     def g(h, w, y, ht, wt, topk):
-      if q == "grpo":
+      if q in ("grpo", "gspo"):
         return _policy(lambda h3, *a, **k: jxent.linear_policy_loss(
-            h3, w, y.reshape(h3.shape[:-1]), *a, weight_layout="vd", **k), h, y, w.shape[0])
+            h3, w, y.reshape(h3.shape[:-1]), *a, weight_layout="vd", **k), h, y, w.shape[0],
+            importance_sampling_level="sequence" if q == "gspo" else "token")
+      if q == "dpo":
+        h4, y3, ref = _pairs(h, y)
+        return jxent.linear_preference_loss(h4, w, y3, ref_log_probs=ref, weight_layout="vd")
       if q == "log_probs":
         return jxent.linear_log_probs(h, w, y, weight_layout="vd", reduction="mean")
       if q == "log_probs/token":
@@ -856,7 +877,9 @@ def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=()
             "log_probs+entropy: both outputs' means, from one call (return_entropy) or two; "
             "kl+ce: half the forward KL and half the labels' cross-entropy, from "
             "linear_distillation_loss or two calls; grpo: linear_policy_loss, sequences of "
-            "up to 256 tokens, the clipped ratio and a KL term with beta 0.04). "
+            "up to 256 tokens, the clipped ratio and a KL term with beta 0.04; gspo: the same "
+            "with GSPO's sequence ratio; dpo: linear_preference_loss, pairs of such sequences, "
+            "DPO's loss against a reference's sums). "
             "\"jxent token chunks\": the same functions forced to their reference (XLA:CPU) "
             "form; XLA: compiled scratch + outputs:", "",
             "| size | quantity | variant | ms | time / unfused JAX | XLA MiB | value rel. diff "

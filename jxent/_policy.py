@@ -100,16 +100,19 @@ def _token_loss(lp, adv, old, ref, isw, opts, log_ratio=None):
   return loss
 
 
+def _optional(rest, has_old, has_ref, has_isw):
+  """(old, ref, importance weight), None where absent, from the optional per-token arrays
+  ``rest`` in that order (``_setup``'s)."""
+  rest = list(rest)
+  return tuple(rest.pop(0) if has else None for has in (has_old, has_ref, has_isw))
+
+
 @functools.lru_cache(maxsize=64)
 def _token_fn(opts, has_old, has_ref, has_isw):
   """The per-token loss as a function of (log p, advantage, [old], [ref], [weight]) for
   :func:`jxent.linear_log_prob_loss`: one function per option set (a static argument)."""
   def fn(lp, adv, *rest):
-    rest = list(rest)
-    old = rest.pop(0) if has_old else None
-    ref = rest.pop(0) if has_ref else None
-    isw = rest.pop(0) if has_isw else None
-    return _token_loss(lp, adv, old, ref, isw, opts)
+    return _token_loss(lp, adv, *_optional(rest, has_old, has_ref, has_isw), opts)
 
   return fn
 
@@ -129,11 +132,8 @@ def _sequence_fn(opts, has_old, has_ref, has_isw):
   :func:`jxent._lmhead.group_loss`, its arguments per token: the advantage, [old], [ref],
   [importance weight], the loss type's token weight."""
   def fn(lp, kept, adv, *rest):
-    rest = list(rest)
-    old = rest.pop(0) if has_old else None
-    ref = rest.pop(0) if has_ref else None
-    isw = rest.pop(0) if has_isw else None
-    (wt,) = rest
+    old, ref, isw = _optional(rest[:-1], has_old, has_ref, has_isw)
+    wt = rest[-1]
     loss = _token_loss(lp, adv, old, ref, isw, opts, _sequence_log_ratio(lp, old, kept))
     return jnp.sum(jnp.where(kept, wt * loss, 0), axis=-1)
 
@@ -338,7 +338,8 @@ def policy_loss(
       max_completion_length, num_items_in_batch, importance_sampling_level, lp.dtype,
       "policy_loss")
   sequence = importance_sampling_level == "sequence"
-  loss = _dense_loss(lp, args, mask, wt, opts, fn, old_log_probs is not None, sequence)
+  loss = _dense_loss(lp, args, mask, wt, opts, fn, old_log_probs is not None,
+                     importance_weights is not None, sequence)
   if not _checks.static_bool(return_metrics, "return_metrics"):
     return loss
   safe = lambda a: jnp.where(mask, a, 0)
@@ -346,7 +347,7 @@ def policy_loss(
                         old_log_probs is not None, sequence)
 
 
-def _dense_loss(lp, args, mask, wt, opts, fn, has_old, sequence):
+def _dense_loss(lp, args, mask, wt, opts, fn, has_old, has_isw, sequence):
   """The loss of per-token log-probabilities ``lp``; ``fn`` the per-token loss of
   ``_token_fn``, or with ``sequence`` GSPO's ratio of each sequence."""
   # Dropped tokens' inputs are replaced before the loss: whatever they hold (-inf, NaN)
@@ -354,11 +355,8 @@ def _dense_loss(lp, args, mask, wt, opts, fn, has_old, sequence):
   safe = lambda a: jnp.where(mask, a, 0)
   lp, args = safe(lp), tuple(map(safe, args))
   if sequence:
-    adv, rest = args[0], list(args[1:])
-    old = rest.pop(0) if has_old else None
-    ref = rest.pop(0) if opts.beta != 0 else None
-    isw = rest.pop(0) if rest else None
-    loss = _token_loss(lp, adv, old, ref, isw, opts, _sequence_log_ratio(lp, old, mask))
+    old, ref, isw = _optional(args[1:], has_old, opts.beta != 0, has_isw)
+    loss = _token_loss(lp, args[0], old, ref, isw, opts, _sequence_log_ratio(lp, old, mask))
   else:
     loss = fn(lp, *args)
   return jnp.sum(jnp.where(mask, wt * loss, 0))
@@ -453,7 +451,8 @@ def linear_policy_loss(
     loss, lp = LH.group_loss(h, weight, labels, sfn, seq_len, args + (wt,), **common)
   else:  # longer sequences, or tokens over a mesh: the per-token log-probabilities
     lp = linear_log_probs(h, weight, labels, **common)
-    loss = _dense_loss(lp, args, mask, wt, opts, fn, has_old, True)
+    loss = _dense_loss(lp, args, mask, wt, opts, fn, has_old, importance_weights is not None,
+                       True)
     lp = jax.lax.stop_gradient(lp)
   if not return_metrics:
     return loss

@@ -112,14 +112,25 @@ def _metrics(c, r, rc, rr, beta, keep):
           "rejected_log_probs": mean(r)}
 
 
-def _pairs_where(where, shape):
+def _mask(where, shape, what):
+  """``where`` as a boolean mask of ``shape`` (all True for None); ``what`` names the shape."""
   if where is None:
     return jnp.ones(shape, bool)
-  keep = _checks.as_array(where, "where")
-  if keep.dtype != jnp.bool_ or keep.shape != shape:
-    raise ValueError(f"where must be a boolean array of the pairs' shape {shape}, got "
-                     f"{keep.dtype}{list(keep.shape)}.")
-  return keep
+  mask = _checks.as_array(where, "where")
+  if mask.dtype != jnp.bool_ or mask.shape != shape:
+    raise ValueError(f"where must be a boolean array of the {what} shape {shape}, got "
+                     f"{mask.dtype}{list(mask.shape)}.")
+  return mask
+
+
+def _broadcast(a, shape, name, what):
+  """The float array ``a`` broadcast to ``shape`` (``what`` names it), or a ValueError."""
+  a = _checks.floating(a, name)
+  try:
+    return jnp.broadcast_to(a, shape)
+  except ValueError:
+    raise ValueError(f"{name} must broadcast to the {what} shape {shape}, got shape "
+                     f"{a.shape}.") from None
 
 
 _ARGS_DOC = r"""
@@ -212,17 +223,9 @@ def preference_loss(
   c = _checks.floating(chosen_log_probs, "chosen_log_probs")
   r = _checks.floating(rejected_log_probs, "rejected_log_probs")
   _checks.same_shape(c, r, "chosen_log_probs", "rejected_log_probs")
-  refs = []
-  for a, name in ((ref_chosen_log_probs, "ref_chosen_log_probs"),
-                  (ref_rejected_log_probs, "ref_rejected_log_probs")):
-    if a is not None:
-      a = _checks.floating(a, name)
-      try:
-        a = jnp.broadcast_to(a, c.shape)
-      except ValueError:
-        raise ValueError(f"{name} must broadcast to the pairs' shape {c.shape}, got shape "
-                         f"{a.shape}.") from None
-    refs.append(a)
+  refs = [None if a is None else _broadcast(a, c.shape, name, "pairs'")
+          for a, name in ((ref_chosen_log_probs, "ref_chosen_log_probs"),
+                          (ref_rejected_log_probs, "ref_rejected_log_probs"))]
   dtype = jnp.result_type(c, r, *(a for a in refs if a is not None))
   c, r = c.astype(dtype), r.astype(dtype)
   rc, rr = (None if a is None else a.astype(dtype) for a in refs)
@@ -237,7 +240,7 @@ def _loss(c, r, rc, rr, where, loss_type, beta, label_smoothing, gamma, discopop
   return_metrics = _checks.static_bool(return_metrics, "return_metrics")
   if loss_type == "orpo" and (rc is not None or rr is not None):
     raise ValueError(_ORPO_REF)
-  keep = _pairs_where(where, c.shape)
+  keep = _mask(where, c.shape, "pairs'")
   # Dropped pairs' inputs replaced first: whatever they hold reaches no value or gradient.
   safe = lambda a: None if a is None else jnp.where(keep, a, -1.0)
   losses = jnp.where(keep, _pair_losses(safe(c), safe(r), safe(rc), safe(rr), loss_type,
@@ -253,7 +256,7 @@ def _head_sequences(hidden, weight, labels, where, ref_log_probs, average, bias,
                     temperature, chunk_size):
   """(the tokens' log-probabilities [..., T] (0 on dropped ones), the kept tokens, the
   sequences' log-probabilities [...], the reference's [...] or None) from a linear head."""
-  mask = _token_mask(where, labels.shape)
+  mask = _mask(where, labels.shape, "labels'")
   lp = linear_log_probs(hidden, weight, labels, bias=bias, weight_layout=weight_layout,
                         where=mask, temperature=temperature, chunk_size=chunk_size)
   seq = _sequence_log_probs(lp, mask, average)
@@ -385,7 +388,7 @@ def linear_preference_loss(
   return_metrics = _checks.static_bool(return_metrics, "return_metrics")
   if loss_type == "orpo" and ref_log_probs is not None:
     raise ValueError(_ORPO_REF)
-  mask = _token_mask(where, labels.shape)
+  mask = _mask(where, labels.shape, "labels'")
   ref, per_seq = _ref_tokens(ref_log_probs, labels.shape)
   keep = jnp.all(jnp.any(mask, axis=-1), axis=0)
   acc = _acc(hidden, weight)
@@ -425,16 +428,6 @@ def _chosen_nll(lp, mask):
 def _acc(hidden, weight):
   return (jnp.float64 if jnp.float64 in (jnp.result_type(hidden), jnp.result_type(weight))
           else jnp.float32)
-
-
-def _token_mask(where, shape):
-  if where is None:
-    return jnp.ones(shape, bool)
-  mask = _checks.as_array(where, "where")
-  if mask.dtype != jnp.bool_ or mask.shape != shape:
-    raise ValueError(f"where must be a boolean array of the labels' shape {shape}, got "
-                     f"{mask.dtype}{list(mask.shape)}.")
-  return mask
 
 
 def _ref_tokens(ref_log_probs, shape):
@@ -565,13 +558,8 @@ def _kto_inputs(shape, preferred, kl, where, dtype):
                      f"(True: a desirable completion), got {preferred.dtype}"
                      f"{list(preferred.shape)}.")
   if kl is not None:
-    kl = _checks.floating(kl, "kl")
-    try:
-      kl = jnp.broadcast_to(kl, shape).astype(dtype)
-    except ValueError:
-      raise ValueError(f"kl must be a scalar or broadcast to the sequences' shape {shape}, got "
-                       f"shape {kl.shape}.") from None
-  return preferred, kl, _pairs_where(where, shape)
+    kl = _broadcast(kl, shape, "kl", "sequences'").astype(dtype)
+  return preferred, kl, _mask(where, shape, "sequences'")
 
 
 _KTO_DOC = r"""
@@ -635,14 +623,8 @@ def kto_loss(
   [0.1192, 0.8808]
   """
   s = _checks.floating(log_probs, "log_probs")
-  ref = None
-  if ref_log_probs is not None:
-    ref = _checks.floating(ref_log_probs, "ref_log_probs")
-    try:
-      ref = jnp.broadcast_to(ref, s.shape)
-    except ValueError:
-      raise ValueError(f"ref_log_probs must broadcast to log_probs' shape {s.shape}, got "
-                       f"shape {ref.shape}.") from None
+  ref = (None if ref_log_probs is None
+         else _broadcast(ref_log_probs, s.shape, "ref_log_probs", "log_probs'"))
   dtype = s.dtype if ref is None else jnp.result_type(s, ref)
   preferred, kl, keep = _kto_inputs(s.shape, preferred, kl, where, dtype)
   return _kto(s.astype(dtype), None if ref is None else ref.astype(dtype), kl, preferred, keep,
@@ -723,7 +705,7 @@ def linear_kto_loss(
   # Whole sequences in each token chunk: each block of logits computed once.
   opts = _kto_options(beta, desirable_weight, undesirable_weight)
   return_metrics = _checks.static_bool(return_metrics, "return_metrics")
-  mask = _token_mask(where, labels.shape)
+  mask = _mask(where, labels.shape, "labels'")
   ref, per_seq = _ref_tokens(ref_log_probs, labels.shape)
   acc = _acc(hidden, weight)
   preferred, kl, _ = _kto_inputs(labels.shape[:-1], preferred, kl, None, acc)

@@ -333,7 +333,7 @@ def test_kto_loss_against_numpy_float64():
     np.testing.assert_allclose(m["rejected_log_probs"], C[bad].mean(), rtol=1e-12)
   with pytest.raises(ValueError, match="preferred must be a boolean"):
     jxent.kto_loss(C, PREF.astype(int))
-  with pytest.raises(ValueError, match="kl must be a scalar or broadcast"):
+  with pytest.raises(ValueError, match="kl must broadcast to the sequences"):
     jxent.kto_loss(C, PREF, kl=np.ones(4))
   with pytest.raises(ValueError, match="undesirable_weight must be >= 0"):
     jxent.kto_loss(C, PREF, undesirable_weight=-1)

@@ -102,7 +102,8 @@ def write_section(name: str, markdown: str) -> None:
   if start in text and end in text:
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
-    text = before + block + after.lstrip("\n")
+    after = after.lstrip("\n")
+    text = before + block + ("\n" + after if after else "")  # a blank line before what follows
   else:
     text = text.rstrip("\n") + "\n\n" + block
   RESULTS.write_text(text)

@@ -11,6 +11,7 @@ COMMANDS = {
     "sharded": "vocab-parallel cross-entropy on an 8-device CPU mesh vs the unsharded loss",
     "floors": "what bounds a forward: read floor against the exp/softplus compute floors",
     "bad_values": "NaN/inf inputs: what jxent, Optax and PyTorch return",
+    "ctc": "CTC loss: jxent vs Optax (and PyTorch where installed), forward and forward+backward",
     "sharp": "the sharp logsumexp's cost: integer-label CE with and without it, vs Optax",
     "gpu": "on an accelerator: test suite, dense losses, fused loss vs Cut Cross-Entropy/Liger",
 }

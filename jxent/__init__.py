@@ -2,6 +2,7 @@
 
 from jxent import grads, sharded
 from jxent._checks import checked, value_checks
+from jxent._ctc import ctc_loss
 from jxent._fused import linear_cross_entropy
 from jxent._information import (
     binary_entropy,
@@ -58,6 +59,7 @@ __all__ = [
     "binary_cross_entropy",
     "categorical_cross_entropy",
     "checked",
+    "ctc_loss",
     "mean_squared_error",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",

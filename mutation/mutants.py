@@ -22,6 +22,7 @@ GRADS = ["tests/test_grads.py", "jxent/grads.py"]
 LMHEAD = ["tests/test_lmhead.py"]
 PREFERENCE = ["tests/test_preference.py"]
 POLICY = ["tests/test_policy.py"]
+CTC = ["tests/test_ctc.py"]
 DISTILL = ["tests/test_lmhead.py::test_distillation_with_labels_against_float64",
            "tests/test_lmhead.py::test_distillation_with_labels_second_order_and_one_pass",
            "tests/test_lmhead.py::test_distillation_with_labels_edges_and_errors"]
@@ -572,6 +573,39 @@ MUTANTS = [
        "  r = jnp.exp(_sequence_log_ratio(lp, old, mask) if sequence else lp - old)",
        "  r = jnp.exp(lp - old)",
        "GSPO's clip fraction from the tokens' ratios", POLICY),
+    # -------------------------------------------------------------- CTC
+    _m("ctc-skip-repeats", "jxent/_ctc.py",
+       "labels[:, 1:] != labels[:, :-1]], 1)",
+       "labels[:, 1:] == labels[:, 1:]], 1)",
+       "CTC: a repeated label entered from two states back (no blank between)", CTC),
+    _m("ctc-padded-frames", "jxent/_ctc.py",
+       "    alpha = jnp.where(k[:, None], new - c[:, None], alpha)",
+       "    alpha = new - c[:, None]",
+       "CTC: padded frames counted", CTC),
+    _m("ctc-end-state", "jxent/_ctc.py",
+       "  return (states == last) | ((states == last - 1) & (label_len[:, None] > 0))",
+       "  return states == last",
+       "CTC: paths ending in the last label (no trailing blank) dropped", CTC),
+    _m("ctc-zero-infinity-slope", "jxent/_ctc.py",
+       "  undefined = bad | impossible if not zero_infinity else bad",
+       "  undefined = bad",
+       "CTC: an infinite loss's gradient 0, not NaN", CTC),
+    _m("ctc-share-shift", "jxent/_ctc.py",
+       "    prev = post * s0 + _shifted_back(post * s1, 1, 0) + _shifted_back(post * s2, 2, 0)",
+       "    prev = post * s0 + _shifted_back(post * s1, 1, 0) + _shifted_back(post * s2, 1, 0)",
+       "CTC: a skipped blank's share passed to the wrong state", CTC),
+    _m("ctc-padded-frame-slope", "jxent/_ctc.py",
+       "  grad = jnp.where(kept[..., None], jnp.exp(log_p) - to_classes(post)[0], 0)",
+       "  grad = jnp.exp(log_p) - to_classes(post)[0]",
+       "CTC: padded frames given the softmax as gradient", CTC),
+    _m("ctc-kahan", "jxent/_ctc.py",
+       "    lost, scale = (summed - scale) - add, summed",
+       "    lost, scale = (summed - scale) + add, summed",
+       "CTC: the compensated sum's correction with the wrong sign", CTC),
+    _m("ctc-unreached", "jxent/_ctc.py",
+       "    empty = total == 0  # no predecessor reached: -inf, shares 0 (NaN stays NaN)",
+       "    empty = total < 0",
+       "CTC: a state no path reaches given shares 0 / 0", CTC),
     # -------------------------------------------------------------- grads and apps
     _m("grads-mse-factor", "jxent/grads.py",
        "  return (s - targets) * s * jax.nn.sigmoid(-logits)", "  return (s - targets) * s",

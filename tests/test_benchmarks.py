@@ -173,3 +173,12 @@ def test_extras_benchmark_times_what_it_says(capsys):
       assert float(err) < 1e-5 and mism == "0"
   # return_stats, the two-pass form and the unfused one (the reference of the other two).
   assert sum(c[6] != "—" for c in rows) == 3
+
+
+def test_ctc_benchmark_smoke(capsys):
+  # The tiny size runs end to end; jxent's value and gradient agree with Optax's there.
+  from benchmarks import ctc
+  ctc.main(["--smoke"])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2, 12")]
+  assert [r.split("|")[2].strip() for r in rows] == ["fwd", "fwd+bwd"]
+  assert all(float(r.split("|")[-3]) < 1e-5 for r in rows)  # jxent against float64

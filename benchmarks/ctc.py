@@ -45,20 +45,26 @@ def _functions(frame_pad, labels, label_pad):
   return {"jxent": jx, "Optax": ox}
 
 
-def _torch(z, labels, frames, lengths, grad):
+def _torch(z, labels, frames, lengths, grad, dev="cpu"):
+  """A call of PyTorch's F.ctc_loss on ``dev`` for the same problem (``.sync()`` waits for
+  the device), or None without PyTorch."""
   try:
     import torch
   except ImportError:
     return None
-  lp = torch.log_softmax(torch.from_numpy(np.ascontiguousarray(z.transpose(1, 0, 2))), -1)
-  lp = lp.detach().requires_grad_(grad)
-  y, fl, ll = (torch.from_numpy(np.asarray(a, np.int64)) for a in (labels, frames, lengths))
+  lp = torch.from_numpy(np.ascontiguousarray(z.transpose(1, 0, 2))).to(dev)
+  lp = torch.log_softmax(lp, -1).detach().requires_grad_(grad)
+  y, fl, ll = (torch.from_numpy(np.asarray(a, np.int64)).to(dev)
+               for a in (labels, frames, lengths))
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
   def run():
     loss = torch.nn.functional.ctc_loss(lp, y, fl, ll, reduction="sum")
     if grad:
       loss.backward()
     return loss
+
+  run.sync = sync  # a CUDA call is asynchronous: block after a round of calls
   return run
 
 
@@ -115,7 +121,7 @@ def main(argv=None):
       variants = {name: calls(f) for name, f in jitted.items()}
       torch_run = _torch(z, labels, frames, lengths, grad)
       if torch_run is not None:
-        variants["PyTorch"] = lambda: [torch_run() for _ in range(inner)]
+        variants["PyTorch"] = lambda: ([torch_run() for _ in range(inner)], torch_run.sync())
       res = H.time_side_by_side(variants, reference="Optax", reps=reps)
       line = (f"| {b}, {t}, {k}, {n} | {'fwd+bwd' if grad else 'fwd'} | "
               f"{res['jxent']['median_s'] / inner * 1e3:,.2f} | "

@@ -24,6 +24,10 @@ dense losses:
 4. writes the tables with the device, driver and library versions: the "gpu" section of
    benchmarks/RESULTS.md (full runs) and ``--out`` if given.
 
+Steps run on request only (``--steps``): ``head``, the language-model head quantities
+against unfused JAX; ``ctc``, the CTC loss against Optax and PyTorch's ``F.ctc_loss`` on the
+device; ``cost``, XLA's cost analysis of the dense losses.
+
 ``--smoke`` runs the same code on CPU at tiny sizes (no test suite beyond one small file,
 missing libraries skipped) and writes only to ``--out``; a test runs it so the script
 cannot rot. Cut Cross-Entropy and Liger are pure-Python packages on Triton: on a machine
@@ -71,6 +75,8 @@ SMOKE_FUSED = [(128, 32, 1000)]
 HEAD_SHAPES = [(8192, 4096, 128256)]
 SMOKE_HEAD = [(96, 32, 1000)]
 LOSSES = ("int", "soft", "bce")
+CTC_SIZES = [(32, 400, 64, 100), (8, 1000, 256, 200)]  # B, T, K, N
+SMOKE_CTC = [(2, 12, 5, 3)]
 BIG_BLOCK_MIB = 256
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -343,6 +349,54 @@ def dense(shapes, budget: Budget, reps: int, inner: int, compile_torch: bool,
         fns = None
         _release(torch, dev)
   return rows
+
+
+def ctc(sizes, budget: Budget, reps: int, inner: int, rows: list[dict]) -> list[dict]:
+  """Appends one row per size and pass: jxent's CTC loss against Optax and PyTorch's
+  F.ctc_loss (on the device), float32, the sum of the per-sequence losses (the inputs of
+  ``python -m benchmarks ctc``)."""
+  from benchmarks import ctc as C
+  torch, dev = _torch()
+  for b, t, k, n in sizes:
+    z, fp, y, lp, frames, lengths = C._inputs(b, t, k, n)
+    zj = jax.device_put(jnp.asarray(z))
+    for grad in (False, True):
+      row = {"shape": f"B={b}, T={t}, K={k}, N={n}", "pass": "fwd+bwd" if grad else "fwd"}
+      if budget.left() < 20:
+        rows.append(row | {"note": "skipped: time budget"})
+        continue
+      jitted = {name: jax.jit(jax.value_and_grad(f) if grad else f)
+                for name, f in C._functions(fp, y, lp).items()}
+
+      def run_jax(f):
+        def go():
+          out = None
+          for _ in range(inner):
+            out = f(zj)
+          jax.block_until_ready(out)
+        return go
+
+      fns = {"jxent": run_jax(jitted["jxent"]), "optax": run_jax(jitted["Optax"])}
+      if torch is not None:
+        tr = C._torch(z, y, frames, lengths, grad, dev)
+        fns["torch"] = lambda tr=tr: ([tr() for _ in range(inner)], tr.sync())
+      times = _alternate(fns, reps)
+      row |= {"ms": {key: statistics.median(v) * 1e3 / inner for key, v in times.items()},
+              "vs optax": _ratio(times, "jxent", "optax"),
+              "vs torch": _ratio(times, "jxent", "torch") if "torch" in times else None}
+      rows.append(row)
+      print(_ctc_line(row), flush=True)
+    _release(torch, dev)
+  return rows
+
+
+def _ctc_line(r) -> str:
+  if "ms" not in r:
+    return f"| {r['shape']} | {r['pass']} | — | — | — | — | — | {r.get('note', '')} |"
+  ms = r["ms"]
+  get = lambda key: f"{ms[key]:.3f}" if key in ms else "—"
+  return (f"| {r['shape']} | {r['pass']} | {get('jxent')} | {get('optax')} | {get('torch')} | "
+          f"**{_fmt_ratio(r['vs optax'])}** | {_fmt_ratio(r['vs torch'])} | |")
 
 
 def _alternate(fns: dict, reps: int) -> dict[str, list[float]]:
@@ -845,7 +899,7 @@ def _head_line(r) -> str:
 
 
 def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=(),
-                cost_rows=(), head_rows=()) -> str:
+                cost_rows=(), head_rows=(), ctc_rows=()) -> str:
   out = ["## On an accelerator: jxent against Optax, PyTorch, Cut Cross-Entropy and Liger", "",
          env, "",
          f"`python -m benchmarks gpu {' '.join(argv)}`. Ratios: median of per-repetition time "
@@ -885,6 +939,13 @@ def to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors=()
             "| size | quantity | variant | ms | time / unfused JAX | XLA MiB | value rel. diff "
             "| note |", "|---|---|---|---:|---:|---:|---:|---|",
             *[_head_line(r) for r in head_rows]]
+  if ctc_rows:
+    out += ["", "CTC loss, float32 logits [B, T, K], labels [B, N], about a tenth of each "
+            "row's frames and labels padded, the sum of the per-sequence losses (ms per call; "
+            "PyTorch: F.ctc_loss on the same log-probabilities, eager):", "",
+            "| size | pass | jxent ms | Optax ms | torch ms | jxent / Optax | jxent / torch "
+            "| note |", "|---|---|---:|---:|---:|---:|---:|---|",
+            *[_ctc_line(r) for r in ctc_rows]]
   if cost_rows:
     out += ["", "XLA's cost analysis of the dense losses' compiled forward+backward "
             "(`jax.jit(jax.value_and_grad(loss)).lower(z, y).compile().cost_analysis()"
@@ -908,10 +969,11 @@ def main(argv=None):
                  "smoke: tests/test_information.py); none to skip")
   p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
   p.add_argument("--steps", default="tests,fused,dense", help="comma-separated subset of "
-                 "tests,fused,dense,cost,head (default: the first three; only a run of "
+                 "tests,fused,dense,cost,head,ctc (default: the first three; only a run of "
                  "those three at least writes RESULTS.md); cost: XLA's bytes accessed of the "
                  "dense losses, and their soft-label HLO beside --out; head: the language-model "
-                 "head quantities against unfused JAX")
+                 "head quantities against unfused JAX; ctc: the CTC loss against Optax and "
+                 "PyTorch")
   p.add_argument("--dense-shapes", help="e.g. 16384x128256,8192x50304 (default: both)")
   p.add_argument("--fused-shapes", help="N,D,V triples, e.g. 8192x2304x256000 (default: "
                  "both)")
@@ -960,10 +1022,11 @@ def main(argv=None):
   # losses with the rest. The markdown is rewritten after every step, so a run stopped from
   # outside still leaves its tables.
   tests, dense_rows, fused_rows, errors, cost_rows, head_rows = None, [], [], [], [], []
+  ctc_rows = []
 
   def write():
     text = to_markdown(env, tests, dense_rows, fused_rows, argv, reps, inner, errors,
-                       cost_rows, head_rows)
+                       cost_rows, head_rows, ctc_rows)
     if args.out:
       args.out.write_text(text + "\n")
     return text
@@ -1005,6 +1068,9 @@ def main(argv=None):
                               3 if args.smoke else 5, head_rows, head_quantities,
                               variants=HEAD_VARIANTS if args.head_chunks or args.smoke
                               else ("jxent", "unfused JAX")))
+  if "ctc" in steps:
+    step("ctc", lambda: ctc(SMOKE_CTC if args.smoke else CTC_SIZES, budget, reps,
+                            2 if args.smoke else 5, ctc_rows))
   if "cost" in steps:
     step("cost", lambda: cost_rows.extend(xla_costs(
         dense_shapes[0], args.out.parent if args.out else None)))

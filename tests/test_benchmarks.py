@@ -15,7 +15,7 @@ def test_gpu_benchmark_smoke(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks", "gpu", "--smoke", "--out", str(out),
        "--tests", "tests/test_information.py::test_entropy_axis", "--no-compile",
-       "--steps", "tests,fused,dense,cost,head"],
+       "--steps", "tests,fused,dense,cost,head,ctc"],
       capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   text = out.read_text()
@@ -64,6 +64,12 @@ def test_gpu_benchmark_smoke(tmp_path):
       for v in ("jxent", "jxent token chunks", "unfused JAX")]
   for c in head:
     assert float(c[3]) > 0 and float(c[6]) < 1e-2
+  # The CTC loss: both passes, jxent and Optax measured.
+  ctc = [[c.strip() for c in ln.strip("|").split("|")] for ln in text.splitlines()
+         if ln.startswith("| B=2, T=12, K=5, N=3 |")]
+  assert [c[1] for c in ctc] == ["fwd", "fwd+bwd"]
+  for c in ctc:
+    assert float(c[2]) > 0 and float(c[3]) > 0 and c[5].startswith("**")
 
 
 def test_sharp_benchmark_times_what_it_says(capsys):

@@ -60,10 +60,10 @@ def _shifted(a: Array, k: int) -> Array:
   return jnp.concatenate([pad, a], axis=1)[:, :a.shape[1]]
 
 
-def _shifted_back(a: Array, k: int, fill) -> Array:
-  """``a`` [B, S] moved ``k`` states back: column ``s`` holds ``a[:, s + k]`` (``fill``
-  beyond the last)."""
-  pad = jnp.full((a.shape[0], k), fill, a.dtype)
+def _shifted_back(a: Array, k: int) -> Array:
+  """``a`` [B, S] moved ``k`` states back: column ``s`` holds ``a[:, s + k]`` (0 beyond the
+  last)."""
+  pad = jnp.zeros((a.shape[0], k), a.dtype)
   return jnp.concatenate([a, pad], axis=1)[:, k:]
 
 
@@ -136,7 +136,7 @@ def _posteriors(shares, kept, last):
 
   def step(post, xs):
     (s0, s1, s2), k = xs
-    prev = post * s0 + _shifted_back(post * s1, 1, 0) + _shifted_back(post * s2, 2, 0)
+    prev = post * s0 + _shifted_back(post * s1, 1) + _shifted_back(post * s2, 2)
     # A frame's posteriors sum to one: rescaled, so that rounding cannot drift their mass.
     total = jnp.sum(prev, axis=-1, keepdims=True)
     prev = prev / jnp.where(total > 0, total, 1)

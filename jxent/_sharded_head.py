@@ -116,6 +116,18 @@ def vocab_parallel_linear_log_probs(
   Returns:
     ``[...]`` log-probabilities over the whole vocabulary (the same on every shard); with
     ``return_entropy``, ``(log_probs, entropy)``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jxent
+  >>> from jax.sharding import AxisType, PartitionSpec as P
+  >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))  # e.g. (8,)
+  >>> log_probs = jax.jit(jax.shard_map(
+  ...     lambda h, w, y: jxent.sharded.vocab_parallel_linear_log_probs(
+  ...         h, w, y, axis_name="model"),
+  ...     mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P()))
+  >>> w = jnp.array([[2., 0., 0., 0.], [0., 0., 0., 1.]])  # [D, V], split over "model"
+  >>> [round(v, 4) for v in log_probs(jnp.eye(2), w, jnp.array([0, 3])).tolist()]
+  [-0.3408, -0.7437]
   """
   labels = _checks.integer(labels, "labels")
   return_entropy = _checks.static_bool(return_entropy, "return_entropy")
@@ -163,6 +175,17 @@ def vocab_parallel_linear_entropy(
 
   Returns:
     ``[...]`` entropies over the whole vocabulary, in nats.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jxent
+  >>> from jax.sharding import AxisType, PartitionSpec as P
+  >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))  # e.g. (8,)
+  >>> entropy = jax.jit(jax.shard_map(
+  ...     lambda h, w: jxent.sharded.vocab_parallel_linear_entropy(h, w, axis_name="model"),
+  ...     mesh=mesh, in_specs=(P(), P(None, "model")), out_specs=P()))
+  >>> w = jnp.array([[2., 0., 0., 0.], [0., 0., 0., 1.]])  # [D, V], split over "model"
+  >>> [round(v, 4) for v in entropy(jnp.eye(2), w).tolist()]
+  [0.9183, 1.2683]
   """
   lse_k, ent_k, _, _, kept, unflat, _ = _local_stats(
       hidden, weight, None, bias, weight_layout, where, temperature, chunk_size,
@@ -189,6 +212,19 @@ def vocab_parallel_linear_token_stats(
     where: optional boolean ``[...]`` mask of tokens to keep.
     temperature: :math:`T > 0`, a Python number (static).
     chunk_size: tokens per block of the local function.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jxent
+  >>> from jax.sharding import AxisType, PartitionSpec as P
+  >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))  # e.g. (8,)
+  >>> stats = jax.jit(jax.shard_map(
+  ...     lambda h, w, y: jxent.sharded.vocab_parallel_linear_token_stats(
+  ...         h, w, y, axis_name="model"),
+  ...     mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P()))
+  >>> w = jnp.array([[2., 0., 0., 0.], [0., 0., 0., 1.]])  # [D, V], split over "model"
+  >>> s = stats(jnp.eye(2), w, jnp.array([0, 3]))
+  >>> s.argmax.tolist(), [round(v, 4) for v in s.logsumexp.tolist()]
+  ([0, 3], [2.3408, 1.7437])
   """
   hidden, weight, bias = jax.lax.stop_gradient((hidden, weight, bias))
   v_l = local_vocab(weight, weight_layout)
@@ -304,6 +340,19 @@ def vocab_parallel_linear_kl_divergence(
     teacher_grad: differentiate the teacher's inputs too.
     reduction: ``"mean"`` (over this device's kept tokens), ``"sum"`` or ``"none"``.
     chunk_size: tokens per block of the local functions.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jxent
+  >>> from jax.sharding import AxisType, PartitionSpec as P
+  >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))  # e.g. (8,)
+  >>> kl = jax.jit(jax.shard_map(
+  ...     lambda hs, ws, ht, wt: jxent.sharded.vocab_parallel_linear_kl_divergence(
+  ...         hs, ws, ht, wt, axis_name="model"),
+  ...     mesh=mesh, in_specs=(P(), P(None, "model"), P(), P(None, "model")),
+  ...     out_specs=P()))
+  >>> ws = jnp.array([[2., 0., 0., 0.], [0., 0., 0., 1.]])  # the student's [D, V]
+  >>> round(float(kl(jnp.eye(2), ws, jnp.eye(2), jnp.zeros((2, 4)))), 4)  # uniform teacher
+  0.2809
   """
   if direction not in ("forward", "reverse"):
     raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}.")
@@ -362,6 +411,19 @@ def vocab_parallel_linear_js_divergence(
     teacher_grad: differentiate the teacher's inputs too.
     reduction: ``"mean"`` (over this device's kept tokens), ``"sum"`` or ``"none"``.
     chunk_size: tokens per block of the local functions.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jxent
+  >>> from jax.sharding import AxisType, PartitionSpec as P
+  >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))  # e.g. (8,)
+  >>> js = jax.jit(jax.shard_map(
+  ...     lambda hs, ws, ht, wt: jxent.sharded.vocab_parallel_linear_js_divergence(
+  ...         hs, ws, ht, wt, axis_name="model"),
+  ...     mesh=mesh, in_specs=(P(), P(None, "model"), P(), P(None, "model")),
+  ...     out_specs=P()))
+  >>> ws = jnp.array([[2., 0., 0., 0.], [0., 0., 0., 1.]])  # the student's [D, V]
+  >>> round(float(js(jnp.eye(2), ws, jnp.eye(2), jnp.zeros((2, 4)))), 4)  # uniform teacher
+  0.0693
   """
   beta = _checks.static_number(beta, "beta")
   if not 0 <= beta <= 1:

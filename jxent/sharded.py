@@ -153,6 +153,17 @@ def vocab_parallel_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, axis_n
     z_loss: coefficient of :math:`\mathrm{logsumexp}^2`.
     reduction: ``"none"`` (per-example, the same on every shard of the axis), ``"sum"`` or
       ``"mean"`` over this device's kept examples.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jxent
+  >>> from jax.sharding import AxisType, PartitionSpec as P
+  >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))  # e.g. (8,)
+  >>> loss = jax.jit(jax.shard_map(
+  ...     lambda z, y: jxent.sharded.vocab_parallel_cross_entropy(z, y, axis_name="model"),
+  ...     mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P()))
+  >>> z = jnp.array([[2., 0., 0., 0.], [0., 0., 0., 1.]])
+  >>> [round(v, 4) for v in loss(z, jnp.array([0, 3])).tolist()]  # as on the whole logits
+  [0.3408, 0.7437]
   """
   _checks.reduction(reduction)
   z = _checks.floating(logits, "logits")
@@ -240,6 +251,18 @@ def vocab_parallel_linear_cross_entropy(
     The loss, then the logsumexp if ``return_lse``, then the statistics if
     ``return_stats``. The loss takes the recompute method (``method`` and
     ``gradient_filter`` of the unsharded loss need the whole vocabulary in one place).
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jxent
+  >>> from jax.sharding import AxisType, PartitionSpec as P
+  >>> mesh = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Auto,))  # e.g. (8,)
+  >>> loss = jax.jit(jax.shard_map(
+  ...     lambda h, w, y: jxent.sharded.vocab_parallel_linear_cross_entropy(
+  ...         h, w, y, axis_name="model"),
+  ...     mesh=mesh, in_specs=(P(), P(None, "model"), P()), out_specs=P()))
+  >>> w = jnp.array([[2., 0., 0., 0.], [0., 0., 0., 1.]])  # [D, V], split over "model"
+  >>> [round(v, 4) for v in loss(jnp.eye(2), w, jnp.array([0, 3])).tolist()]
+  [0.3408, 0.7437]
   """
   _checks.reduction(reduction)
   return_lse = _checks.static_bool(return_lse, "return_lse")
@@ -345,6 +368,14 @@ def make_vocab_parallel_loss(mesh: jax.sharding.Mesh, *, data_axis: str = "data"
   loss, sharded on ``data_axis``). Per-token or per-class arrays (``where``, ``weights``,
   ``bias``, ``class_weights``) need their own layout: call the loss inside your own
   ``jax.shard_map``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jxent
+  >>> mesh = jax.make_mesh((1, 1), ("data", "model"))  # e.g. (2, 4) on 8 devices
+  >>> loss_fn = jxent.sharded.make_vocab_parallel_loss(mesh, label_smoothing=0.1)
+  >>> z = jnp.array([[2., 0., 0., 0.], [0., 0., 0., 1.]])
+  >>> [round(v, 4) for v in loss_fn(z, jnp.array([0, 3])).tolist()]
+  [0.4908, 0.8187]
   """
   if "reduction" in options:
     raise ValueError("make_vocab_parallel_loss returns per-example losses; reduce them "

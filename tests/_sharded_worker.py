@@ -349,6 +349,19 @@ def axis_type_checks(kind):
         out[key] = max(rel(v1, v0), rel(g1, g0))
       st = jax.jit(lambda h, y: jxent.linear_token_stats(h, w, y))(hs, ys)
       out["head_token_stats"] = rel(st.entropy, jxent.linear_token_stats(h, w, y).entropy)
+      # CTC with the sequences over the mesh: per-sequence losses and the logits' gradient
+      # (a non-uniform cotangent), then the mean, as unsharded.
+      zc = z.reshape(-1)[:384].reshape(8, 6, 8)
+      yc = (jnp.arange(24).reshape(8, 3) * 5) % 7 + 1  # no blank (0)
+      fpc = (jnp.arange(6)[None, :] >= jnp.array([6, 5, 6, 4, 6, 6, 5, 6])[:, None]) * 1.0
+      lpc = (jnp.arange(3)[None, :] >= jnp.array([3, 2, 3, 3, 1, 3, 2, 3])[:, None]) * 1.0
+      ctc = lambda z, fp, y, lp: jnp.sum(cot[:8] * jxent.ctc_loss(z, fp, y, lp))
+      v0, g0 = jax.value_and_grad(ctc)(zc, fpc, yc, lpc)
+      v1, g1 = jax.jit(jax.value_and_grad(ctc))(*(put(a, P("data")) for a in (zc, fpc, yc, lpc)))
+      mean = jax.jit(lambda *a: jxent.ctc_loss(*a, reduction="mean"))(
+          *(put(a, P("data")) for a in (zc, fpc, yc, lpc)))
+      out["ctc"] = max(rel(v1, v0), rel(g1, g0),
+                       rel(mean, jxent.ctc_loss(zc, fpc, yc, lpc, reduction="mean")))
   return out
 
 

@@ -74,7 +74,8 @@ def test_every_mesh_axis_type(worker, kind):
              "fused_scaled_grad_w", "fused_stats_entropy", "fused_stats_argmax",
              "policy_grad_h", "policy_grad_w", "preference_grad_h", "preference_grad_w",
              "head_log_probs_entropy",
-             "head_entropy_mean", "head_distillation", "head_topk", "head_token_stats"}
+             "head_entropy_mean", "head_distillation", "head_topk", "head_token_stats",
+             "ctc"}
   assert set(r) == want
   for key, err in r.items():
     assert err < 1e-5, (kind, key, err)

@@ -219,7 +219,9 @@ def ctc_loss(
   Args:
     logits: ``[B, T, K]`` unnormalised log-probabilities of ``K`` classes, one of them the
       blank (log-probabilities are valid logits); bf16 and f16 are accumulated in float32.
-      For other batch shapes, ``jax.vmap``.
+      For other batch shapes, ``jax.vmap``. Sequences laid out over explicit mesh axes
+      (``jax.sharding.AxisType.Explicit``) are taken data-parallel (each device its own, in
+      ``shard_map``; only a sum and a count cross devices).
     logit_paddings: ``[B, T]``, nonzero (1) on padded frames, 0 on kept ones, as Optax;
       padded frames are skipped wherever they are.
     labels: integer ``[B, N]`` label ids in ``[0, K)``, none equal to ``blank_id``.

@@ -7,8 +7,8 @@ each row padded at its end), the sum of the per-sequence losses, forward and
 forward+backward in the logits under ``jit``; repetitions alternate, the ratio is the median
 of per-repetition time ratios to Optax (min–max in parentheses). PyTorch (CPU, eager) takes
 the same log-probabilities as ``[T, B, K]`` with lengths. Error: the largest difference
-of each float32 value (and gradient) to the float64 one, relative to its largest entry. Writes the "ctc" section of
-benchmarks/RESULTS.md (not with ``--smoke``).
+of each float32 value (and gradient) to the float64 one, relative to its largest entry.
+Writes the "ctc" section of benchmarks/RESULTS.md (not with ``--smoke``).
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ came from in the proportions of the forward recursion's own sums at that frame (
 mode of the recursion, by hand). Each step uses one frame's ratios, so the float32 gradient
 stays within ~4e-5 of float64's over a thousand frames (autodiff of Optax's recursion:
 ~4e-3; benchmarks/RESULTS.md); alpha_t beta_t / p would be formed from log-probabilities in
-the thousands, whose rounding alone is ~1e-4. The ``jax.custom_jvp`` rule's tangent is that gradient's inner
-product with the logits' tangent: linear, so forward and reverse mode use it, and higher
-orders differentiate the recursions by autodiff.
+the thousands, whose rounding alone is ~1e-4. The ``jax.custom_jvp`` rule's tangent is that
+gradient's inner product with the logits' tangent: linear, so forward and reverse mode use
+it, and higher orders differentiate the recursions by autodiff.
 """
 
 from __future__ import annotations

@@ -29,14 +29,29 @@ from jxent._lmhead import linear_log_prob_loss, linear_log_probs
 
 Array = jax.Array
 
-LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo", "cispo", "sapo")
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
+
+
+def _pair(value, name, zero=False):
+  """A static pair of numbers (for non-negative or positive advantages, for negative ones),
+  positive (``zero``: non-negative), or an error naming ``name``."""
+  try:
+    pos, neg = value
+  except (TypeError, ValueError):
+    raise TypeError(f"{name} must be a pair of numbers (for the advantages' two signs), got "
+                    f"{value!r}.") from None
+  out = (_checks.static_number(pos, f"{name}[0]"), _checks.static_number(neg, f"{name}[1]"))
+  if not (min(out) >= 0 if zero else min(out) > 0):
+    raise ValueError(f"{name} must be {'non-negative' if zero else 'positive'}, got "
+                     f"{value!r}.")
+  return out
 
 
 class _Options:
   """The static options of the per-token loss (Python numbers and flags)."""
 
   def __init__(self, loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures,
-               bias_corrected_kl):
+               bias_corrected_kl, vespo_k=(2.0, 3.0), vespo_lambda=(3.0, 2.0)):
     if loss_type not in LOSS_TYPES:
       raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
     self.loss_type = loss_type
@@ -50,20 +65,17 @@ class _Options:
     self.delta = None if delta is None else _checks.static_number(delta, "delta")
     if self.delta is not None and not self.delta > 1:
       raise ValueError(f"delta (the upper clamp of the ratio) must exceed 1, got {delta!r}.")
-    try:
-      pos, neg = sapo_temperatures
-    except (TypeError, ValueError):
-      raise TypeError("sapo_temperatures must be a pair of numbers (positive advantages, "
-                      f"negative ones), got {sapo_temperatures!r}.") from None
-    self.tau = (_checks.static_number(pos, "sapo_temperatures[0]"),
-                _checks.static_number(neg, "sapo_temperatures[1]"))
-    if not min(self.tau) > 0:
-      raise ValueError(f"sapo_temperatures must be positive, got {sapo_temperatures!r}.")
+    if self.delta is not None and loss_type in ("cispo", "sapo", "vespo"):
+      raise ValueError(f"delta clamps the clipped objective's ratio; loss_type={loss_type!r} "
+                       "has none.")
+    self.tau = _pair(sapo_temperatures, "sapo_temperatures")
+    self.vespo_k = _pair(vespo_k, "vespo_k", zero=True)
+    self.vespo_lambda = _pair(vespo_lambda, "vespo_lambda")
     self.bias_corrected_kl = _checks.static_bool(bias_corrected_kl, "bias_corrected_kl")
 
   def _key(self):
     return (self.loss_type, self.eps_low, self.eps_high, self.beta, self.delta, self.tau,
-            self.bias_corrected_kl)
+            self.bias_corrected_kl, self.vespo_k, self.vespo_lambda)
 
   # Hashable by value: one per-token function per option set (``_token_fn``'s cache).
   def __hash__(self):
@@ -73,14 +85,22 @@ class _Options:
     return isinstance(other, _Options) and other._key() == self._key()
 
 
-def _token_loss(lp, adv, old, ref, isw, opts, log_ratio=None):
+def _token_loss(lp, adv, old, ref, isw, opts, log_ratio=None, log_w=None):
   """One token's loss (elementwise on arrays too). ``old`` None: the on-policy ratio
   (``stop_gradient(lp)``, r = 1 with r's gradient); ``ref`` None: no KL term; ``isw``
-  None: no importance weight; ``log_ratio``: the sequence's (GSPO), else the token's."""
+  None: no importance weight; ``log_ratio``: the sequence's (GSPO), else the token's;
+  ``log_w``: VESPO's log-weight of the token's sequence (``_vespo_log_w``)."""
   if log_ratio is None:
     log_ratio = lp - (jax.lax.stop_gradient(lp) if old is None else old)
   r = jnp.exp(log_ratio)
-  if opts.loss_type == "cispo":  # the ratio clipped above at epsilon_high, held constant
+  if opts.loss_type == "vespo":  # a gamma-shaped weight of the sequence's ratio, held constant
+    pos = adv >= 0
+    k = jnp.where(pos, *opts.vespo_k)
+    lam = jnp.where(pos, *opts.vespo_lambda)
+    phi = jnp.exp(lam + k * log_w - lam * jnp.exp(log_w))  # 1 at w = 1
+    loss = -jax.lax.stop_gradient(jnp.where(jnp.isfinite(phi), phi, 0)) * adv * lp
+    isw = None  # in the weight already
+  elif opts.loss_type == "cispo":  # the ratio clipped above at epsilon_high, held constant
     loss = -jax.lax.stop_gradient(jnp.minimum(r, opts.eps_high)) * adv * lp
   elif opts.loss_type == "sapo":  # a soft gate: (4 / tau) sigmoid(tau (r - 1))
     tau = jnp.where(adv > 0, opts.tau[0], opts.tau[1])
@@ -126,15 +146,37 @@ def _sequence_log_ratio(lp, old, mask):
   return jnp.broadcast_to(jnp.sum(d, axis=-1, keepdims=True) / count, lp.shape)
 
 
+def _vespo_log_w(lp, old, isw, mask):
+  """VESPO's (and TRL's ``get_gamma_weights``) log-weight of each sequence, broadcast to its
+  tokens: the sum over its kept tokens of log p - log p_old (each clamped to [-20, 20]) and
+  of the log importance weights (clamped to [log 1e-8, 20]), the total clamped to
+  [log 1e-8, 20]; without derivative."""
+  lp, old, isw = jax.lax.stop_gradient((lp, old, isw))
+  floor = math.log(1e-8)
+  d = jnp.zeros_like(lp) if old is None else jnp.clip(lp - old, -20, 20)
+  if isw is not None:
+    d = d + jnp.clip(jnp.log(jnp.where(mask, isw, 1)), floor, 20)
+  total = jnp.sum(jnp.where(mask, d, 0), axis=-1, keepdims=True)
+  return jnp.broadcast_to(jnp.clip(total, floor, 20), lp.shape)
+
+
+def _sequence_terms(lp, kept, adv, old, ref, isw, opts):
+  """The per-token losses [..., T] of a loss that needs whole sequences: VESPO's (its
+  sequence weight) or GSPO's (its sequence ratio)."""
+  if opts.loss_type == "vespo":
+    return _token_loss(lp, adv, old, ref, isw, opts, log_w=_vespo_log_w(lp, old, isw, kept))
+  return _token_loss(lp, adv, old, ref, isw, opts, _sequence_log_ratio(lp, old, kept))
+
+
 @functools.lru_cache(maxsize=64)
 def _sequence_fn(opts, has_old, has_ref, has_isw):
-  """GSPO's loss of groups of one sequence ([G, T] tokens) for
+  """GSPO's or VESPO's loss of groups of one sequence ([G, T] tokens) for
   :func:`jxent._lmhead.group_loss`, its arguments per token: the advantage, [old], [ref],
   [importance weight], the loss type's token weight."""
   def fn(lp, kept, adv, *rest):
     old, ref, isw = _optional(rest[:-1], has_old, has_ref, has_isw)
     wt = rest[-1]
-    loss = _token_loss(lp, adv, old, ref, isw, opts, _sequence_log_ratio(lp, old, kept))
+    loss = _sequence_terms(lp, kept, adv, old, ref, isw, opts)
     return jnp.sum(jnp.where(kept, wt * loss, 0), axis=-1)
 
   return fn
@@ -150,7 +192,7 @@ def _metrics(lp, args, mask, opts, has_old, sequence=False):
   r = jnp.exp(_sequence_log_ratio(lp, old, mask) if sequence else lp - old)
   if opts.loss_type == "cispo":
     lower, upper = jnp.zeros_like(mask), r > opts.eps_high
-  elif opts.loss_type == "sapo":  # a soft gate, no clip
+  elif opts.loss_type in ("sapo", "vespo"):  # a soft gate, a weight: no clip
     lower = upper = jnp.zeros_like(mask)
   else:
     lower, upper = r < 1 - opts.eps_low, r > 1 + opts.eps_high
@@ -191,23 +233,26 @@ def _token_weights(mask, loss_type, max_completion_length, num_items_in_batch, a
                        "max_completion_length; give max_completion_length.")
     return m / (num_seqs * _checks.static_number(max_completion_length,
                                                  "max_completion_length"))
-  if loss_type in ("dapo", "cispo") and num_items_in_batch is not None:
+  if loss_type == "luspo":  # each token times its sequence's length, over B * T
+    return m * jnp.sum(m, axis=-1, keepdims=True) / (num_seqs * mask.shape[-1])
+  if loss_type in ("dapo", "cispo", "vespo") and num_items_in_batch is not None:
     return m / jnp.asarray(num_items_in_batch, acc)
   return m / jnp.maximum(jnp.sum(m), 1)  # bnpo (and dapo over this batch's tokens)
 
 
 def _setup(shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
            loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures,
-           bias_corrected_kl, max_completion_length, num_items_in_batch, level, acc, name):
+           bias_corrected_kl, max_completion_length, num_items_in_batch, level, acc, name,
+           vespo_k, vespo_lambda):
   if len(shape) < 1:
     raise ValueError(f"{name} needs tokens laid out as [..., T] (sequences of T tokens), got "
                      f"shape {shape}.")
   opts = _Options(loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures,
-                  bias_corrected_kl)
+                  bias_corrected_kl, vespo_k, vespo_lambda)
   if level not in ("token", "sequence"):
     raise ValueError("importance_sampling_level must be 'token' or 'sequence', got "
                      f"{level!r}.")
-  if level == "sequence" and loss_type in ("cispo", "sapo"):
+  if level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
     raise ValueError("importance_sampling_level='sequence' (GSPO) clips the sequence's ratio; "
                      f"loss_type={loss_type!r} has no such clip.")
   if opts.beta != 0 and ref_log_probs is None:
@@ -242,7 +287,8 @@ _ARGS_DOC = r"""
       ``beta`` is not 0.
     where: optional boolean ``[..., T]``: the completion tokens (the loss mask); the others
       add nothing and get no gradient.
-    loss_type: the normalisation (and for ``"cispo"`` and ``"sapo"`` the objective), as
+    loss_type: the normalisation (and for ``"cispo"``, ``"sapo"`` and ``"vespo"`` the
+      objective), as
       Liger's and TRL's GRPO: ``"dapo"`` (default): the sum over the kept tokens divided by
       their number (or by ``num_items_in_batch``); ``"bnpo"``: the same, always by this
       batch's count; ``"grpo"``: each sequence's mean over its kept tokens, then the mean
@@ -251,31 +297,43 @@ _ARGS_DOC = r"""
       \epsilon_\text{high})) A \log p`, normalised as ``"dapo"`` (the clip bound is
       ``epsilon_high`` itself); ``"sapo"``: :math:`-A (4/\tau) \sigma(\tau (r - 1))`, a soft
       gate with ``tau`` from ``sapo_temperatures`` by the advantage's sign, normalised as
-      ``"grpo"``. GSPO's sequence ratio: ``importance_sampling_level``. VESPO and LUSPO are
-      not here.
+      ``"grpo"``; ``"luspo"``: the clipped loss, each token's times its sequence's number of
+      kept tokens, divided by the number of sequences times ``T``; ``"vespo"``:
+      :math:`-\mathrm{sg}(\phi(w)) A \log p`, normalised as ``"dapo"``, with
+      :math:`\phi(w) = e^{\lambda} w^k e^{-\lambda w}` (1 at :math:`w = 1`) of the sequence's
+      weight :math:`w`: the product of its kept tokens' ratios and importance weights
+      (TRL's ``get_gamma_weights``: each log-ratio clamped to :math:`[-20, 20]`, each log
+      importance weight and the total to :math:`[\log 10^{-8}, 20]`), :math:`k` and
+      :math:`\lambda` from ``vespo_k`` and ``vespo_lambda`` by the advantage's sign; the
+      importance weights enter :math:`w` only. GSPO's sequence ratio:
+      ``importance_sampling_level``.
     epsilon_low: the ratio's lower clip, :math:`1 - \epsilon_\text{low}` (static).
     epsilon_high: the upper clip :math:`1 + \epsilon_\text{high}` (DAPO's clip-higher);
       None: ``epsilon_low`` (static).
     beta: the KL penalty's coefficient (static; 0: no reference policy).
-    delta: optional upper clamp of the unclipped ratio (INTELLECT-2's two-sided clipping).
+    delta: optional upper clamp of the unclipped ratio (INTELLECT-2's two-sided clipping;
+      not with ``"cispo"``, ``"sapo"`` or ``"vespo"``).
     sapo_temperatures: ``(tau_pos, tau_neg)`` of ``"sapo"`` (static).
+    vespo_k: ``(k for A >= 0, k for A < 0)``, the gamma weight's shapes of ``"vespo"``
+      (static; Liger's ``vespo_k_pos``, ``vespo_k_neg``).
+    vespo_lambda: ``(lambda for A >= 0, lambda for A < 0)``, its rates (static, positive).
     bias_corrected_kl: multiply the KL estimate by the ratio :math:`r` (DeepSeek-V3.2's
       importance-sampling-corrected KL).
     importance_weights: optional float ``[..., T]`` (or ``[..., 1]``) factors of each token's
       policy term (vLLM's sampling correction, Liger's ``vllm_is_ratio``), not of the KL.
     max_completion_length: the length ``"dr_grpo"`` divides by.
-    num_items_in_batch: optional number of kept tokens ``"dapo"`` and ``"cispo"`` divide by
-      (the whole generation batch's, when it is split into steps).
+    num_items_in_batch: optional number of kept tokens ``"dapo"``, ``"cispo"`` and
+      ``"vespo"`` divide by (the whole generation batch's, when it is split into steps).
     importance_sampling_level: ``"token"`` (default): each token's own ratio; ``"sequence"``
       (GSPO): every token of a sequence takes the sequence's ratio :math:`r = e^{\bar\ell}`,
       :math:`\bar\ell` the mean over its kept tokens of :math:`\log p - \log
       p_\text{old}` (as Liger's and TRL's ``importance_sampling_level``; not with
-      ``"cispo"`` or ``"sapo"``; the KL term stays per token, times :math:`r` with
-      ``bias_corrected_kl``).
+      ``"cispo"``, ``"sapo"`` or ``"vespo"``; the KL term stays per token, times :math:`r`
+      with ``bias_corrected_kl``).
     return_metrics: also return a dict of monitoring numbers over the kept tokens, without
       derivative (Liger's metrics): ``"clip_ratio"``, the fraction of tokens whose ratio is
       clipped on the side the advantage's sign acts on (``"cispo"``: above
-      ``epsilon_high``; ``"sapo"``: 0), and with ``beta`` not 0 ``"kl"``, the mean KL
+      ``epsilon_high``; ``"sapo"``, ``"vespo"``: 0), and with ``beta`` not 0 ``"kl"``, the mean KL
       estimate (times the ratio with ``bias_corrected_kl``)."""
 
 
@@ -293,6 +351,8 @@ def policy_loss(
     beta: float = 0.0,
     delta: float | None = None,
     sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    vespo_k: tuple[float, float] = (2.0, 3.0),
+    vespo_lambda: tuple[float, float] = (3.0, 2.0),
     bias_corrected_kl: bool = False,
     importance_weights: ArrayLike | None = None,
     max_completion_length: int | None = None,
@@ -300,8 +360,8 @@ def policy_loss(
     importance_sampling_level: str = "token",
     return_metrics: bool = False,
 ) -> Array | tuple[Array, dict]:
-  r"""The clipped policy-gradient loss (PPO, GRPO, DAPO, Dr. GRPO, CISPO, SAPO, GSPO) of
-  per-token log-probabilities.
+  r"""The clipped policy-gradient loss (PPO, GRPO, DAPO, Dr. GRPO, CISPO, SAPO, LUSPO, VESPO,
+  GSPO) of per-token log-probabilities.
 
   .. math:: L = \sum_{i,t} w_{i,t} \Big[-\min\big(r A, \mathrm{clip}(r, 1 -
      \epsilon_\text{low}, 1 + \epsilon_\text{high}) A\big) + \beta \big(e^{\log
@@ -336,7 +396,7 @@ def policy_loss(
       lp.shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
       loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures, bias_corrected_kl,
       max_completion_length, num_items_in_batch, importance_sampling_level, lp.dtype,
-      "policy_loss")
+      "policy_loss", vespo_k, vespo_lambda)
   sequence = importance_sampling_level == "sequence"
   loss = _dense_loss(lp, args, mask, wt, opts, fn, old_log_probs is not None,
                      importance_weights is not None, sequence)
@@ -349,14 +409,14 @@ def policy_loss(
 
 def _dense_loss(lp, args, mask, wt, opts, fn, has_old, has_isw, sequence):
   """The loss of per-token log-probabilities ``lp``; ``fn`` the per-token loss of
-  ``_token_fn``, or with ``sequence`` GSPO's ratio of each sequence."""
+  ``_token_fn``, or with ``sequence`` GSPO's ratio of each sequence (VESPO: its weight)."""
   # Dropped tokens' inputs are replaced before the loss: whatever they hold (-inf, NaN)
   # reaches neither the value nor a gradient.
   safe = lambda a: jnp.where(mask, a, 0)
   lp, args = safe(lp), tuple(map(safe, args))
-  if sequence:
+  if sequence or opts.loss_type == "vespo":
     old, ref, isw = _optional(args[1:], has_old, opts.beta != 0, has_isw)
-    loss = _token_loss(lp, args[0], old, ref, isw, opts, _sequence_log_ratio(lp, old, mask))
+    loss = _sequence_terms(lp, mask, args[0], old, ref, isw, opts)
   else:
     loss = fn(lp, *args)
   return jnp.sum(jnp.where(mask, wt * loss, 0))
@@ -378,6 +438,8 @@ def linear_policy_loss(
     beta: float = 0.0,
     delta: float | None = None,
     sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+    vespo_k: tuple[float, float] = (2.0, 3.0),
+    vespo_lambda: tuple[float, float] = (3.0, 2.0),
     bias_corrected_kl: bool = False,
     importance_weights: ArrayLike | None = None,
     max_completion_length: int | None = None,
@@ -395,12 +457,12 @@ def linear_policy_loss(
   Each token's loss is a function of its own log-probability, so its gradient in the logits,
   :math:`w\, \ell'(\log p_y)\, (\mathrm{onehot}(y) - p) / T`, is formed beside the value one
   block of logits at a time (:func:`linear_log_prob_loss`): each block is computed once (the
-  unfused computation's 6 N·D·V flops). With GSPO's sequence ratio each block holds whole
-  sequences, and the same holds (sequences longer than 8 default blocks, and tokens over an
-  explicit mesh, take the per-token log-probabilities, 8 N·D·V flops). The reference
-  policy's log-probabilities come from
-  its own head without gradient (``linear_log_probs(ref_h, ref_W, labels)``: one forward
-  pass), as the old policy's come from the rollout.
+  unfused computation's 6 N·D·V flops). With GSPO's sequence ratio or VESPO's sequence weight
+  each block holds whole sequences, and the same holds (sequences longer than 8 default
+  blocks, and tokens over an explicit mesh, take the per-token log-probabilities, 8 N·D·V
+  flops). The reference policy's log-probabilities come from its own head without gradient
+  (``linear_log_probs(ref_h, ref_W, labels)``: one forward pass), as the old policy's come
+  from the rollout.
 
   Args:
     hidden: ``[..., T, D]`` activations of the sampled sequences (bf16 and f16 are
@@ -434,19 +496,20 @@ def linear_policy_loss(
       labels.shape, advantages, old_log_probs, ref_log_probs, importance_weights, where,
       loss_type, epsilon_low, epsilon_high, beta, delta, sapo_temperatures, bias_corrected_kl,
       max_completion_length, num_items_in_batch, importance_sampling_level, acc,
-      "linear_policy_loss")
+      "linear_policy_loss", vespo_k, vespo_lambda)
   return_metrics = _checks.static_bool(return_metrics, "return_metrics")
   has_old = old_log_probs is not None
   sequence = importance_sampling_level == "sequence"
+  whole = sequence or opts.loss_type == "vespo"  # a loss that needs whole sequences
   seq_len = labels.shape[-1]
   common = dict(bias=bias, weight_layout=weight_layout, where=mask, temperature=temperature,
                 chunk_size=chunk_size)
-  if not sequence:
+  if not whole:
     loss, lp = linear_log_prob_loss(h, weight, labels, fn, args, weights=wt, reduction="sum",
                                     return_log_probs=True, **common)
   elif LH.groups_fit(h, weight, weight_layout, seq_len, labels, where, *args):
-    # Whole sequences per token chunk: each sequence's ratio, and so every token's slope,
-    # from its chunk's own pass (each block of logits once).
+    # Whole sequences per token chunk: each sequence's ratio (or weight), and so every
+    # token's slope, from its chunk's own pass (each block of logits once).
     sfn = _sequence_fn(opts, has_old, opts.beta != 0, importance_weights is not None)
     loss, lp = LH.group_loss(h, weight, labels, sfn, seq_len, args + (wt,), **common)
   else:  # longer sequences, or tokens over a mesh: the per-token log-probabilities

@@ -32,9 +32,21 @@ def np_ratio(lp, old, mask, level):
   return np.exp(d)
 
 
+def np_vespo_phi(lp, adv, old, isw, mask, vk=(2.0, 3.0), vl=(3.0, 2.0)):
+  """VESPO's weight of each sequence (TRL's get_gamma_weights), broadcast to its tokens."""
+  d = np.clip(lp - (lp if old is None else old), -20, 20)
+  if isw is not None:
+    d = d + np.clip(np.log(isw), np.log(1e-8), 20)
+  lw = np.clip(np.sum(d * mask, -1, keepdims=True), np.log(1e-8), 20)
+  k = np.where(adv >= 0, vk[0], vk[1])
+  lam = np.where(adv >= 0, vl[0], vl[1])
+  return np.exp(lam + k * lw - lam * np.exp(lw))
+
+
 def np_policy(lp, adv, old=None, ref=None, isw=None, mask=MASK, *, loss_type="dapo",
               eps_low=0.2, eps_high=None, beta=0.0, delta=None, tau=(1.0, 1.05),
-              bias_kl=False, max_len=None, num_items=None, level="token"):
+              bias_kl=False, max_len=None, num_items=None, level="token", vk=(2.0, 3.0),
+              vl=(3.0, 2.0)):
   """float64 NumPy, written from the formulas (Liger's GRPO; token- or sequence-level
   ratios)."""
   eps_high = eps_low if eps_high is None else eps_high
@@ -42,6 +54,9 @@ def np_policy(lp, adv, old=None, ref=None, isw=None, mask=MASK, *, loss_type="da
   r = np_ratio(lp, old, mask, level)
   if loss_type == "cispo":
     loss = -np.minimum(r, eps_high) * adv * lp
+  elif loss_type == "vespo":  # the importance weights are in the sequence's weight
+    loss = -np_vespo_phi(lp, adv, old, isw, mask, vk, vl) * adv * lp
+    isw = None
   elif loss_type == "sapo":
     t = np.where(adv > 0, tau[0], tau[1])
     loss = -adv * 4 / t / (1 + np.exp(-t * (r - 1)))
@@ -59,7 +74,9 @@ def np_policy(lp, adv, old=None, ref=None, isw=None, mask=MASK, *, loss_type="da
     return float(np.sum(total.sum(-1) / np.maximum(m.sum(-1), 1)) / lp.shape[0])
   if loss_type == "dr_grpo":
     return float(total.sum() / (lp.shape[0] * max_len))
-  if num_items is not None and loss_type in ("dapo", "cispo"):
+  if loss_type == "luspo":
+    return float(np.sum(total * m.sum(-1, keepdims=True)) / lp.size)
+  if num_items is not None and loss_type in ("dapo", "cispo", "vespo"):
     return float(total.sum() / num_items)
   return float(total.sum() / max(m.sum(), 1))
 
@@ -74,7 +91,7 @@ def np_metrics(lp, adv, old=None, ref=None, isw=None, mask=MASK, *, loss_type="d
   lower, upper = r < 1 - eps_low, r > 1 + eps_high
   if loss_type == "cispo":
     lower, upper = np.zeros_like(mask), r > eps_high
-  if loss_type == "sapo":
+  if loss_type in ("sapo", "vespo"):
     lower = upper = np.zeros_like(mask)
   n = max(mask.sum(), 1)
   out = {"clip_ratio": np.sum(((lower & (adv < 0)) | (upper & (adv > 0))) & mask) / n}
@@ -102,6 +119,12 @@ CASES = {  # name: (options, which optional per-token arrays)
     "gspo-kl-corrected": (dict(level="sequence", loss_type="grpo", beta=0.1, bias_kl=True,
                                eps_low=3e-4, eps_high=4e-4), ("old", "ref")),
     "gspo-dapo-isw": (dict(level="sequence", eps_high=0.01), ("old", "isw")),
+    # LUSPO: each token's clipped loss times its sequence's length; VESPO: a gamma weight
+    # of each sequence's ratio (with the importance weights), held constant.
+    "luspo-kl": (dict(loss_type="luspo", beta=0.04), ("old", "ref")),
+    "vespo-isw": (dict(loss_type="vespo", vk=(1.5, 2.5), vl=(2.0, 1.0)), ("old", "isw")),
+    "vespo-kl-items": (dict(loss_type="vespo", beta=0.1, bias_kl=True, num_items=40.0),
+                       ("old", "ref")),
 }
 
 
@@ -110,7 +133,8 @@ def _options(opts):
   names = dict(eps_low="epsilon_low", eps_high="epsilon_high", beta="beta", delta="delta",
                tau="sapo_temperatures", bias_kl="bias_corrected_kl",
                max_len="max_completion_length", num_items="num_items_in_batch",
-               loss_type="loss_type", level="importance_sampling_level")
+               loss_type="loss_type", level="importance_sampling_level", vk="vespo_k",
+               vl="vespo_lambda")
   return {names[k]: v for k, v in opts.items()}
 
 
@@ -157,6 +181,11 @@ def test_policy_loss_against_numpy_float64():
       if name == "dapo-on-policy":  # r = 1, held at 1, with the gradient of log p: -A / n
         np.testing.assert_allclose(g, -ADV[:, None] * MASK / n, rtol=1e-12)
         continue
+      if name == "vespo-isw":  # the sequence's weight is held constant: -sg(phi) A / n
+        phi = np_vespo_phi(lp, ADV[:, None], arrays["old"], ISW, MASK, (1.5, 2.5), (2.0, 1.0))
+        np.testing.assert_allclose(g, -phi * ADV[:, None] * MASK / n, rtol=1e-12, atol=1e-15)
+        assert np.ptp(phi[0]) == 0 and np.ptp(phi) > 0  # one weight per sequence
+        continue
       # The value's own derivatives in every argument, both modes, to second order.
       names = which + ("adv",)
 
@@ -166,6 +195,8 @@ def test_policy_loss_against_numpy_float64():
                                        ref_log_probs=r.get("ref"),
                                        importance_weights=r.get("isw"), **_options(opts))
 
+      if opts.get("loss_type") == "vespo":  # a held weight: autodiff is not the slope of
+        continue                            # the value, so no finite differences
       check_grads(f, (lp,) + tuple(arrays[k] for k in which) + (ADV,), order=2,
                   modes=["fwd", "rev"], eps=1e-6)
 
@@ -197,7 +228,9 @@ def _fused_vs_dense(case, layout, temp=TEMP):
 @pytest.mark.parametrize("case, layout, impl", [
     ("grpo-kl-corrected", "dv", "platform"), ("dr_grpo-delta-isw", "vd", "platform"),
     ("bnpo-kl", "vd", "accelerator"), ("dapo-on-policy", "dv", "accelerator"),
-    ("gspo-kl-corrected", "dv", "platform"), ("gspo-dapo-isw", "vd", "accelerator")],
+    ("gspo-kl-corrected", "dv", "platform"), ("gspo-dapo-isw", "vd", "accelerator"),
+    ("luspo-kl", "dv", "accelerator"), ("vespo-isw", "dv", "platform"),
+    ("vespo-kl-items", "vd", "accelerator")],
     indirect=["impl"])
 def test_linear_policy_loss_against_dense_float64(case, layout, impl):
   with jax.enable_x64(True):
@@ -222,7 +255,9 @@ def test_linear_policy_loss_against_dense_float64(case, layout, impl):
     np.testing.assert_allclose(m1.pop("log_probs"),
                                np.where(MASK, log_probs64(H, W, BIAS), 0), rtol=1e-12)
     assert set(m1) == set(m0)
-    assert (m1["clip_ratio"] > 0) == ("old" in CASES[case][1])  # on-policy: r = 1, no clip
+    # On-policy (r = 1) nothing is clipped; VESPO has no clip.
+    clips = "old" in CASES[case][1] and CASES[case][0].get("loss_type") != "vespo"
+    assert (m1["clip_ratio"] > 0) == clips
     for k in m0:
       np.testing.assert_allclose(m1[k], m0[k], rtol=1e-12, err_msg=k)
 
@@ -349,7 +384,26 @@ def test_sequence_ratio_paths_agree_and_errors(monkeypatch):
     np.testing.assert_allclose(fused[0], per_token[0], rtol=1e-12)
     for a, b, i in zip(fused[1], per_token[1], range(4)):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=f"argument {i}")
+    # VESPO's sequence weight: the same two paths.
+    def v(h, w, old):
+      return jxent.linear_policy_loss(h, w, Y, ADV, where=MASK, old_log_probs=old,
+                                      importance_weights=ISW, loss_type="vespo", chunk_size=8)
+
+    per_token = jax.value_and_grad(v, range(3))(H, W, old)
+    monkeypatch.undo()
+    fused = jax.value_and_grad(v, range(3))(H, W, old)
+    np.testing.assert_allclose(fused[0], per_token[0], rtol=1e-12)
+    for a, b, i in zip(fused[1], per_token[1], range(3)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=f"vespo argument {i}")
   with pytest.raises(ValueError, match="no such clip"):
     jxent.policy_loss(lp, ADV, loss_type="cispo", importance_sampling_level="sequence")
+  with pytest.raises(ValueError, match="no such clip"):
+    jxent.policy_loss(lp, ADV, loss_type="vespo", importance_sampling_level="sequence")
+  with pytest.raises(ValueError, match="delta clamps the clipped objective"):
+    jxent.policy_loss(lp, ADV, loss_type="vespo", delta=2.0)
+  with pytest.raises(ValueError, match="vespo_lambda must be positive"):
+    jxent.policy_loss(lp, ADV, loss_type="vespo", vespo_lambda=(1.0, 0.0))
+  with pytest.raises(TypeError, match="vespo_k must be a pair"):
+    jxent.policy_loss(lp, ADV, loss_type="vespo", vespo_k=2.0)
   with pytest.raises(ValueError, match="importance_sampling_level must be"):
     jxent.linear_policy_loss(H, W, Y, ADV, importance_sampling_level="sentence")

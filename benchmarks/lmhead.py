@@ -44,11 +44,13 @@ K = 64  # the teacher's top-k
 # "dpo": linear_preference_loss (DPO's sigmoid loss of sequence sums against a reference's,
 # pairs of SEQ-token sequences, each chunk whole pairs); "kto": linear_kto_loss (sequences of
 # SEQ tokens, every other one desirable, against a reference's, KL point 0.1); "gspo": "grpo"
-# with GSPO's sequence ratio (importance_sampling_level="sequence", each chunk whole sequences).
+# with GSPO's sequence ratio (importance_sampling_level="sequence", each chunk whole sequences);
+# "vespo": "grpo" with VESPO's loss (loss_type="vespo", each chunk whole sequences).
 QUANTITIES = ("log_probs", "log_probs/token", "entropy", "entropy/token",
               "log_probs+entropy/token", "log_probs+entropy/token, two calls",
               "log_probs+entropy, two calls", "kl", "js", "tv", "topk_kl", "kl+ce",
-              "kl+ce, two calls", "grpo", "grpo, via log_probs/token", "gspo", "dpo", "kto")
+              "kl+ce, two calls", "grpo", "grpo, via log_probs/token", "gspo", "dpo", "kto",
+              "vespo")
 SEQ = 256  # tokens per sequence of the policy losses (one advantage per sequence)
 
 
@@ -83,7 +85,7 @@ def _dense(q):
 
   def f(h, w, y, ht, wt, idx, lpt, adv, old, ref):
     lq = jax.nn.log_softmax(jnp.dot(h, w, preferred_element_type=jnp.float32))
-    if q in ("grpo", "gspo"):
+    if q in ("grpo", "gspo", "vespo"):
       lp = jnp.take_along_axis(lq, y[:, None], axis=-1)[:, 0]
       return _policy(jxent.policy_loss, lp, adv, old, ref, level=q)
     if q == "dpo":
@@ -130,16 +132,17 @@ def _preferred(n):
 
 def _policy(loss, lp, adv, old, ref, level="grpo"):
   """GRPO's loss of per-token log-probabilities [N] as sequences of SEQ tokens (``level``
-  "gspo": GSPO's sequence ratio)."""
+  "gspo": GSPO's sequence ratio; "vespo": VESPO's loss)."""
   seqs = lambda a: a.reshape(-1, SEQ)
   return loss(seqs(lp), adv, old_log_probs=seqs(old), ref_log_probs=seqs(ref), beta=0.04,
-              importance_sampling_level="sequence" if level == "gspo" else "token")
+              importance_sampling_level="sequence" if level == "gspo" else "token",
+              loss_type="vespo" if level == "vespo" else "dapo")
 
 
 def _fused(q):
 
   def f(h, w, y, ht, wt, idx, lpt, adv, old, ref):
-    if q in ("grpo", "gspo"):
+    if q in ("grpo", "gspo", "vespo"):
       h3 = h.reshape(-1, SEQ, h.shape[-1])
       return _policy(lambda lp, *a, **k: jxent.linear_policy_loss(h3, w, lp, *a, **k),
                      y, adv, old, ref, level=q)
@@ -280,7 +283,8 @@ def to_markdown(rows, reps):
       "the clipped ratio against old log-probabilities, beta = 0.04 against a reference's, "
       "the token mean), against `policy_loss` of the materialised log-softmax; \"grpo, via "
       "log_probs/token\": `policy_loss` of `linear_log_probs`' per-token output; \"gspo\": "
-      "\"grpo\" with GSPO's sequence ratio (`importance_sampling_level=\"sequence\"`). "
+      "\"grpo\" with GSPO's sequence ratio (`importance_sampling_level=\"sequence\"`); "
+      "\"vespo\": \"grpo\" with VESPO's loss (`loss_type=\"vespo\"`). "
       "\"dpo\": "
       f"`linear_preference_loss` (pairs of {SEQ}-token sequences, DPO's sigmoid loss of "
       "the sequences' sums against a reference's, beta = 0.1), against `preference_loss` of "

@@ -38,22 +38,9 @@ from jax.typing import ArrayLike
 from jxent import _checks
 from jxent import _fused as F
 from jxent import _lmhead as LH
+from jxent import _stats as S
 
 Array = jax.Array
-
-
-def _lse_rows(x: Array) -> Array:
-  """log-sum-exp along the last axis: -inf (with a zero derivative) where all are -inf, NaN
-  where one is NaN.
-
-  The shift is held constant: ``c + log sum exp(x - c)`` equals the logsumexp for every
-  constant ``c``, so every derivative of it is exact.
-  """
-  m = jnp.max(x, axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
-  s = jnp.sum(jnp.exp(x - m), axis=-1)
-  empty = s == 0
-  return jnp.where(empty, -jnp.inf, m[..., 0] + jnp.log(jnp.where(empty, 1, s)))
 
 
 def _shifted(a: Array, k: int) -> Array:
@@ -98,8 +85,7 @@ def _alphas(emit, kept, skip):
     alpha, scale, lost = carry
     e, k = xs
     terms = (alpha, _shifted(alpha, 1), jnp.where(skip, _shifted(alpha, 2), -jnp.inf))
-    m = functools.reduce(jnp.maximum, terms)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))  # as in _lse_rows
+    m = jax.lax.stop_gradient(S.finite(functools.reduce(jnp.maximum, terms)))  # S.lse_rows
     parts = [jnp.exp(x - m) for x in terms]
     total = functools.reduce(jnp.add, parts)
     empty = total == 0  # no predecessor reached: -inf, shares 0 (NaN stays NaN)
@@ -156,7 +142,7 @@ def _primal(z, kept, ext, skip, label_len, bad):
   log_p = jax.nn.log_softmax(jnp.where(bad[:, None, None], 0, z), axis=-1)
   alpha, scale, shares = _alphas(_emissions(log_p, ext), jnp.moveaxis(kept, 1, 0), skip)
   final = jnp.where(_ends(label_len, alpha.shape[-1]), alpha, -jnp.inf)
-  end = _lse_rows(final)  # -inf: no path ends (its final states' posterior is not used)
+  end = S.lse_rows(final)  # -inf: no path ends (its final states' posterior is not used)
   return log_p, shares, final - jnp.where(jnp.isfinite(end), end, 0)[:, None], scale + end
 
 

@@ -379,7 +379,7 @@ def _one_head_chunk(z, data, kind, want):
   if kind == "topk":
     idx, lpt, valid = data
     zr = _masked_topk(z, idx, 0)
-    lse, lse_rest, z_i = _lse_rows(z), _lse_rows(zr), _take_topk(z, idx, 0)
+    lse, lse_rest, z_i = S.lse_rows(z), S.lse_rows(zr), _take_topk(z, idx, 0)
     val, vjp = jax.vjp(_topk_value, lse, lse_rest, z_i, lpt)
     g_lse, g_rest, g_zi, slope = vjp(jnp.ones_like(val))
     val = jnp.where(valid, val, 0)
@@ -1935,12 +1935,6 @@ def _masked_topk(z, idx, start):
   return z.at[rows, rel].set(-jnp.inf, mode="drop")
 
 
-def _lse_rows(z):
-  m = jax.lax.stop_gradient(jnp.max(z, axis=-1))
-  m = jnp.where(jnp.isfinite(m), m, 0)
-  return m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1))
-
-
 def _take_topk(z, idx, start):
   """[T, k]: z at the absolute columns idx that fall in this block, 0 elsewhere."""
   size = z.shape[-1]
@@ -1960,7 +1954,7 @@ def _rest_chunks_forward(h3, w, b, idx3, cfg):
   def body(_, xs):
     h, idx = xs
     z = _block_logits(h, w, b, cfg)
-    return None, (_lse_rows(z), _lse_rows(_masked_topk(z, idx, 0)), _take_topk(z, idx, 0))
+    return None, (S.lse_rows(z), S.lse_rows(_masked_topk(z, idx, 0)), _take_topk(z, idx, 0))
 
   return jax.lax.scan(body, None, (h3, idx3))[1]
 

@@ -44,6 +44,16 @@ def finite(a):
   return jnp.where(jnp.isfinite(a), a, 0)
 
 
+def lse_rows(x):
+  """log-sum-exp along the last axis: -inf (with a zero derivative, not NaN) where all are
+  -inf, NaN where one is NaN. The shift is held constant: ``c + log sum exp(x - c)`` is the
+  logsumexp for every constant ``c``, so every derivative of it is exact."""
+  m = jax.lax.stop_gradient(finite(jnp.max(x, axis=-1, keepdims=True)))
+  s = jnp.sum(jnp.exp(x - m), axis=-1)
+  empty = s == 0  # false for NaN
+  return jnp.where(empty, -jnp.inf, m[..., 0] + jnp.log(jnp.where(empty, 1, s)))
+
+
 def row_sums(xs, k=128):
   """Row sums of [T, V] arrays in one variadic reduction (XLA then fuses their common
   operands into it rather than keep them as [T, V] blocks), in two stages: XLA:CPU adds a

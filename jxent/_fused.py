@@ -925,6 +925,50 @@ def check_head(hidden, weight, labels, bias, weight_layout):
   return hidden, weight, labels, bias, v
 
 
+def shift_targets(shift, hidden, labels, where, weights, name):
+  """Next-token alignment without moving ``hidden``: position ``t`` (on labels' last axis)
+  takes ``labels[..., t + k]`` as its target, with that target's ``where`` and ``weights``,
+  and the last ``k`` positions are dropped. Returns ``(labels, where, weights, cut)``;
+  ``cut`` keeps a per-position output's first ``T - k`` positions (None for ``k = 0``)."""
+  if not isinstance(shift, (bool, int, np.bool_, np.integer)):
+    raise TypeError(f"shift must be a Python int (it fixes the outputs' shape), got {shift!r}.")
+  k = int(shift)
+  if k == 0:
+    return labels, where, weights, None
+  labels = _checks.integer(labels, "labels")
+  batch_shape = jnp.shape(hidden)[:-1]
+  if labels.ndim < 1 or labels.shape != batch_shape:
+    raise ValueError(f"{name} with shift needs labels [..., T] of hidden's shape without D, "
+                     f"got hidden.shape={jnp.shape(hidden)} and labels.shape={labels.shape}.")
+  t = labels.shape[-1]
+  if not 0 < k < t:
+    raise ValueError(f"shift must be in [0, T) for T={t} positions on labels' last axis, got "
+                     f"shift={k}.")
+  widths = [(0, 0)] * (labels.ndim - 1) + [(0, k)]
+  ahead = lambda a, fill: jnp.pad(a[..., k:], widths, constant_values=fill)
+  for arg, x in (("where", where), ("weights", weights)):
+    if x is not None and jnp.shape(x) != batch_shape:
+      raise ValueError(f"{arg} must have labels' shape {batch_shape}, got "
+                       f"{arg}.shape={jnp.shape(x)}.")
+  if where is None:
+    where = jnp.ones_like(labels, dtype=bool)
+  elif jnp.asarray(where).dtype != jnp.bool_:
+    raise ValueError(f"where must be a boolean mask, got dtype {jnp.asarray(where).dtype}.")
+  where = ahead(jnp.asarray(where), False)
+  if weights is not None:
+    weights = ahead(_checks.floating(weights, "weights"), 0)
+  return ahead(labels, 0), where, weights, lambda a: a[..., :t - k]
+
+
+def cut_outputs(outs, cut, per_position):
+  """A shifted call's outputs: every per-position array cut to ``T - k`` positions (the
+  first output only if ``per_position``; later ones, the logsumexp and statistics, always)."""
+  if not isinstance(outs, tuple):
+    return cut(outs) if per_position else outs
+  first = cut(outs[0]) if per_position else outs[0]
+  return (first,) + tuple(jax.tree.map(cut, o) for o in outs[1:])
+
+
 def chunk_tokens(hidden, labels, where, ignore_index, v, chunk_size, name):
   """Flattens the tokens and cuts them into chunks (the last padded with dropped tokens):
   ``(h3 [n_chunks, T, D], y2 [n_chunks, T] int32, v2 [n_chunks, T] kept, N, T)``. Labels
@@ -988,6 +1032,7 @@ def linear_cross_entropy(
     gradient_filter: float | None = None,
     return_stats: bool = False,
     token_scaling: bool = False,
+    shift: int = 0,
 ) -> jax.Array | tuple:
   r"""Cross-entropy of ``hidden @ weight (+ bias)`` without materialising the logits.
 
@@ -1066,6 +1111,13 @@ def linear_cross_entropy(
       option, the loss :math:`-\mathrm{sg}(p_y) \log p_y` of Dynamic Fine-Tuning). The
       factor is part of the loss, not a weight: ``"mean"`` still divides by the number of
       kept tokens (or the weights' sum). Every method.
+    shift: ``k >= 0`` (a Python int; ``True`` is 1): next-token prediction without slicing
+      ``hidden``. The position ``t`` of ``hidden [..., T, D]`` is scored on
+      ``labels[..., t + k]``, so the loss is that of ``hidden[..., :T-k, :]`` on
+      ``labels[..., k:]``, the last ``k`` positions taking no part (no loss, no gradient).
+      ``ignore_index``, ``where`` and ``weights`` belong to the labels (the targets) and
+      move with them. Per-position outputs (``"none"``, ``return_lse``, ``return_stats``)
+      are ``[..., T-k]``. Cut Cross-Entropy's ``shift``.
 
   Returns:
     The loss (scalar, or ``[...]`` for ``"none"``), then the logsumexp if ``return_lse``,
@@ -1088,6 +1140,17 @@ def linear_cross_entropy(
   Array([0, 1, 2, 3], dtype=int32)
   """
   _checks.reduction(reduction)
+  labels, where, weights, cut = shift_targets(shift, hidden, labels, where, weights,
+                                              "linear_cross_entropy")
+  if cut is not None:
+    outs = linear_cross_entropy(
+        hidden, weight, labels, bias=bias, weight_layout=weight_layout,
+        ignore_index=ignore_index, where=where, label_smoothing=label_smoothing, z_loss=z_loss,
+        logit_softcap=logit_softcap, reduction=reduction, chunk_size=chunk_size,
+        return_lse=return_lse, method=method, weights=weights, class_weights=class_weights,
+        gradient_filter=gradient_filter, return_stats=return_stats,
+        token_scaling=token_scaling)
+    return cut_outputs(outs, cut, reduction == "none")
   if method not in ("auto", "forward", "recompute"):
     raise ValueError(f"method must be 'auto', 'forward' or 'recompute', got {method!r}.")
   return_stats = _checks.static_bool(return_stats, "return_stats")

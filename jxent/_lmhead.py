@@ -601,6 +601,7 @@ def linear_log_probs(
     reduction: str = "none",
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    shift: int = 0,
 ) -> Array | tuple[Array, Array]:
   r"""Log-probability of each token's label under ``softmax((hidden @ weight + bias) / T)``.
 
@@ -639,6 +640,11 @@ def linear_log_probs(
       differentiable, the derivative of the pair one pass again (a policy-gradient loss
       with an entropy bonus; verl's and Liger's fused linear log-probs with entropy). Two
       separate calls take two passes each way. Needs ``reduction="none"``.
+    shift: ``k >= 0``: position ``t`` is scored on ``labels[..., t + k]`` (with that
+      label's ``where`` and ``weights``), the last ``k`` positions dropped, without slicing
+      ``hidden``; per-position outputs are ``[..., T-k]``, as
+      :func:`linear_cross_entropy`'s ``shift`` (the log-likelihood of a sequence's own next
+      tokens from ``labels = input_ids``, ``shift=1``).
 
   Returns:
     ``[...]`` log-probabilities (float32, float64 for float64 inputs), or their reduction:
@@ -652,6 +658,14 @@ def linear_log_probs(
   >>> jxent.linear_log_probs(h, w, jnp.array([0, 1, 3]))  # uniform: log(1/4)
   Array([-1.3862944, -1.3862944, -1.3862944], dtype=float32)
   """
+  labels, where, weights, cut = F.shift_targets(shift, hidden, labels, where, weights,
+                                                "linear_log_probs")
+  if cut is not None:
+    outs = linear_log_probs(hidden, weight, labels, bias=bias, weight_layout=weight_layout,
+                            where=where, temperature=temperature, weights=weights,
+                            reduction=reduction, chunk_size=chunk_size,
+                            return_entropy=return_entropy)
+    return F.cut_outputs(outs, cut, reduction == "none")
   if _checks.static_bool(return_entropy, "return_entropy") and reduction != "none":
     raise ValueError("return_entropy needs reduction='none' (the per-token log-probabilities "
                      f"and entropies of one pass), got reduction={reduction!r}; reduce them "

@@ -93,7 +93,7 @@ def vocab_parallel_linear_log_probs(
     hidden: ArrayLike, weight: ArrayLike, labels: ArrayLike, *, axis_name,
     bias: ArrayLike | None = None, weight_layout: str = "dv", where: ArrayLike | None = None,
     temperature: float = 1.0, chunk_size: int | None = None,
-    return_entropy: bool = False) -> Array | tuple[Array, Array]:
+    return_entropy: bool = False, shift: int = 0) -> Array | tuple[Array, Array]:
   r""":func:`jxent.linear_log_probs` with the vocabulary split over ``axis_name``; call
   inside ``jax.shard_map``.
 
@@ -112,6 +112,8 @@ def vocab_parallel_linear_log_probs(
     chunk_size: tokens per block of the local function.
     return_entropy: also return the entropy over the whole vocabulary, as
       :func:`vocab_parallel_linear_entropy`, from the same pass over this shard's blocks.
+    shift: ``k >= 0``: position ``t`` scored on ``labels[..., t + k]``, outputs
+      ``[..., T-k]``, as :func:`jxent.linear_log_probs`.
 
   Returns:
     ``[...]`` log-probabilities over the whole vocabulary (the same on every shard); with
@@ -129,6 +131,13 @@ def vocab_parallel_linear_log_probs(
   >>> [round(v, 4) for v in log_probs(jnp.eye(2), w, jnp.array([0, 3])).tolist()]
   [-0.3408, -0.7437]
   """
+  labels, where, _, cut = F.shift_targets(shift, hidden, labels, where, None,
+                                          "vocab_parallel_linear_log_probs")
+  if cut is not None:
+    return F.cut_outputs(vocab_parallel_linear_log_probs(
+        hidden, weight, labels, axis_name=axis_name, bias=bias, weight_layout=weight_layout,
+        where=where, temperature=temperature, chunk_size=chunk_size,
+        return_entropy=return_entropy), cut, True)
   labels = _checks.integer(labels, "labels")
   return_entropy = _checks.static_bool(return_entropy, "return_entropy")
   lse_k, ent_k, z_y, here, kept, unflat, v_l = _local_stats(

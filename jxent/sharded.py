@@ -37,7 +37,7 @@ from jax.typing import ArrayLike
 
 from jxent import _checks
 from jxent import _reference as R
-from jxent._fused import linear_cross_entropy
+from jxent._fused import cut_outputs, linear_cross_entropy, shift_targets
 from jxent._sharded_head import (
   combine_stats,
   local_vocab,
@@ -213,7 +213,7 @@ def vocab_parallel_linear_cross_entropy(
     logit_softcap: float | None = None, reduction: str = "none", chunk_size: int | None = None,
     weights: ArrayLike | None = None, class_weights: ArrayLike | None = None,
     return_lse: bool = False, return_stats: bool = False,
-    token_scaling: bool = False) -> jax.Array | tuple:
+    token_scaling: bool = False, shift: int = 0) -> jax.Array | tuple:
   r""":func:`jxent.linear_cross_entropy` with the vocabulary split over ``axis_name``; call
   inside ``jax.shard_map``.
 
@@ -246,6 +246,8 @@ def vocab_parallel_linear_cross_entropy(
       :func:`jxent.linear_cross_entropy` (``argmax`` a global id; not differentiable).
     token_scaling: each kept token's loss times its label's probability over the whole
       vocabulary, held constant, as :func:`jxent.linear_cross_entropy`.
+    shift: ``k >= 0``: position ``t`` scored on ``labels[..., t + k]``, per-position
+      outputs ``[..., T-k]``, as :func:`jxent.linear_cross_entropy`.
 
   Returns:
     The loss, then the logsumexp if ``return_lse``, then the statistics if
@@ -265,6 +267,16 @@ def vocab_parallel_linear_cross_entropy(
   [0.3408, 0.7437]
   """
   _checks.reduction(reduction)
+  labels, where, weights, cut = shift_targets(shift, hidden, labels, where, weights,
+                                              "vocab_parallel_linear_cross_entropy")
+  if cut is not None:
+    return cut_outputs(vocab_parallel_linear_cross_entropy(
+        hidden, weight, labels, axis_name=axis_name, bias=bias, weight_layout=weight_layout,
+        ignore_index=ignore_index, where=where, label_smoothing=label_smoothing,
+        z_loss=z_loss, logit_softcap=logit_softcap, reduction=reduction,
+        chunk_size=chunk_size, weights=weights, class_weights=class_weights,
+        return_lse=return_lse, return_stats=return_stats, token_scaling=token_scaling),
+        cut, reduction == "none")
   return_lse = _checks.static_bool(return_lse, "return_lse")
   return_stats = _checks.static_bool(return_stats, "return_stats")
   token_scaling = _checks.static_bool(token_scaling, "token_scaling")

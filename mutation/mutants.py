@@ -23,6 +23,7 @@ LMHEAD = ["tests/test_lmhead.py"]
 PREFERENCE = ["tests/test_preference.py"]
 POLICY = ["tests/test_policy.py"]
 CTC = ["tests/test_ctc.py"]
+_SHIFT = ["tests/test_fused.py::test_shift_is_the_loss_of_sliced_inputs"]
 DISTILL = ["tests/test_lmhead.py::test_distillation_with_labels_against_float64",
            "tests/test_lmhead.py::test_distillation_with_labels_second_order_and_one_pass",
            "tests/test_lmhead.py::test_distillation_with_labels_edges_and_errors"]
@@ -623,6 +624,18 @@ MUTANTS = [
        "    empty = total == 0  # no predecessor reached: -inf, shares 0 (NaN stays NaN)",
        "    empty = total < 0",
        "CTC: a state no path reaches given shares 0 / 0", CTC),
+    _m("fused-shift-where-fill", "jxent/_fused.py",
+       "  where = ahead(jnp.asarray(where), False)",
+       "  where = ahead(jnp.asarray(where), True)",
+       "shift: the last positions kept (scored on padding labels)", _SHIFT),
+    _m("fused-shift-weights", "jxent/_fused.py",
+       "    weights = ahead(_checks.floating(weights, \"weights\"), 0)",
+       "    weights = _checks.floating(weights, \"weights\")",
+       "shift: the weights left with the hidden positions, not moved with the labels", _SHIFT),
+    _m("fused-shift-cut", "jxent/_fused.py",
+       "  return ahead(labels, 0), where, weights, lambda a: a[..., :t - k]",
+       "  return ahead(labels, 0), where, weights, lambda a: a[..., k:]",
+       "shift: per-position outputs cut at the wrong end", _SHIFT),
     # -------------------------------------------------------------- grads and apps
     _m("grads-mse-factor", "jxent/grads.py",
        "  return (s - targets) * s * jax.nn.sigmoid(-logits)", "  return (s - targets) * s",

@@ -315,6 +315,15 @@ def axis_type_checks(kind):
                                           put(seqs(old), P("data")), put(adv, P("data")))
       out["policy_grad_h"] = rel(gp[0].reshape(h.shape), gp0[0])
       out["policy_grad_w"] = rel(gp[1], gp0[1])
+      # Next-token alignment (shift=1) with the sequences over the mesh: the loss of
+      # hidden[:, :-1] on labels[:, 1:], its gradient in h (last positions 0).
+      nxt = lambda h, w: jxent.softmax_cross_entropy_with_integer_labels(
+          seqs(h)[:, :-1] @ w, seqs(y)[:, 1:], ignore_index=-100, reduction="mean")
+      gn0 = jax.grad(nxt)(h, w)
+      gn = jax.jit(jax.grad(lambda h, w, y: jxent.linear_cross_entropy(
+          h, w, y, ignore_index=-100, shift=1)))(put(seqs(h), P("data")), w,
+                                                 put(seqs(y), P("data")))
+      out["shift_grad_h"] = rel(gn.reshape(h.shape), gn0.reshape(h.shape))
       # A preference loss (DPO against a reference) with the pairs over the mesh (the
       # per-token log-probabilities there), as on one device (whole pairs per block).
       pairs = lambda a: a.reshape(2, 4, -1, *a.shape[1:])
@@ -592,6 +601,30 @@ def loss_options():
     out["maker_lse"] = rel(jnp.where(kept, lse, 0), jnp.where(kept, lse0, 0))
     for sf, sa, sc in zip(st0._fields, st, st0):
       out[f"maker_{sf}"] = rel(sa.astype(jnp.float64), sc.astype(jnp.float64))
+    # shift=2 on [2, 6] sequences (one per data shard): the loss with its logsumexp, and the
+    # log-probabilities with the entropy, [2, 4], against the unsharded shifted functions.
+    seq = lambda a: a.reshape(2, 6, *a.shape[1:])
+    shifted = jax.shard_map(
+        lambda h, w, y, m: (sh.vocab_parallel_linear_cross_entropy(
+            h, w, y, axis_name="model", ignore_index=-100, return_lse=True, shift=2, where=m),
+            sh.vocab_parallel_linear_log_probs(h, w, y, axis_name="model", return_entropy=True,
+                                               shift=2, where=m)),
+        mesh=mesh, in_specs=(tok, col, tok, tok), out_specs=((tok, tok), (tok, tok)))
+    shifted0 = lambda h, w, y, m: (
+        jxent.linear_cross_entropy(h, w, y, ignore_index=-100, return_lse=True,
+                                   reduction="none", shift=2, where=m),
+        jxent.linear_log_probs(h, w, y, return_entropy=True, shift=2, where=m))
+    cot2 = seq(cot)[:, 2:]
+    ys, ms = jnp.clip(seq(y), 0), seq(mask)
+    for f, key in ((shifted, "shift"), (shifted0, "shift0")):
+      scalar = lambda h, w, f=f: sum(jnp.sum(cot2 * a) for a in jax.tree.leaves(
+          f(h, w, ys, ms)))
+      out[key] = jax.jit(lambda h, w, f=f, scalar=scalar: (
+          f(h, w, ys, ms), jax.grad(scalar, (0, 1))(h, w)))(seq(h), w)
+    (val, g), (val0, g0) = out.pop("shift"), out.pop("shift0")
+    for i, (a, c) in enumerate(zip(jax.tree.leaves((val, g)), jax.tree.leaves((val0, g0)))):
+      assert a.shape == c.shape, (a.shape, c.shape)
+      out[f"shift_{i}"] = rel(a, c)
   return out
 
 

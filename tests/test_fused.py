@@ -129,6 +129,62 @@ def test_all_ignored_mean_is_zero(impl):
   assert np.all(jax.grad(f)(H) == 0)
 
 
+@pytest.mark.parametrize("reduction,shift", [("mean", 1), ("none", 3)])
+def test_shift_is_the_loss_of_sliced_inputs(reduction, shift, impl):
+  # [4, 9] positions; position t is scored on labels[..., t + shift] (Cut Cross-Entropy's
+  # shift): the loss of hidden[:, :-shift] on labels[:, shift:], whose mask and weights move
+  # with the labels.
+  h, y = H[:36].reshape(4, 9, D), Y[:36].reshape(4, 9)
+  m, tw = MASK[:36].reshape(4, 9), jnp.linspace(0.2, 1.9, 36).reshape(4, 9)
+  cot = jnp.linspace(0.3, 1.3, 4 * (9 - shift)).reshape(4, 9 - shift)
+  opts = dict(ignore_index=-100, label_smoothing=0.1, reduction=reduction)
+  tail = lambda a: a[:, shift:]
+
+  def fused(h, w, b, tw):
+    out, lse = jxent.linear_cross_entropy(h, w, y, bias=b, where=m, weights=tw, shift=shift,
+                                          chunk_size=8, return_lse=True, **opts)
+    return jnp.sum(cot * out) + jnp.sum(cot * lse ** 2) if reduction == "none" else (
+        2.3 * out + jnp.sum(cot * lse ** 2))
+
+  def ref(h, w, b, tw):
+    z = h[:, :-shift] @ w + b
+    per = jxent.softmax_cross_entropy_with_integer_labels(
+        z, tail(y), ignore_index=-100, label_smoothing=0.1, where=tail(m)) * tail(tw)
+    keep = tail(m) & (tail(y) != -100)
+    lse = jax.nn.logsumexp(z, -1)
+    if reduction == "none":
+      return jnp.sum(cot * per) + jnp.sum(cot * lse ** 2)
+    return 2.3 * jnp.sum(per) / jnp.sum(jnp.where(keep, tail(tw), 0)) + jnp.sum(cot * lse ** 2)
+
+  got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2, 3)))(h, W, B, tw)
+  want = jax.value_and_grad(ref, argnums=(0, 1, 2, 3))(h, W, B, tw)
+  assert abs(float(got[0]) - float(want[0])) <= 1e-5 * abs(float(want[0]))
+  for g, r in zip(got[1], want[1]):
+    assert rel(g, r) < 1e-5
+  assert np.all(got[1][0][:, -shift:] == 0)  # the last positions take no part
+  assert np.all(got[1][3][:, :shift] == 0)  # nor do the first labels' weights
+
+  out, stats = jxent.linear_cross_entropy(h, W, y, where=m, shift=shift, return_stats=True,
+                                          **opts)
+  assert stats.argmax.shape == (4, 9 - shift)
+  np.testing.assert_array_equal(stats.argmax, jnp.argmax(h[:, :-shift] @ W, -1)
+                                * (tail(m) & (tail(y) != -100)))
+  lp, ent = jxent.linear_log_probs(h, W, y, where=m & (y != -100), shift=shift,
+                                   return_entropy=True)
+  np.testing.assert_allclose(lp, jxent.log_probs(h[:, :-shift] @ W, jnp.clip(tail(y), 0))
+                             * (tail(m) & (tail(y) != -100)), rtol=1e-5, atol=1e-6)
+  assert ent.shape == (4, 9 - shift)
+  total = jxent.linear_log_probs(h, W, y, where=m & (y != -100), shift=shift, reduction="sum")
+  np.testing.assert_allclose(total, jnp.sum(lp), rtol=1e-5)
+
+  with pytest.raises(ValueError, match=r"shift must be in \[0, T\) for T=9"):
+    jxent.linear_cross_entropy(h, W, y, shift=9)
+  with pytest.raises(TypeError, match="shift must be a Python int"):
+    jxent.linear_cross_entropy(h, W, y, shift=1.0)
+  with pytest.raises(ValueError, match=r"where must have labels' shape \(4, 9\)"):
+    jxent.linear_log_probs(h, W, y, where=m[:2], shift=1)
+
+
 CPU_SCRATCH = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="scratch bounds of XLA:CPU's buffer assignment")
 

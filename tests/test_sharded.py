@@ -72,7 +72,8 @@ def test_every_mesh_axis_type(worker, kind):
     want |= {"class_weights", "fused_grad_h", "fused_grad_w", "fused_weights_grad_h",
              "fused_weights_grad_w", "fused_weights_grad_weights", "fused_scaled_grad_h",
              "fused_scaled_grad_w", "fused_stats_entropy", "fused_stats_argmax",
-             "policy_grad_h", "policy_grad_w", "preference_grad_h", "preference_grad_w",
+             "policy_grad_h", "policy_grad_w", "shift_grad_h", "preference_grad_h",
+             "preference_grad_w",
              "head_log_probs_entropy",
              "head_entropy_mean", "head_distillation", "head_topk", "head_token_stats",
              "ctc"}
@@ -156,13 +157,14 @@ def test_vocab_parallel_losses_take_every_option_of_the_unsharded_ones(worker):
   # In float64 on a (data=2, model=4) mesh: the linear loss with a bias, a mask, both layouts,
   # smoothing, z-loss, a softcap (with smoothing: each shard's capped sum), per-token and
   # class weights, token scaling, every reduction, its logsumexp and statistics; the loss on
-  # logits with a mask and class weights; make_vocab_parallel_loss's extra outputs. Values,
+  # logits with a mask and class weights; make_vocab_parallel_loss's extra outputs; shift
+  # on the loss and the log-probabilities. Values,
   # and gradients in every float argument (hidden, weight, bias, class and token weights).
   r = worker["options"]
   assert {"smooth_zloss_vd_lse", "smooth_zloss_vd_argmax", "softcap_smooth_scaled_entropy",
           "class_weights_weights_mean_grad3", "class_weights_weights_mean_grad4",
           "softcap_class_weights_sum_grad4", "dense_where_class_weights_grad1",
-          "maker_label_log_prob"} <= set(r)
+          "maker_label_log_prob", "shift_0", "shift_5"} <= set(r)
   for key, err in r.items():
     assert err < 1e-12, (key, err)
 

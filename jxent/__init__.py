@@ -20,6 +20,7 @@ from jxent._information import (
     tv_distance,
     tv_distance_from_logits,
 )
+from jxent._likelihood import gaussian_nll_loss, poisson_nll_loss
 from jxent._lmhead import (
     TokenStats,
     linear_distillation_loss,
@@ -61,6 +62,8 @@ __all__ = [
     "checked",
     "ctc_loss",
     "mean_squared_error",
+    "gaussian_nll_loss",
+    "poisson_nll_loss",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",

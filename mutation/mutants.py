@@ -23,6 +23,7 @@ LMHEAD = ["tests/test_lmhead.py"]
 PREFERENCE = ["tests/test_preference.py"]
 POLICY = ["tests/test_policy.py"]
 CTC = ["tests/test_ctc.py"]
+LIKELIHOOD = ["tests/test_likelihood.py", "tests/test_transforms.py"]
 _SHIFT = ["tests/test_fused.py::test_shift_is_the_loss_of_sliced_inputs"]
 DISTILL = ["tests/test_lmhead.py::test_distillation_with_labels_against_float64",
            "tests/test_lmhead.py::test_distillation_with_labels_second_order_and_one_pass",
@@ -636,6 +637,32 @@ MUTANTS = [
        "  return ahead(labels, 0), where, weights, lambda a: a[..., :t - k]",
        "  return ahead(labels, 0), where, weights, lambda a: a[..., k:]",
        "shift: per-position outputs cut at the wrong end", _SHIFT),
+    # -------------------------------------------------------------- likelihoods
+    _m("gaussian-half", "jxent/_likelihood.py",
+       "  losses = 0.5 * (jnp.log(var) + r2 / var)", "  losses = jnp.log(var) + r2 / var",
+       "Gaussian NLL without its 1/2", LIKELIHOOD),
+    _m("gaussian-eps-slope", "jxent/_likelihood.py",
+       "    var = var + jax.lax.stop_gradient(jnp.maximum(var, eps) - var)",
+       "    var = jnp.maximum(var, eps)",
+       "Gaussian NLL: the clamped variance's slope 0 (PyTorch passes it through)", LIKELIHOOD),
+    _m("gaussian-beta-held", "jxent/_likelihood.py",
+       "losses * jax.lax.stop_gradient(var) ** beta", "losses * var ** beta",
+       "beta-NLL: the variance factor differentiated", LIKELIHOOD),
+    _m("gaussian-degenerate", "jxent/_likelihood.py",
+       "jnp.where(r2 > 0, jnp.inf, -jnp.inf)", "jnp.where(r2 > 0, jnp.inf, jnp.nan)",
+       "Gaussian NLL: a zero variance at the mean NaN, not -inf", LIKELIHOOD),
+    _m("poisson-zero-count", "jxent/_likelihood.py",
+       "  return jnp.where((k == 0) & ~jnp.isnan(x), 0, k * x)", "  return k * x",
+       "Poisson NLL: 0 * -inf at a zero count and rate", LIKELIHOOD),
+    _m("poisson-count-slope", "jxent/_likelihood.py",
+       "    terms.append(x * dk)", "    terms.append(-x * dk)",
+       "Poisson NLL: the slope in the count with the wrong sign", LIKELIHOOD),
+    _m("poisson-log-factorial", "jxent/_likelihood.py",
+       "gammaln(jnp.where(bad, 0, k) + 1)", "gammaln(jnp.where(bad, 0, k) + 2)",
+       "Poisson NLL: log (k+1)! for log k!", LIKELIHOOD),
+    _m("poisson-rate-eps", "jxent/_likelihood.py",
+       "    losses = x - _xlogy(k, x + eps)", "    losses = x - _xlogy(k, x)",
+       "Poisson NLL from rates: PyTorch's eps dropped", LIKELIHOOD),
     # -------------------------------------------------------------- grads and apps
     _m("grads-mse-factor", "jxent/grads.py",
        "  return (s - targets) * s * jax.nn.sigmoid(-logits)", "  return (s - targets) * s",

@@ -96,6 +96,11 @@ def _losses():
           z.reshape(2, 3, C), jnp.zeros((2, 3)), jnp.array([[2, 2], [1, 4]]),
           jnp.zeros((2, 2)))),
       "self_information": lambda z: jnp.sum(jxent.self_information(jax.nn.sigmoid(z))),
+      # Likelihoods of real values and counts: the mean and log-variance from the logits.
+      "gaussian_nll": lambda z: jnp.sum(COT[:, None] * jxent.gaussian_nll_loss(
+          z[:, :2], jnp.asarray(T[:, :2]), jnp.exp(z[:, 2:3]), full=True, reduction="none")),
+      "poisson_nll": lambda z: jxent.poisson_nll_loss(z, jnp.asarray(3 * T), full=True,
+                                                      where=KEEP[:, None]),
   }
 
 
@@ -511,6 +516,16 @@ def test_information_quantities_in_every_argument_against_numpy_formulas():
       "mse_where": (lambda a, b: jxent.mean_squared_error(a, b, where=jnp.asarray(B) > 0.5),
                     lambda a, b: jnp.sum(jnp.where(jnp.asarray(B) > 0.5, (a - b) ** 2, 0))
                     / jnp.sum(jnp.asarray(B) > 0.5), (q, p)),
+      # every argument of the likelihoods: mean, target, variance; log-rate, count
+      "gaussian_nll": (lambda a, b, c: jnp.sum(cot[:, None] * jxent.gaussian_nll_loss(
+          a, b, c, full=True, reduction="none")),
+          lambda a, b, c: jnp.sum(cot[:, None] * (0.5 * jnp.log(2 * np.pi * c)
+                                                  + (b - a) ** 2 / (2 * c))), (z, t, 2 * q)),
+      "poisson_nll": (lambda a, b: jnp.sum(cot[:, None] * jxent.poisson_nll_loss(
+          a, b, full=True, reduction="none")),
+          lambda a, b: jnp.sum(cot[:, None] * (jnp.exp(a) - b * a
+                                               + jax.scipy.special.gammaln(b + 1))),
+          (z, 3 * t)),
   }
   for name, (f, ref, args) in pairs.items():
     np.testing.assert_allclose(f(*args), ref(*args), rtol=1e-12, err_msg=name)

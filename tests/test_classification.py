@@ -169,6 +169,23 @@ def test_where_class_mask_matches_optax():
   assert np.all(np.asarray(g)[~cmask] == 0)
 
 
+def test_ranking_softmax_loss_is_the_soft_loss_with_a_class_mask():
+  # Optax's ranking_softmax_loss: relevance labels (times item weights) on the kept items,
+  # the mean over lists with a kept item; one list with none.
+  rng = np.random.default_rng(5)
+  rel = rng.integers(0, 3, size=(N, C)).astype(np.float32)
+  items = rng.uniform(size=(N, C)) < 0.7
+  items[1] = False
+  wt = rng.uniform(0.5, 1.5, size=(N, C)).astype(np.float32)
+  for reduction, fn in (("mean", jnp.mean), ("sum", jnp.sum)):
+    mine = lambda z: jxent.softmax_cross_entropy(z, np.where(items, rel * wt, 0), where=items,
+                                                 reduction=reduction)
+    ref = lambda z: optax.losses.ranking_softmax_loss(z, rel, where=items, weights=wt,
+                                                      reduce_fn=fn)
+    np.testing.assert_allclose(mine(Z), ref(Z), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(mine)(Z), jax.grad(ref)(Z), rtol=1e-5, atol=1e-6)
+
+
 def test_all_ignored_mean_is_zero_with_zero_gradient():
   y = np.full(N, -100)
   f = lambda z: jxent.softmax_cross_entropy_with_integer_labels(

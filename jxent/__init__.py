@@ -2,6 +2,7 @@
 
 from jxent import grads, sharded
 from jxent._checks import checked, value_checks
+from jxent._contrastive import ntxent
 from jxent._ctc import ctc_loss
 from jxent._fused import linear_cross_entropy
 from jxent._information import (
@@ -61,6 +62,7 @@ __all__ = [
     "categorical_cross_entropy",
     "checked",
     "ctc_loss",
+    "ntxent",
     "mean_squared_error",
     "gaussian_nll_loss",
     "poisson_nll_loss",

@@ -23,6 +23,7 @@ LMHEAD = ["tests/test_lmhead.py"]
 PREFERENCE = ["tests/test_preference.py"]
 POLICY = ["tests/test_policy.py"]
 CTC = ["tests/test_ctc.py"]
+CONTRASTIVE = ["tests/test_contrastive.py"]
 LIKELIHOOD = ["tests/test_likelihood.py", "tests/test_transforms.py"]
 _SHIFT = ["tests/test_fused.py::test_shift_is_the_loss_of_sliced_inputs"]
 DISTILL = ["tests/test_lmhead.py::test_distillation_with_labels_against_float64",
@@ -637,6 +638,22 @@ MUTANTS = [
        "  return ahead(labels, 0), where, weights, lambda a: a[..., :t - k]",
        "  return ahead(labels, 0), where, weights, lambda a: a[..., k:]",
        "shift: per-position outputs cut at the wrong end", _SHIFT),
+    # -------------------------------------------------------------- contrastive
+    _m("ntxent-self-pair", "jxent/_contrastive.py",
+       "  positive = same & both & ~jnp.eye(b, dtype=bool)", "  positive = same & both",
+       "NT-Xent: an example counted as its own positive", CONTRASTIVE),
+    _m("ntxent-positives-as-negatives", "jxent/_contrastive.py",
+       "jnp.where(~same & both, s, -jnp.inf)", "jnp.where(both, s, -jnp.inf)",
+       "NT-Xent: the other positives in the denominator", CONTRASTIVE),
+    _m("ntxent-sign", "jxent/_contrastive.py",
+       "jax.nn.softplus(negatives[:, None] - s)", "jax.nn.softplus(s - negatives[:, None])",
+       "NT-Xent: the pair's margin with the wrong sign", CONTRASTIVE),
+    _m("ntxent-temperature", "jxent/_contrastive.py",
+       "precision=jax.lax.Precision.HIGHEST) / tau", "precision=jax.lax.Precision.HIGHEST) * tau",
+       "NT-Xent: similarities times the temperature", CONTRASTIVE),
+    _m("ntxent-dropped-negatives", "jxent/_contrastive.py",
+       "  both = keep[:, None] & keep[None, :]", "  both = keep[:, None]",
+       "NT-Xent: dropped examples kept as negatives", CONTRASTIVE),
     # -------------------------------------------------------------- likelihoods
     _m("gaussian-half", "jxent/_likelihood.py",
        "  losses = 0.5 * (jnp.log(var) + r2 / var)", "  losses = jnp.log(var) + r2 / var",

@@ -96,6 +96,9 @@ def _losses():
           z.reshape(2, 3, C), jnp.zeros((2, 3)), jnp.array([[2, 2], [1, 4]]),
           jnp.zeros((2, 2)))),
       "self_information": lambda z: jnp.sum(jxent.self_information(jax.nn.sigmoid(z))),
+      # NT-Xent: the logits' rows (moved off the origin: scaling them changes nothing) as
+      # embeddings, three positive pairs.
+      "ntxent": lambda z: jxent.ntxent(z + 1, jnp.array([0, 0, 1, 1, 2, 2]), temperature=0.5),
       # Likelihoods of real values and counts: the mean and log-variance from the logits.
       "gaussian_nll": lambda z: jnp.sum(COT[:, None] * jxent.gaussian_nll_loss(
           z[:, :2], jnp.asarray(T[:, :2]), jnp.exp(z[:, 2:3]), full=True, reduction="none")),

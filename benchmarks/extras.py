@@ -12,6 +12,9 @@ time ratios to the plain fused loss (min–max in parentheses):
 * ``token_scaling=True`` (each token's loss times its label's probability, held constant,
   with the forward method's gradients) against the same loss built by hand from the
   per-token losses (``reduction="none"``, whose derivative computes the blocks again);
+* ``shift=1`` (next-token prediction on sequences of 512 tokens, ``[B, 512]``: the labels
+  move, ``hidden`` is not sliced) against slicing ``hidden[:, :-1]`` and ``labels[:, 1:]``
+  first, both against the unfused loss of the sliced inputs;
 * the unfused loss with its statistics on the materialised logits, for scale.
 
 Also XLA's scratch (``memory_analysis()``) and the largest difference of each variant's
@@ -51,11 +54,16 @@ def _dense(h, w, y, scaled):
   return jnp.mean(nll), stats
 
 
+SEQ = 512  # positions per sequence of the shift rows
+
+
 def variants(y):
   """name -> (jitted value_and_grad in h and W returning ((loss, stats or None), grads),
-  whether the loss is scaled)."""
+  the unfused variant it is checked against)."""
   vg = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
   lce = jxent.linear_cross_entropy
+  seq = SEQ if y is None else min(SEQ, y.shape[0])  # (--quick: N = 256, one sequence)
+  seqs = lambda a: a.reshape(-1, seq, *a.shape[1:])
 
   def then_stats(h, w):
     return lce(h, w, y), jxent.linear_token_stats(h, w, y)
@@ -64,14 +72,25 @@ def variants(y):
     per = lce(h, w, y, reduction="none")
     return jnp.mean(jax.lax.stop_gradient(jnp.exp(-per)) * per), None
 
+  def next_token_unfused(h, w):
+    hs, ys = seqs(h)[:, :-1], seqs(y)[:, 1:]
+    lp = jax.nn.log_softmax(jnp.dot(hs, w, preferred_element_type=jnp.float32))
+    return jnp.mean(-jnp.take_along_axis(lp, ys[..., None], axis=-1)), None
+
+  plain, scaled, nxt = "unfused loss and stats", "unfused, scaled", "unfused, next token"
   return {
-      "loss": (vg(lambda h, w: (lce(h, w, y), None)), False),
-      "return_stats": (vg(lambda h, w: lce(h, w, y, return_stats=True)), False),
-      "loss, then linear_token_stats": (vg(then_stats), False),
-      "unfused loss and stats": (vg(lambda h, w: _dense(h, w, y, False)), False),
-      "token_scaling": (vg(lambda h, w: (lce(h, w, y, token_scaling=True), None)), True),
-      "scaled by hand (reduction='none')": (vg(scaled_by_hand), True),
-      "unfused, scaled": (vg(lambda h, w: _dense(h, w, y, True)), True),
+      "loss": (vg(lambda h, w: (lce(h, w, y), None)), plain),
+      "return_stats": (vg(lambda h, w: lce(h, w, y, return_stats=True)), plain),
+      "loss, then linear_token_stats": (vg(then_stats), plain),
+      plain: (vg(lambda h, w: _dense(h, w, y, False)), plain),
+      "token_scaling": (vg(lambda h, w: (lce(h, w, y, token_scaling=True), None)), scaled),
+      "scaled by hand (reduction='none')": (vg(scaled_by_hand), scaled),
+      scaled: (vg(lambda h, w: _dense(h, w, y, True)), scaled),
+      "shift=1": (
+          vg(lambda h, w: (lce(seqs(h), w, seqs(y), shift=1), None)), nxt),
+      "sliced h[:, :-1], y[:, 1:]": (
+          vg(lambda h, w: (lce(seqs(h)[:, :-1], w, seqs(y)[:, 1:]), None)), nxt),
+      nxt: (vg(next_token_unfused), nxt),
   }
 
 
@@ -89,10 +108,9 @@ def run(sizes, reps):
     mem = {k: H.xla_memory(f, h, w) for k, (f, _) in fs.items()}
     res = H.time_side_by_side({k: H.blocking(f, h, w) for k, (f, _) in fs.items()},
                               reference="loss", warmup=1, reps=reps)
-    for k, (_, scaled) in fs.items():
+    for k, (_, ref) in fs.items():
       ((loss, stats), grads) = outs[k]
-      ((ref_loss, ref_stats), ref_grads) = outs["unfused, scaled" if scaled else
-                                                "unfused loss and stats"]
+      ((ref_loss, ref_stats), ref_grads) = outs[ref]
       err = max([abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))]
                 + [_rel(a, b) for a, b in zip(grads, ref_grads)])
       stats_err = "—"

@@ -46,18 +46,22 @@ K = 64  # the teacher's top-k
 # SEQ tokens, every other one desirable, against a reference's, KL point 0.1); "gspo": "grpo"
 # with GSPO's sequence ratio (importance_sampling_level="sequence", each chunk whole sequences);
 # "vespo": "grpo" with VESPO's loss (loss_type="vespo", each chunk whole sequences).
+# "dense_kl": linear_topk_kl_divergence with teacher_indices=None, the KL from a dense target
+# given as data ([N, V] log-probabilities, an input of both variants; Liger's fused linear KL).
 QUANTITIES = ("log_probs", "log_probs/token", "entropy", "entropy/token",
               "log_probs+entropy/token", "log_probs+entropy/token, two calls",
               "log_probs+entropy, two calls", "kl", "js", "tv", "topk_kl", "kl+ce",
               "kl+ce, two calls", "grpo", "grpo, via log_probs/token", "gspo", "dpo", "kto",
-              "vespo")
+              "vespo", "dense_kl")
 SEQ = 256  # tokens per sequence of the policy losses (one advantage per sequence)
 
 
-def _inputs(n, d, v):
+def _inputs(n, d, v, dense=False):
+  """The inputs; with ``dense`` also a dense target ``lt`` ([n, v] log-probabilities: those of
+  the teacher head ht @ wt), else None."""
   rng = np.random.default_rng(0)
   f32 = np.float32
-  return {
+  x = {
       "h": jnp.asarray(rng.standard_normal((n, d), dtype=f32)),
       "w": jnp.asarray(rng.standard_normal((d, v), dtype=f32) * d**-0.5),
       "y": jnp.asarray(rng.integers(0, v, size=n, dtype=np.int32)),
@@ -72,10 +76,13 @@ def _inputs(n, d, v):
       "old": jnp.asarray((-np.log(v) - 0.5 + 0.5 * rng.standard_normal(n)).astype(f32)),
       "ref": jnp.asarray((-np.log(v) - 0.5 + 0.5 * rng.standard_normal(n)).astype(f32)),
   }
+  x["lt"] = jax.jit(lambda h, w: jax.nn.log_softmax(jnp.dot(h, w)))(x["ht"], x["wt"]) if dense \
+      else None
+  return x
 
 
 # Arguments, not constants XLA could fold.
-DATA = ("y", "ht", "wt", "idx", "lpt", "adv", "old", "ref")
+DATA = ("y", "ht", "wt", "idx", "lpt", "adv", "old", "ref", "lt")
 
 
 def _dense(q):
@@ -83,7 +90,7 @@ def _dense(q):
 
   q = q.split("/")[0].split(",")[0]
 
-  def f(h, w, y, ht, wt, idx, lpt, adv, old, ref):
+  def f(h, w, y, ht, wt, idx, lpt, adv, old, ref, lt):
     lq = jax.nn.log_softmax(jnp.dot(h, w, preferred_element_type=jnp.float32))
     if q in ("grpo", "gspo", "vespo"):
       lp = jnp.take_along_axis(lq, y[:, None], axis=-1)[:, 0]
@@ -99,6 +106,8 @@ def _dense(q):
                             ref_log_probs=ref.reshape(-1, SEQ).sum(-1), kl=0.1)
     if q == "log_probs":
       return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
+    if q == "dense_kl":
+      return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - lq), axis=-1))
     if q == "entropy":
       return jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1))
     if q == "log_probs+entropy":
@@ -141,7 +150,7 @@ def _policy(loss, lp, adv, old, ref, level="grpo"):
 
 def _fused(q):
 
-  def f(h, w, y, ht, wt, idx, lpt, adv, old, ref):
+  def f(h, w, y, ht, wt, idx, lpt, adv, old, ref, lt):
     if q in ("grpo", "gspo", "vespo"):
       h3 = h.reshape(-1, SEQ, h.shape[-1])
       return _policy(lambda lp, *a, **k: jxent.linear_policy_loss(h3, w, lp, *a, **k),
@@ -183,6 +192,8 @@ def _fused(q):
     if q == "kl+ce, two calls":
       return (0.5 * jxent.linear_kl_divergence(h, w, ht, wt)
               + 0.5 * jxent.linear_cross_entropy(h, w, y))
+    if q == "dense_kl":
+      return jxent.linear_topk_kl_divergence(h, w, None, lt)
     return jxent.linear_topk_kl_divergence(h, w, idx, lpt)
 
   return f
@@ -199,7 +210,7 @@ def _args(x):
 
 def rss_probe(q, name, n, d, v):
   """Peak RSS (MiB) of one run of a variant in this fresh process, as JSON."""
-  args = _args(_inputs(n, d, v))
+  args = _args(_inputs(n, d, v, dense=q == "dense_kl"))
   f = variants(q)[name]
   jax.block_until_ready(f(*args))
   base = _rss_mib("VmRSS")
@@ -223,7 +234,7 @@ def _rel(a, b):
 def run(sizes, reps, quantities=QUANTITIES):
   rows = []
   for n, d, v in sizes:
-    args = _args(_inputs(n, d, v))
+    args = _args(_inputs(n, d, v, dense="dense_kl" in quantities))
     for q in quantities:
       fs = variants(q)
       mem = {k: H.xla_memory(f, *args) for k, f in fs.items()}

@@ -23,6 +23,7 @@ LMHEAD = ["tests/test_lmhead.py"]
 PREFERENCE = ["tests/test_preference.py"]
 POLICY = ["tests/test_policy.py"]
 CTC = ["tests/test_ctc.py"]
+_DENSE = ["tests/test_lmhead.py::test_dense_teacher_against_float64"]
 CONTRASTIVE = ["tests/test_contrastive.py"]
 LIKELIHOOD = ["tests/test_likelihood.py", "tests/test_transforms.py"]
 _SHIFT = ["tests/test_fused.py::test_shift_is_the_loss_of_sliced_inputs"]
@@ -638,6 +639,25 @@ MUTANTS = [
        "  return ahead(labels, 0), where, weights, lambda a: a[..., :t - k]",
        "  return ahead(labels, 0), where, weights, lambda a: a[..., k:]",
        "shift: per-position outputs cut at the wrong end", _SHIFT),
+    _m("dense-mass", "jxent/_lmhead.py",
+       "  g = q_total[:, None] * jnp.exp(lp) - q if want else None",
+       "  g = jnp.exp(lp) - q if want else None",
+       "dense teacher: the gradient p - q for a target of mass Q != 1", _DENSE),
+    _m("dense-block-mass", "jxent/_lmhead.py",
+       "valid, want, teacher,\n                                     q_total)",
+       "valid, want, teacher)",
+       "dense teacher on GPU/TPU: each block's own mass for the whole row's", _DENSE),
+    _m("dense-slope", "jxent/_lmhead.py",
+       "  slope = jnp.where(pos, q * (lt - lp + 1), 0) if teacher else None",
+       "  slope = jnp.where(pos, q * (lt - lp), 0) if teacher else None",
+       "dense teacher: the slope in its log-probabilities without q", _DENSE),
+    _m("dense-dropped", "jxent/_lmhead.py",
+       "  lt = jnp.where(valid[:, None], lt.astype(z.dtype), -jnp.inf)  # q = 0 on dropped tokens",
+       "  lt = lt.astype(z.dtype)",
+       "dense teacher: a dropped token's target reaches the loss", _DENSE),
+    _m("dense-ragged-rows", "jxent/_lmhead.py",
+       "(rows if n % t == 0 else jnp.roll(rows, start - d[0] * t, axis=0))", "rows",
+       "dense teacher: the last chunk of a ragged N given the wrong target rows", _DENSE),
     # -------------------------------------------------------------- contrastive
     _m("ntxent-self-pair", "jxent/_contrastive.py",
        "  positive = same & both & ~jnp.eye(b, dtype=bool)", "  positive = same & both",

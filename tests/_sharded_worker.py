@@ -350,6 +350,8 @@ def axis_type_checks(kind):
               h, w, ht, w, y, divergence="js", ignore_index=ignore, where=m),
           "head_topk": lambda h, ht, y, m: jxent.linear_topk_kl_divergence(
               h, w, idx, lpt, where=m, reduction="sum"),
+          "head_dense": lambda h, ht, y, m: jxent.linear_topk_kl_divergence(
+              h, w, None, jax.nn.log_softmax(z), where=m, reduction="mean"),
       }
       for key, fn in heads.items():
         v0, g0 = jax.value_and_grad(fn)(h, h[::-1], y, keep)

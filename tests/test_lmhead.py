@@ -869,6 +869,67 @@ def test_topk_kl_scalar_reductions_against_float64(reduction, impl):
     assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("reduction, layout", [("mean", "dv"), ("sum", "vd")])
+def test_dense_teacher_against_float64(reduction, layout, impl):
+  # teacher_indices=None: every class's log-probability given ([N, V] soft labels, with
+  # classes the teacher rules out at -inf and a mass of 0.9): the forward method's values and
+  # gradients in h, W, b and the target, second order, and the top-k form at k = V.
+  lt = TEACHER_LP + np.log(0.9)
+  lt[:, :4] = -np.inf
+  lt = (lt - np.log(np.exp(lt).sum(-1, keepdims=True) / 0.9)).astype(np.float32)
+  w = W if layout == "dv" else W.T
+  f = jax.jit(lambda h, w, b, lt: 1.7 * jxent.linear_topk_kl_divergence(
+      h, w, None, lt, student_bias=b, weight_layout=layout, where=MASK, temperature=TEMP,
+      reduction=reduction, chunk_size=8))
+  args = (H, w, B, lt)
+
+  def ref(h, w, b, lt):
+    lp = jax.nn.log_softmax(((h @ w if layout == "dv" else h @ w.T) + b) / TEMP)
+    q = jnp.exp(lt)
+    kl = jnp.sum(jnp.where(q > 0, q * (lt - jnp.where(q > 0, lp, 0)), 0), -1)
+    return 1.7 * jnp.sum(jnp.where(MASK, kl, 0)) / (1.0 if reduction == "sum" else MASK.sum())
+
+  with jax.enable_x64(True):
+    a64 = f64(*args)
+    want = ref(*a64)
+    g_want = jax.grad(ref, argnums=(0, 1, 2, 3))(*a64)
+  assert rel(f(*args), want) < 1e-5
+  g = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(*args)
+  for a, b in zip(g[:3], g_want[:3]):
+    assert rel(a, b) < 1e-5
+  kept = np.isfinite(lt)  # a ruled-out class: no slope (autodiff of the formula: NaN there)
+  assert rel(np.where(kept, g[3], 0), np.where(kept, g_want[3], 0)) < 1e-5
+  assert np.all(np.asarray(g[3])[~kept] == 0)
+  # The default chunk (one, larger than N here) and a bfloat16 target (its own rounding).
+  one = lambda lt: jxent.linear_topk_kl_divergence(H, w, None, lt, student_bias=B,
+                                                   weight_layout=layout, where=MASK,
+                                                   temperature=TEMP, reduction=reduction)
+  np.testing.assert_allclose(1.7 * one(lt), f(*args), rtol=1e-5)
+  lt16 = jnp.asarray(lt, jnp.bfloat16)
+  np.testing.assert_allclose(one(lt16), one(np.asarray(lt16, np.float32)), rtol=1e-6)
+  # A dropped token's target may hold anything (NaN): it reaches neither value nor gradient.
+  bad = lt.copy()
+  bad[np.flatnonzero(~MASK)[0]] = np.nan
+  np.testing.assert_array_equal(f(H, w, B, bad), f(*args))
+  assert all(np.all(np.isfinite(a)) for a in jax.grad(f, argnums=(0, 1, 2))(H, w, B, bad))
+  with jax.enable_x64(True):
+    check_grads(lambda h, w: jxent.linear_topk_kl_divergence(
+        h, w, None, f64(lt)[0], weight_layout=layout, where=MASK, temperature=TEMP,
+        reduction=reduction, chunk_size=8), f64(H, w), order=2, modes=["fwd", "rev"])
+  if impl == "platform":  # a whole distribution: the top-k form's numbers with all V indices
+    whole = lt - np.float32(np.log(0.9))
+    idx = np.broadcast_to(np.arange(V), (N, V))
+    topk = jxent.linear_topk_kl_divergence(H, w, idx, np.maximum(whole, -1e30), student_bias=B,
+                                           weight_layout=layout, where=MASK,
+                                           temperature=TEMP, reduction="none")
+    np.testing.assert_allclose(1.7 * jnp.sum(topk) / (1 if reduction == "sum" else MASK.sum()),
+                               f(H, w, B, whole), rtol=1e-5)
+  with pytest.raises(ValueError, match=r"teacher_log_probs must be \[..., V\] = \(37, 50\)"):
+    jxent.linear_topk_kl_divergence(H, W, None, lt[:, :5])
+  with pytest.raises(ValueError, match="needs reduction 'mean' or 'sum'"):
+    jxent.linear_topk_kl_divergence(H, W, None, lt, reduction="none")
+
+
 def test_topk_kl_bounds_and_full_vocabulary(impl):
   with jax.enable_x64(True):
     hs, ws, bs = f64(H, W, B)

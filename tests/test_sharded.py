@@ -75,7 +75,8 @@ def test_every_mesh_axis_type(worker, kind):
              "policy_grad_h", "policy_grad_w", "shift_grad_h", "preference_grad_h",
              "preference_grad_w",
              "head_log_probs_entropy",
-             "head_entropy_mean", "head_distillation", "head_topk", "head_token_stats",
+             "head_entropy_mean", "head_distillation", "head_topk", "head_dense",
+             "head_token_stats",
              "ctc"}
   assert set(r) == want
   for key, err in r.items():

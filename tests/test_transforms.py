@@ -70,6 +70,9 @@ def _losses():
       "js": lambda z: jnp.sum(COT * jxent.js_divergence(jnp.asarray(T), jax.nn.softmax(z))),
       "tv_from_logits": lambda z: jnp.sum(COT * jxent.tv_distance_from_logits(
           z, 0.5 * z + 1, temperature=0.7)),
+      "fused-dense-kl": lambda z: jxent.linear_topk_kl_divergence(
+          z, jnp.asarray(W[:, None] * np.eye(C, 7)), None,
+          jax.nn.log_softmax(jnp.asarray(np.eye(N, 7) * 3)), chunk_size=4),
       "fused-tv": lambda z: jnp.sum(COT * jxent.linear_tv_distance(
           z, jnp.asarray(W[:, None] * np.eye(C, 7)), z[::-1], jnp.asarray(np.eye(C, 7)),
           teacher_grad=True, reduction="none", chunk_size=4)),

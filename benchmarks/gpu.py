@@ -727,10 +727,11 @@ def _fused_line(r) -> str:
 # "grpo": linear_policy_loss (sequences of up to 256 tokens, one advantage each, the clipped
 # ratio against old log-probabilities, beta = 0.04 against a reference's, the token mean);
 # "gspo": the same with GSPO's sequence ratio; "dpo": linear_preference_loss (pairs of such
-# sequences, DPO's sigmoid loss against a reference's sums).
+# sequences, DPO's sigmoid loss against a reference's sums); "dense_kl": the KL from the
+# teacher's whole [N, V] log-probabilities given as data (teacher_indices=None).
 HEAD_QUANTITIES = ("log_probs", "log_probs/token", "entropy", "kl", "js", "topk_kl", "tv",
                    "log_probs+entropy/token", "log_probs+entropy/token (two calls)", "kl+ce",
-                   "kl+ce (two calls)", "grpo", "gspo", "dpo")
+                   "kl+ce (two calls)", "grpo", "gspo", "dpo", "dense_kl")
 SMOKE_HEAD_QUANTITIES = ("log_probs", "kl", "topk_kl")  # one of each path: a short smoke run
 HEAD_VARIANTS = ("jxent", "jxent token chunks", "unfused JAX")
 HEAD_TOPK = 32  # the teacher's top-k log-probabilities of the top-k KL
@@ -774,7 +775,8 @@ def _pairs(lp_or_h, y):
 
 def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
   """``(jit(value_and_grad) in (h, W), its other arguments)`` of the token mean of quantity
-  ``q``, weight [V, D]; ``topk``: the teacher's (indices, log-probabilities) for "topk_kl".
+  ``q``, weight [V, D]; ``topk``: the teacher's (indices, log-probabilities) for "topk_kl",
+  its [N, V] log-probabilities for "dense_kl".
   The labels and the teacher are arguments, not constants of the program (XLA would fold the
   teacher's side at compile time: minutes of compilation, and a forward that is not timed)."""
   if variant == "unfused JAX":
@@ -796,6 +798,8 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
         return jnp.mean(jnp.take_along_axis(lq, y[:, None], axis=-1))
       if q == "entropy":
         return jnp.mean(-jnp.sum(jnp.exp(lq) * lq, axis=-1))
+      if q == "dense_kl":
+        return jnp.mean(jnp.sum(jnp.exp(topk) * (topk - lq), axis=-1))
       if q == "topk_kl":
         idx, lpt = topk
         rows = jnp.arange(lq.shape[0])[:, None]
@@ -841,6 +845,8 @@ def _head_fn(q: str, variant: str, y, ht, wt, topk=None):
         return jxent.linear_js_divergence(h, w, ht, wt, weight_layout="vd")
       if q == "topk_kl":
         return jxent.linear_topk_kl_divergence(h, w, *topk, weight_layout="vd")
+      if q == "dense_kl":
+        return jxent.linear_topk_kl_divergence(h, w, None, topk, weight_layout="vd")
       return jxent.linear_kl_divergence(h, w, ht, wt, weight_layout="vd")
 
     def f(h, w, y, ht, wt, topk):  # the implementation is chosen when it is traced
@@ -867,8 +873,12 @@ def head(shapes, budget: Budget, reps: int, rows: list[dict], quantities=HEAD_QU
         rows.append({"size": size, "quantity": q, "note": "skipped: time budget"})
         continue
       fns, outs, xla = {}, {}, {}
+      data = topk
+      if q == "dense_kl":  # the teacher's whole distribution, float32 [N, V], as data
+        data = jax.block_until_ready(jax.jit(lambda ht, wt: jax.nn.log_softmax(jnp.dot(
+            ht, wt.T, preferred_element_type=jnp.float32)))(ht, wt))
       for name in variants:
-        f, rest = _head_fn(q, name, y, ht, wt, topk)
+        f, rest = _head_fn(q, name, y, ht, wt, data)
         outs[name] = f(h, w, *rest)
         mem = H.xla_memory(f, h, w, *rest)
         xla[name] = mem["temp"] + mem["output"]
@@ -882,7 +892,7 @@ def head(shapes, budget: Budget, reps: int, rows: list[dict], quantities=HEAD_QU
                "err": abs(float(outs[name][0]) - ref) / max(abs(ref), 1e-30)}
         rows.append(row)
         print(_head_line(row), flush=True)
-      del fns, outs
+      del fns, outs, data
     del h, w, y, ht, wt, topk
     gc.collect()
   return rows

@@ -113,7 +113,8 @@ def vocab_parallel_linear_log_probs(
     return_entropy: also return the entropy over the whole vocabulary, as
       :func:`vocab_parallel_linear_entropy`, from the same pass over this shard's blocks.
     shift: ``k >= 0``: position ``t`` scored on ``labels[..., t + k]``, outputs
-      ``[..., T-k]``, as :func:`jxent.linear_log_probs`.
+      ``[..., T-k]``, as :func:`jxent.linear_log_probs` (this device's positions: whole
+      sequences on each device).
 
   Returns:
     ``[...]`` log-probabilities over the whole vocabulary (the same on every shard); with

@@ -247,7 +247,9 @@ def vocab_parallel_linear_cross_entropy(
     token_scaling: each kept token's loss times its label's probability over the whole
       vocabulary, held constant, as :func:`jxent.linear_cross_entropy`.
     shift: ``k >= 0``: position ``t`` scored on ``labels[..., t + k]``, per-position
-      outputs ``[..., T-k]``, as :func:`jxent.linear_cross_entropy`.
+      outputs ``[..., T-k]``, as :func:`jxent.linear_cross_entropy`. The positions are this
+      device's: lay whole sequences ``[B, T]`` on each device (the batch over the data
+      axis, not ``T``).
 
   Returns:
     The loss, then the logsumexp if ``return_lse``, then the statistics if
@@ -392,6 +394,11 @@ def make_vocab_parallel_loss(mesh: jax.sharding.Mesh, *, data_axis: str = "data"
   if "reduction" in options:
     raise ValueError("make_vocab_parallel_loss returns per-example losses; reduce them "
                      "outside (e.g. .mean()).")
+  if options.get("shift"):
+    raise ValueError("make_vocab_parallel_loss takes flat [N] tokens over the data axis, so "
+                     "shift (positions along sequences) has no sequences to move along: call "
+                     "vocab_parallel_linear_cross_entropy(..., shift=k) inside your own "
+                     "jax.shard_map, each device holding whole sequences [B, T].")
   arrays = sorted({"where", "weights", "bias", "class_weights"} & set(options))
   if arrays:
     raise ValueError(f"make_vocab_parallel_loss does not take {', '.join(arrays)}: arrays "

@@ -211,6 +211,8 @@ def test_vocab_parallel_losses_check_their_options():
         z, y, axis_name="model", where=jnp.ones(2, bool), reduction="sum"),
         h @ w, y, specs=(P(None, "model"), P()))
   mesh = jax.make_mesh((1, 1), ("data", "model"))
+  with pytest.raises(ValueError, match="shift .* has no sequences to move along"):
+    jxent.sharded.make_vocab_parallel_loss(mesh, linear=True, shift=1)
   with pytest.raises(ValueError, match="does not take bias, class_weights: arrays"):
     jxent.sharded.make_vocab_parallel_loss(mesh, linear=True, bias=jnp.ones(8),
                                            class_weights=jnp.ones(8))

@@ -496,7 +496,7 @@ def _one_head_sum_jvp(kind, primals, tangents):
   dh3, dw, db, ddata, dscale, _ = tangents
   nz = F._nonzero
   want = nz(dh3) or nz(dw) or (b is not None and nz(db))
-  if kind == "dense" and nz(ddata[0]):  # the target's slope, [n_chunks, T, V], only if asked
+  if kind == "dense" and nz(ddata[0]):  # the target's slope ([N, V]) only when asked for
     kind = "dense+t"
   val, slope, grads = _one_head_grads(h3, w, b, data, scale, cfg, kind, want)
   out = jnp.sum(val * scale)
@@ -2182,7 +2182,7 @@ def _dense_kl(hs, ws, bs, teacher_log_probs, weight_layout, where, temperature, 
               chunk_size):
   """:func:`linear_topk_kl_divergence` with a dense teacher (``teacher_indices=None``)."""
   lpt = _checks.as_array(teacher_log_probs, "teacher_log_probs")
-  if not jnp.issubdtype(lpt.dtype, jnp.floating):  # kept 16-bit: each chunk is converted
+  if not jnp.issubdtype(lpt.dtype, jnp.floating):  # (not upcast here: a whole-target copy)
     raise TypeError(f"teacher_log_probs must be a floating-point array, got dtype {lpt.dtype}.")
   batch, v = hs.shape[:-1], ws.shape[1 if weight_layout == "dv" else 0]
   if lpt.shape != batch + (v,):

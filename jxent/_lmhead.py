@@ -377,8 +377,7 @@ def _one_head_chunk(z, data, kind, want):
   (``_TokenFn``): (in each of its arguments, [T]; the label log-probabilities it was given))
   of one chunk of kept or dropped tokens."""
   if kind in _DENSE:
-    val, g, slope = _dense_terms(z, S.lse_rows(z), *data[:2], want, kind == "dense+t")
-    return val, g, slope
+    return _dense_terms(z, S.lse_rows(z), *data, want, kind == "dense+t")
   if kind == "topk":
     idx, lpt, valid = data
     zr = _masked_topk(z, idx, 0)
@@ -447,13 +446,18 @@ def _one_head_chunk_grads(h3, w, b, data, scale, cfg, kind, want):
       lt = jnp.pad(lt, ((0, t - n), (0, 0)))
     data = (jnp.arange(v2.shape[0]), v2)
     # Each chunk's rows sliced from the target as given (a padded copy would be the size of
-    # the logits); the last chunk of a ragged N takes the last t rows, moved so that row r is
-    # the chunk's token r. (XLA:CPU still converts a 16-bit target to one float32 copy for
-    # the loop: keep a CPU target in float32.)
+    # the logits). The last chunk of a ragged N (its default chunk divides N where it can)
+    # takes the last t rows, moved so that row r is the chunk's token r. (XLA:CPU still
+    # converts a 16-bit target to one float32 copy for the loop: keep a CPU target in
+    # float32.)
     def fetch(d):
       start = jnp.minimum(d[0] * t, max(n, t) - t)
       rows = jax.lax.dynamic_slice_in_dim(lt, start, t, 0)
-      return (rows if n % t == 0 else jnp.roll(rows, start - d[0] * t, axis=0)), d[1]
+      if n % t:  # only the last chunk moves its rows
+        shift = start - d[0] * t
+        rows = jax.lax.cond(shift == 0, lambda r: r, lambda r: jnp.roll(r, shift, axis=0),
+                            rows)
+      return rows, d[1]
 
   def body(carry, xs):
     h, d, sc = xs
@@ -2178,37 +2182,6 @@ def _dense_vocab_grads(h3, w, b, data, scale, cfg, kind, want):
   return tokens(val), slope, grads
 
 
-def _dense_kl(hs, ws, bs, teacher_log_probs, weight_layout, where, temperature, reduction,
-              chunk_size):
-  """:func:`linear_topk_kl_divergence` with a dense teacher (``teacher_indices=None``)."""
-  lpt = _checks.as_array(teacher_log_probs, "teacher_log_probs")
-  if not jnp.issubdtype(lpt.dtype, jnp.floating):  # (not upcast here: a whole-target copy)
-    raise TypeError(f"teacher_log_probs must be a floating-point array, got dtype {lpt.dtype}.")
-  batch, v = hs.shape[:-1], ws.shape[1 if weight_layout == "dv" else 0]
-  if lpt.shape != batch + (v,):
-    raise ValueError(
-        f"with teacher_indices=None, teacher_log_probs must be [..., V] = {batch + (v,)} (every "
-        f"class), got teacher_log_probs.shape={lpt.shape}.")
-  if reduction == "none":
-    raise ValueError("a dense teacher (teacher_indices=None) needs reduction 'mean' or 'sum' "
-                     "(its gradients formed with the values); got reduction='none'.")
-  temperature = _checks.static_number(temperature, "temperature")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be positive, got {temperature!r}.")
-  if chunk_size is None:
-    chunk_size = _forward_method_chunk(hs.shape, v, "dense")
-  h3, _, v2, n, t = F.chunk_tokens(hs, None, where, None, v, chunk_size,
-                                   "linear_topk_kl_divergence")
-  h3 = jnp.where(v2[..., None], h3, 0)
-  acc = jnp.float64 if jnp.float64 in (hs.dtype, ws.dtype) else jnp.float32
-  cfg = _Config(weight_layout, F._VOCAB_SLICE, acc, float(temperature),
-                F.accelerator_vocab_block(h3.shape[0] * t, v))
-  # The target stays as given ([N, V], its dtype): each chunk or block takes its rows or
-  # columns (a padded or float32 copy would be the size of the logits).
-  return _reduce_tokens("dense", h3, ws, bs, (lpt.reshape(n, v), v2), v2, None, cfg, reduction,
-                        None, lambda a: a)
-
-
 def linear_topk_kl_divergence(
     student_hidden: ArrayLike,
     student_weight: ArrayLike,
@@ -2291,34 +2264,53 @@ def linear_topk_kl_divergence(
                        kept=_kept(jnp.shape(student_hidden)[:-1], where))
   hs, ws, _, bs, v = F.check_head(student_hidden, student_weight, None, student_bias,
                                   weight_layout)
-  if teacher_indices is None:
-    return _dense_kl(hs, ws, bs, teacher_log_probs, weight_layout, where, temperature,
-                     reduction, chunk_size)
-  idx = _checks.integer(teacher_indices, "teacher_indices")
-  lpt = _checks.floating(teacher_log_probs, "teacher_log_probs")
   batch = hs.shape[:-1]
-  if idx.ndim != len(batch) + 1 or idx.shape[:-1] != batch or lpt.shape != idx.shape:
-    raise ValueError(
-        f"teacher_indices and teacher_log_probs must be [..., k] with hidden's tokens "
-        f"{batch}, got teacher_indices.shape={idx.shape}, teacher_log_probs.shape="
-        f"{lpt.shape} and student_hidden.shape={hs.shape}.")
-  k = idx.shape[-1]
   temperature = _checks.static_number(temperature, "temperature")
   if not temperature > 0:
     raise ValueError(f"temperature must be positive, got {temperature!r}.")
-  _checks.value_check(jnp.all((idx >= 0) & (idx < v)),
-                       f"teacher_indices out of range [0, {v}).")
+  dense = teacher_indices is None
+  if dense:
+    # Kept in its dtype (a 16-bit target upcast here would be a copy the size of the logits).
+    lpt = _checks.as_array(teacher_log_probs, "teacher_log_probs")
+    if not jnp.issubdtype(lpt.dtype, jnp.floating):
+      raise TypeError(f"teacher_log_probs must be a floating-point array, got dtype "
+                      f"{lpt.dtype}.")
+    if lpt.shape != batch + (v,):
+      raise ValueError(
+          f"with teacher_indices=None, teacher_log_probs must be [..., V] = {batch + (v,)} "
+          f"(every class), got teacher_log_probs.shape={lpt.shape}.")
+    if reduction == "none":
+      raise ValueError("a dense teacher (teacher_indices=None) needs reduction 'mean' or "
+                       "'sum' (its gradients formed with the values); got reduction='none'.")
+  else:
+    idx = _checks.integer(teacher_indices, "teacher_indices")
+    lpt = _checks.floating(teacher_log_probs, "teacher_log_probs")
+    if idx.ndim != len(batch) + 1 or idx.shape[:-1] != batch or lpt.shape != idx.shape:
+      raise ValueError(
+          f"teacher_indices and teacher_log_probs must be [..., k] with hidden's tokens "
+          f"{batch}, got teacher_indices.shape={idx.shape}, teacher_log_probs.shape="
+          f"{lpt.shape} and student_hidden.shape={hs.shape}.")
+    _checks.value_check(jnp.all((idx >= 0) & (idx < v)),
+                         f"teacher_indices out of range [0, {v}).")
   if reduction != "none" and chunk_size is None:
-    chunk_size = _forward_method_chunk(hs.shape, v, "topk")
+    chunk_size = _forward_method_chunk(hs.shape, v, "dense" if dense else "topk")
+    if dense:  # a chunk that divides N (down to half the default): no ragged last chunk
+      n = _num_tokens(hs)
+      chunk_size = next((c for c in range(chunk_size, chunk_size // 2, -1) if n % c == 0),
+                        chunk_size)
   h3, _, v2, n, t = F.chunk_tokens(hs, None, where, None, v, chunk_size,
                                    "linear_topk_kl_divergence")
   h3 = jnp.where(v2[..., None], h3, 0)
-  pad = h3.shape[0] * t - n
-  idx2 = jnp.pad(idx.reshape(n, k).astype(jnp.int32), ((0, pad), (0, 0)))
-  idx3 = idx2.reshape(h3.shape[0], t, k)
   acc = jnp.float64 if jnp.float64 in (hs.dtype, ws.dtype) else jnp.float32
   cfg = _Config(weight_layout, F._VOCAB_SLICE, acc, float(temperature),
                 F.accelerator_vocab_block(h3.shape[0] * t, v))
+  if dense:  # each chunk or block takes the target's rows or columns: no padded copy
+    return _reduce_tokens("dense", h3, ws, bs, (lpt.reshape(n, v), v2), v2, None, cfg,
+                          reduction, None, None)
+  k = idx.shape[-1]
+  pad = h3.shape[0] * t - n
+  idx3 = jnp.pad(idx.reshape(n, k).astype(jnp.int32), ((0, pad), (0, 0))).reshape(
+      h3.shape[0], t, k)
   lpt3 = jnp.pad(lpt.reshape(n, k).astype(acc), ((0, pad), (0, 0))).reshape(idx3.shape)
 
   def per_token():

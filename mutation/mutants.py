@@ -656,7 +656,7 @@ MUTANTS = [
        "  lt = lt.astype(z.dtype)",
        "dense teacher: a dropped token's target reaches the loss", _DENSE),
     _m("dense-ragged-rows", "jxent/_lmhead.py",
-       "(rows if n % t == 0 else jnp.roll(rows, start - d[0] * t, axis=0))", "rows",
+       "lambda r: jnp.roll(r, shift, axis=0)", "lambda r: r",
        "dense teacher: the last chunk of a ragged N given the wrong target rows", _DENSE),
     # -------------------------------------------------------------- contrastive
     _m("ntxent-self-pair", "jxent/_contrastive.py",

@@ -394,11 +394,14 @@ def _one_head_chunk(z, data, kind, want):
     g = g.at[jnp.arange(z.shape[0])[:, None], idx].add(g_zi)
     return val, g, slope
   y, valid = data[:2]
-  lse, ent, z_y, _ = S.chunk_stats(z, y)
-  zl = z - S.finite(lse)[:, None]
-  p = jnp.exp(zl)
   fn = isinstance(kind, _TokenFn)
   if kind == "log_probs" or fn:
+    # The logsumexp alone, one plain row sum (S.chunk_stats's entropy and argmax would take
+    # a variadic reduction and a select on the block: XLA:CPU then kept a second [T, V]
+    # block, and ran 1.15x the time at N=4096, D=512, V=32768); the gradient below then
+    # takes the logits' buffer.
+    lse = S.lse_rows(z)
+    z_y = jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
     _, bad = R.split_labels(y, valid, z.shape[-1])
     val = R.poison_rows(jnp.where(valid, z_y - lse, 0), bad)
     slope = g_lp = None
@@ -408,9 +411,13 @@ def _one_head_chunk(z, data, kind, want):
       slope = (slopes, lp)
     if not want:
       return val, None, slope
+    p = jnp.exp(z - S.finite(lse)[:, None])
     onehot = jnp.arange(z.shape[-1])[None, :] == y[:, None]
     g = R.poison_rows(jnp.where(onehot, 1 - p, -p), bad)
     return val, g if g_lp is None else g * g_lp[:, None], slope
+  lse, ent, _, _ = S.chunk_stats(z, y)
+  zl = z - S.finite(lse)[:, None]
+  p = jnp.exp(zl)
   val = jnp.where(valid, ent, 0)  # entropy
   if not want:
     return val, None, None
@@ -534,12 +541,11 @@ _one_head_sum.defjvp(_one_head_sum_jvp, symbolic_zeros=True)
 # The forward method's default chunk: the default divided by about the number of [chunk, V]
 # blocks it holds at once, so that its scratch stays near one ~64 MiB block (XLA:CPU's
 # buffers, measured with `python -m benchmarks lmhead`, benchmarks/RESULTS.md): the entropy
-# holds one (its logits, overwritten by their gradient), the log-probabilities two (the
-# label's logit is gathered from the block before the gradient overwrites it), the top-k KL
-# three (the masked copy and the scatter-add), a two-head divergence both heads' blocks, a
-# dense target four (measured: 8.4% of the unfused scratch at N=4096, D=512, V=32768, 0.90x
-# its time; a quarter of the default chunk took 4.2% and 1.08x).
-_FORWARD_METHOD_DIVISOR = {"entropy": 1, "log_probs": 2, "topk": 2, "pair": 2, "dense": 2}
+# and the log-probabilities (and the losses of them) hold one (the logits, overwritten by
+# their gradient), the top-k KL three (the masked copy and the scatter-add), a two-head
+# divergence both heads' blocks, a dense target three (its rows' exponentials, the logits,
+# the value's terms).
+_FORWARD_METHOD_DIVISOR = {"entropy": 1, "log_probs": 1, "topk": 2, "pair": 2, "dense": 2}
 
 
 def _forward_method_chunk(hidden_shape, v, kind):
@@ -2125,11 +2131,13 @@ def _dense_terms(z, lse, lt, valid, want, teacher, q_total=None):
   q = jnp.exp(lt)
   pos = q > 0
   lp = z - S.finite(lse)[:, None]
-  val = jnp.sum(jnp.where(pos, q * (lt - lp), 0), axis=-1)
+  # q (0 there) rather than a constant 0 where q = 0: XLA:CPU hoists a [T, V] broadcast of a
+  # constant out of the loop and keeps it as one more block.
+  val = jnp.sum(jnp.where(pos, q * (lt - lp), q), axis=-1)
   if q_total is None:
     q_total = jnp.sum(q, axis=-1)
   g = q_total[:, None] * jnp.exp(lp) - q if want else None
-  slope = jnp.where(pos, q * (lt - lp + 1), 0) if teacher else None
+  slope = jnp.where(pos, q * (lt - lp + 1), q) if teacher else None
   return val, g, slope
 
 

@@ -912,6 +912,10 @@ def test_dense_teacher_against_float64(reduction, layout, impl):
   bad[np.flatnonzero(~MASK)[0]] = np.nan
   np.testing.assert_array_equal(f(H, w, B, bad), f(*args))
   assert all(np.all(np.isfinite(a)) for a in jax.grad(f, argnums=(0, 1, 2))(H, w, B, bad))
+  # A kept token's NaN is NaN, loudly (not a class of no mass).
+  bad = lt.copy()
+  bad[np.flatnonzero(MASK)[0], 7] = np.nan
+  assert np.isnan(f(H, w, B, bad))
   with jax.enable_x64(True):
     check_grads(lambda h, w: jxent.linear_topk_kl_divergence(
         h, w, None, f64(lt)[0], weight_layout=layout, where=MASK, temperature=TEMP,

@@ -339,18 +339,19 @@ class _GroupFn(_TokenFn):
   one sequence): ``fn(log_p [G, length], kept [G, length], *args [G, length, ...])`` gives
   each group's loss [G], 0 for a group it drops. Every chunk holds whole groups, so the
   slope of each token's log-probability is known in the chunk's own pass, as a per-token
-  loss's is. A group's loss is spread over its kept tokens (their sum is the loss)."""
+  loss's is. A group's loss is spread over its kept tokens (their sum is the loss). A chunk
+  of one group longer than a block is taken in ``pieces`` blocks (``_split_group_chunk``)."""
 
-  def __init__(self, fn, length):
+  def __init__(self, fn, length, pieces=1):
     super().__init__(fn)
-    self.length = int(length)
+    self.length, self.pieces = int(length), int(pieces)
 
   def __hash__(self):
-    return hash((self.fn, self.length))
+    return hash((self.fn, self.length, self.pieces))
 
   def __eq__(self, other):
     return (isinstance(other, _GroupFn) and other.fn == self.fn
-            and other.length == self.length)
+            and (other.length, other.pieces) == (self.length, self.pieces))
 
   def terms(self, lp, valid, args):
     group = lambda a: a.reshape((-1, self.length) + a.shape[1:])
@@ -411,9 +412,7 @@ def _one_head_chunk(z, data, kind, want):
       slope = (slopes, lp)
     if not want:
       return val, None, slope
-    p = jnp.exp(z - S.finite(lse)[:, None])
-    onehot = jnp.arange(z.shape[-1])[None, :] == y[:, None]
-    g = R.poison_rows(jnp.where(onehot, 1 - p, -p), bad)
+    g = _log_prob_grad(z, lse, y, bad)
     return val, g if g_lp is None else g * g_lp[:, None], slope
   lse, ent, _, _ = S.chunk_stats(z, y)
   zl = z - S.finite(lse)[:, None]
@@ -468,6 +467,8 @@ def _one_head_chunk_grads(h3, w, b, data, scale, cfg, kind, want):
 
   def body(carry, xs):
     h, d, sc = xs
+    if getattr(kind, "pieces", 1) > 1:
+      return _split_group_chunk(carry, h, d, sc, w, b, cfg, kind, want)
     val, g, slope = _one_head_chunk(_block_logits(h, w, b, cfg), fetch(d), kind, want)
     if not want:
       return carry, (val, slope, None)
@@ -485,6 +486,59 @@ def _one_head_chunk_grads(h3, w, b, data, scale, cfg, kind, want):
   if want:
     grads = (dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype))
   return val, slope, grads
+
+
+def _split_group_chunk(carry, h, d, sc, w, b, cfg, kind, want):
+  """``_one_head_chunk_grads``'s step for a chunk of one group longer than a block, in
+  ``kind.pieces`` blocks: the log-probabilities of each block (its logits then dropped), the
+  group's slopes, then each block's gradient from its logits computed again. One block of
+  logits at a time, at 8 N·D·V flops (the per-token log-probabilities' count; a block that
+  held the whole group took 6, at the group's length of memory). (Holding the last block's
+  logits for its gradient saves a block's product, but XLA:CPU then computed the blocks of
+  both passes before either's gradient: two blocks at once.)"""
+  y, valid, args = d
+  t, v, s = h.shape[0], _num_classes(w, cfg), kind.pieces
+  sub = -(-t // s)
+  pad = lambda a: jnp.pad(a, [(0, s * sub - t)] + [(0, 0)] * (a.ndim - 1)).reshape(
+      (s, sub) + a.shape[1:])
+  hs, ys = pad(h), pad(y)
+
+  def stats(_, xs):
+    hb, yb = xs
+    z = _block_logits(hb, w, b, cfg)
+    z_y = jnp.take_along_axis(z, jnp.clip(yb, 0, v - 1)[:, None], axis=-1)[:, 0]
+    return None, (S.lse_rows(z), z_y)
+
+  _, (lse, z_y) = jax.lax.scan(stats, None, (hs, ys))
+  _, bad = R.split_labels(y, valid, v)
+  lp = R.poison_rows(jnp.where(valid, (z_y - lse).reshape(-1)[:t], 0), bad)
+  val, g_lp, slopes = kind.terms(lp, valid, args)
+  if not want:
+    return carry, (val, (slopes, lp), None)
+  coef = pad(g_lp * (sc / cfg.temperature))  # z = (h W + b) / T
+  plain = _plain(cfg)
+
+  def step(grads, xs):
+    hb, yb, lb, bb, cb = xs
+    dw, db = grads
+    g = _log_prob_grad(_block_logits(hb, w, b, cfg), lb, yb, bb) * cb[:, None]
+    dw = F._accumulate_dw(dw, hb, g, plain)
+    db = None if db is None else db + jnp.sum(g, axis=0)
+    return (dw, db), F._dh(g, w, plain).astype(h.dtype)
+
+  carry, dh = jax.lax.scan(step, carry, (hs, ys, lse, pad(bad), coef))
+  return carry, (val, (slopes, lp), dh.reshape(-1, h.shape[-1])[:t])
+
+
+def _num_classes(w, cfg):
+  return w.shape[1] if cfg.layout == "dv" else w.shape[0]
+
+
+def _log_prob_grad(z, lse, y, bad):
+  """d log p_y / dz = onehot(y) - p for one block of logits (NaN rows where ``bad``)."""
+  p = jnp.exp(z - S.finite(lse)[:, None])
+  onehot = jnp.arange(z.shape[-1])[None, :] == y[:, None]
+  return R.poison_rows(jnp.where(onehot, 1 - p, -p), bad)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
@@ -669,10 +723,10 @@ def linear_log_probs(
       computed once, as in the unfused computation), in every autodiff mode; per-token
       values take any cotangent, so their derivative computes the blocks again.
     chunk_size: tokens per block on CPU; default: a ``[chunk, V]`` float32 block of ~64 MiB
-      (half that for ``"sum"`` and ``"mean"`` of 16-bit inputs at ``T != 1``; otherwise
-      these are minus :func:`linear_cross_entropy` of ``h / T``, ``b / T``, with its
-      chunks). On GPU and TPU the blocks are vocabulary columns of all tokens instead
-      (~128 MiB of float32 logits; ``chunk_size`` unused).
+      (``"sum"`` and ``"mean"``, but for 16-bit inputs at ``T != 1``, are minus
+      :func:`linear_cross_entropy` of ``h / T``, ``b / T``, with its chunks). On GPU and TPU
+      the blocks are vocabulary columns of all tokens instead (~128 MiB of float32 logits;
+      ``chunk_size`` unused).
     return_entropy: also return the per-token entropy of the same softmax, as
       :func:`linear_entropy` (not weighted), from the same pass over the blocks: both
       differentiable, the derivative of the pair one pass again (a policy-gradient loss
@@ -801,7 +855,7 @@ def linear_log_prob_loss(
     weights: optional float ``[...]`` per-token weights :math:`w_i` (1 by default), as
       :func:`linear_log_probs`'s: ``"mean"`` divides by their sum over kept tokens.
     reduction: ``"mean"`` (over kept tokens; 0 if none), ``"sum"`` or ``"none"``.
-    chunk_size: tokens per block on CPU; default: a ``[chunk, V]`` float32 block of ~32 MiB.
+    chunk_size: tokens per block on CPU; default: a ``[chunk, V]`` float32 block of ~64 MiB.
       On GPU and TPU the blocks are vocabulary columns of all tokens instead (~128 MiB of
       float32 logits; ``chunk_size`` unused).
     return_log_probs: also return the ``[...]`` label log-probabilities ``loss_fn`` was
@@ -889,47 +943,43 @@ def _log_prob_loss(hidden, weight, labels, fn, args, *, bias, weight_layout, whe
                         unflat, with_aux=True)
 
 
-# group_loss holds a chunk of whole groups (a pair's two sequences, one sequence): callers
-# take it while a group is at most this many default chunks of tokens (a group's logits then
-# take at most this many times the default block's memory); longer groups take the per-token
-# log-probabilities, whose derivative computes the blocks again.
-GROUP_CHUNKS = 8
-
-
 def groups_fit(hidden, weight, weight_layout, length, *tokens) -> bool:
-  """Whether :func:`group_loss` takes groups of ``length`` tokens: one device's tokens (none
-  of ``hidden`` and ``tokens`` over an explicit mesh) and a group within ``GROUP_CHUNKS``
-  default chunks."""
+  """Whether :func:`group_loss` takes the tokens: one device's (none of ``hidden`` and
+  ``tokens`` over an explicit mesh) and a concrete number of them."""
   shape, wshape = jnp.shape(hidden), jnp.shape(weight)
   if len(wshape) != 2 or weight_layout not in ("dv", "vd") or _on_mesh(hidden, *tokens):
     return False
-  chunk = _forward_method_chunk(shape, wshape[1 if weight_layout == "dv" else 0], "log_probs")
-  return chunk is not None and length <= GROUP_CHUNKS * chunk
+  v = wshape[1 if weight_layout == "dv" else 0]
+  return _forward_method_chunk(shape, v, "log_probs") is not None
 
 
 def group_loss(hidden, weight, labels, fn, length, args, *, bias, weight_layout, where,
                temperature, chunk_size):
   """(the sum over groups of ``fn``'s losses, the tokens' label log-probabilities without
   derivative): a loss of whole groups of ``length`` consecutive tokens of ``hidden``'s
-  flattened tokens (``_GroupFn``), each block of logits once. The token chunks hold whole
-  groups (``chunk_size``, or the default, rounded to a multiple of ``length``); ``args`` are
-  float arrays of the tokens' shape."""
+  flattened tokens (``_GroupFn``). A block of logits takes ``chunk_size`` tokens at most (or
+  the default): a token chunk holds as many whole groups as fit, each block of logits
+  computed once; a group longer than that is a chunk of its own, in blocks, each but the
+  last computed twice (``_split_group_chunk``). ``args`` are float arrays of the tokens'
+  shape."""
   hidden = _checks.as_array(hidden, "hidden")
-  if _num_tokens(hidden) % length:
-    raise ValueError(f"{_num_tokens(hidden)} tokens are not whole groups of {length}.")
+  n = _num_tokens(hidden)
+  if n % length:
+    raise ValueError(f"{n} tokens are not whole groups of {length}.")
   if chunk_size is None:
     v = jnp.shape(weight)[1 if weight_layout == "dv" else 0]
     chunk_size = _forward_method_chunk(hidden.shape, v, "log_probs")
   elif int(chunk_size) <= 0:
     raise ValueError(f"chunk_size must be positive, got {chunk_size!r}.")
-  chunk_size = -(-min(int(chunk_size), _num_tokens(hidden)) // length) * length
+  block = min(int(chunk_size), n)
+  pieces = 1 if length <= block else -(-length // block)
+  chunk = (block // length) * length if pieces == 1 else length
   h3, w, b, y2, v2, v, cfg, unflat = _prepare(hidden, weight, labels, bias, weight_layout,
-                                              where, temperature, chunk_size, "group_loss",
+                                              where, temperature, chunk, "group_loss",
                                               "sum", "log_probs")
-  n = _num_tokens(hidden)
   args = tuple(jnp.pad(a.reshape(n), (0, v2.size - n)).reshape(v2.shape) for a in args)
   out, lp = _one_head_sum(h3, w, b, (y2, v2, args), v2.astype(cfg.acc), cfg,
-                          _GroupFn(fn, length))
+                          _GroupFn(fn, length, pieces))
   return out, unflat(jax.lax.stop_gradient(lp).reshape(-1))
 
 

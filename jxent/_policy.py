@@ -458,11 +458,12 @@ def linear_policy_loss(
   :math:`w\, \ell'(\log p_y)\, (\mathrm{onehot}(y) - p) / T`, is formed beside the value one
   block of logits at a time (:func:`linear_log_prob_loss`): each block is computed once (the
   unfused computation's 6 N·D·V flops). With GSPO's sequence ratio or VESPO's sequence weight
-  each block holds whole sequences, and the same holds (sequences longer than 8 default
-  blocks, and tokens over an explicit mesh, take the per-token log-probabilities, 8 N·D·V
-  flops). The reference policy's log-probabilities come from its own head without gradient
-  (``linear_log_probs(ref_h, ref_W, labels)``: one forward pass), as the old policy's come
-  from the rollout.
+  each chunk of tokens holds whole sequences, and the same holds; a sequence longer than a
+  block is a chunk of its own, whose blocks are computed twice (for the log-probabilities,
+  then for the gradient: 8 N·D·V flops, one block of memory), and tokens over an explicit
+  mesh take the per-token log-probabilities (8 N·D·V flops). The reference policy's
+  log-probabilities come from its own head without gradient (``linear_log_probs(ref_h,
+  ref_W, labels)``: one forward pass), as the old policy's come from the rollout.
 
   Args:
     hidden: ``[..., T, D]`` activations of the sampled sequences (bf16 and f16 are
@@ -473,7 +474,7 @@ def linear_policy_loss(
     weight_layout: ``"dv"`` or ``"vd"``.
     temperature: :math:`T > 0` of the policy's softmax, a Python number (the sampling
       temperature).
-    chunk_size: tokens per block on CPU (default ~32 MiB of float32 logits); on GPU and TPU
+    chunk_size: tokens per block on CPU (default ~64 MiB of float32 logits); on GPU and TPU
       vocabulary blocks of all tokens.
 
   Returns:
@@ -512,7 +513,7 @@ def linear_policy_loss(
     # token's slope, from its chunk's own pass (each block of logits once).
     sfn = _sequence_fn(opts, has_old, opts.beta != 0, importance_weights is not None)
     loss, lp = LH.group_loss(h, weight, labels, sfn, seq_len, args + (wt,), **common)
-  else:  # longer sequences, or tokens over a mesh: the per-token log-probabilities
+  else:  # tokens over a mesh: the per-token log-probabilities
     lp = linear_log_probs(h, weight, labels, **common)
     loss = _dense_loss(lp, args, mask, wt, opts, fn, has_old, importance_weights is not None,
                        True)

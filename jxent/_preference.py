@@ -307,13 +307,14 @@ def linear_preference_loss(
   TRL's concatenated batch ``[2B, T, D]``, chosen first, is ``h.reshape(2, B, T, D)``). A
   sequence's log-probability is the sum of its kept tokens' (their mean with
   ``average_log_prob``), computed one block of logits at a time. A pair's loss depends on
-  both whole sequences, so each block of tokens holds whole pairs (``chunk_size`` rounded up
-  to a multiple of ``2T``): the slope of every token's log-probability is then known in its
+  both whole sequences, so each block of tokens holds whole pairs (as many as fit in
+  ``chunk_size`` tokens): the slope of every token's log-probability is then known in its
   block's own pass, and the gradient is formed beside the value, each block once (the
-  unfused computation's 6 N·D·V flops), in every autodiff mode. Pairs longer than 8 default
-  blocks, ``reduction="none"`` and tokens over an explicit mesh take the per-token
-  :func:`linear_log_probs` instead, whose derivative computes the blocks again (8 N·D·V
-  flops, O(N) memory).
+  unfused computation's 6 N·D·V flops), in every autodiff mode. A pair longer than a block
+  is taken in blocks, each computed twice (for the log-probabilities, then for the
+  gradient: 8 N·D·V flops, one block of memory); ``reduction="none"`` and tokens over an
+  explicit mesh take the per-token :func:`linear_log_probs` instead, whose derivative
+  computes the blocks again (8 N·D·V flops, O(N) memory).
 
   .. math:: L = \mathrm{reduce}_\text{pairs}\, \ell(c, r, c_\text{ref}, r_\text{ref}) +
      \lambda_\text{nll} \cdot \frac{-\sum_{t \in \text{chosen}} \log p_{y_t}}
@@ -340,8 +341,8 @@ def linear_preference_loss(
     bias: optional ``[V]``.
     weight_layout: ``"dv"`` or ``"vd"``.
     temperature: :math:`T > 0` of the softmax (static).
-    chunk_size: tokens per block on CPU (default ~32 MiB of float32 logits), rounded up to
-      whole pairs; on GPU and TPU vocabulary blocks of all tokens.
+    chunk_size: tokens per block on CPU (default ~64 MiB of float32 logits), holding whole
+      pairs (a longer pair in blocks); on GPU and TPU vocabulary blocks of all tokens.
 
   Returns:
     The loss, differentiable with respect to ``hidden``, ``weight``, ``bias`` and
@@ -658,8 +659,9 @@ def linear_kto_loss(
   A sequence's log-probability is the sum of its kept tokens' (their mean with
   ``average_log_prob``), one block of logits at a time; a sequence without kept tokens is
   dropped. As for :func:`linear_preference_loss`, each block holds whole sequences, so its
-  gradient is formed in its own pass (each block once), unless the sequences are longer
-  than 8 default blocks, ``reduction="none"`` or the tokens lie over an explicit mesh.
+  gradient is formed in its own pass (each block once; a sequence longer than a block is
+  taken in blocks, each computed twice), unless ``reduction="none"`` or the tokens lie over
+  an explicit mesh.
 
   Args:
     hidden: ``[..., T, D]`` activations of the completions (bf16 and f16 accumulated in
@@ -675,8 +677,9 @@ def linear_kto_loss(
     bias: optional ``[V]``.
     weight_layout: ``"dv"`` or ``"vd"``.
     temperature: :math:`T > 0` of the softmax (static).
-    chunk_size: tokens per block on CPU, rounded up to whole sequences; on GPU and TPU
-      vocabulary blocks of all tokens.
+    chunk_size: tokens per block on CPU (default ~64 MiB of float32 logits), holding whole
+      sequences (a longer sequence in blocks); on GPU and TPU vocabulary blocks of all
+      tokens.
 
   Returns:
     The loss, differentiable with respect to ``hidden``, ``weight``, ``bias``,

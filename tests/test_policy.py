@@ -1,6 +1,8 @@
 """policy_loss and linear_policy_loss (PPO/GRPO family), linear_log_prob_loss: against float64
 NumPy references of the per-token formulas and against the dense loss on materialised logits."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -364,26 +366,29 @@ def test_bfloat16_and_bad_input():
 
 
 def test_sequence_ratio_paths_agree_and_errors(monkeypatch):
-  # GSPO's ratio from whole sequences per token chunk (each block once) and from the
-  # per-token log-probabilities (sequences longer than the blocks, meshes): the same loss
-  # and gradients in h, W and the old and reference log-probabilities.
+  # GSPO's ratio from whole sequences per token chunk (each block once; a sequence longer
+  # than a block in blocks, all but the last computed twice) and from the per-token
+  # log-probabilities (meshes): the same loss and gradients in h, W and the old and
+  # reference log-probabilities.
   from jxent import _lmhead
   with jax.enable_x64(True):
     lp = np.asarray(log_probs64(H, W, BIAS))
     old, ref = lp + OLD_SHIFT, lp + REF_SHIFT
 
-    def f(h, w, old, ref):
+    def f(h, w, old, ref, chunk=8):
       return jxent.linear_policy_loss(h, w, Y, ADV, where=MASK, bias=BIAS, temperature=TEMP,
                                       old_log_probs=old, ref_log_probs=ref, beta=0.1,
                                       bias_corrected_kl=True, loss_type="bnpo",
-                                      importance_sampling_level="sequence", chunk_size=8)
+                                      importance_sampling_level="sequence", chunk_size=chunk)
 
-    fused = jax.value_and_grad(f, range(4))(H, W, old, ref)
-    monkeypatch.setattr(_lmhead, "GROUP_CHUNKS", 0)
+    fused = [jax.value_and_grad(functools.partial(f, chunk=c), range(4))(H, W, old, ref)
+             for c in (8, 3)]  # whole sequences of 7 per chunk; 3 blocks of 3 per sequence
+    monkeypatch.setattr(_lmhead, "groups_fit", lambda *a: False)
     per_token = jax.value_and_grad(f, range(4))(H, W, old, ref)
-    np.testing.assert_allclose(fused[0], per_token[0], rtol=1e-12)
-    for a, b, i in zip(fused[1], per_token[1], range(4)):
-      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=f"argument {i}")
+    for got in fused:
+      np.testing.assert_allclose(got[0], per_token[0], rtol=1e-12)
+      for a, b, i in zip(got[1], per_token[1], range(4)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=f"argument {i}")
     # VESPO's sequence weight: the same two paths.
     def v(h, w, old):
       return jxent.linear_policy_loss(h, w, Y, ADV, where=MASK, old_log_probs=old,

@@ -397,12 +397,7 @@ def _one_head_chunk(z, data, kind, want):
   y, valid = data[:2]
   fn = isinstance(kind, _TokenFn)
   if kind == "log_probs" or fn:
-    # The logsumexp alone, one plain row sum (S.chunk_stats's entropy and argmax would take
-    # a variadic reduction and a select on the block: XLA:CPU then kept a second [T, V]
-    # block, and ran 1.15x the time at N=4096, D=512, V=32768); the gradient below then
-    # takes the logits' buffer.
-    lse = S.lse_rows(z)
-    z_y = jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+    lse, z_y = _lse_and_label(z, y)
     _, bad = R.split_labels(y, valid, z.shape[-1])
     val = R.poison_rows(jnp.where(valid, z_y - lse, 0), bad)
     slope = g_lp = None
@@ -503,13 +498,9 @@ def _split_group_chunk(carry, h, d, sc, w, b, cfg, kind, want):
       (s, sub) + a.shape[1:])
   hs, ys = pad(h), pad(y)
 
-  def stats(_, xs):
-    hb, yb = xs
-    z = _block_logits(hb, w, b, cfg)
-    z_y = jnp.take_along_axis(z, jnp.clip(yb, 0, v - 1)[:, None], axis=-1)[:, 0]
-    return None, (S.lse_rows(z), z_y)
-
-  _, (lse, z_y) = jax.lax.scan(stats, None, (hs, ys))
+  _, (lse, z_y) = jax.lax.scan(
+      lambda c, xs: (c, _lse_and_label(_block_logits(xs[0], w, b, cfg), xs[1])), None,
+      (hs, ys))
   _, bad = R.split_labels(y, valid, v)
   lp = R.poison_rows(jnp.where(valid, (z_y - lse).reshape(-1)[:t], 0), bad)
   val, g_lp, slopes = kind.terms(lp, valid, args)
@@ -532,6 +523,15 @@ def _split_group_chunk(carry, h, d, sc, w, b, cfg, kind, want):
 
 def _num_classes(w, cfg):
   return w.shape[1] if cfg.layout == "dv" else w.shape[0]
+
+
+def _lse_and_label(z, y):
+  """(logsumexp, label logit) of one block of logits for the log-probabilities: the
+  logsumexp alone, one plain row sum (S.chunk_stats's entropy and argmax take a variadic
+  reduction and a select on the block: XLA:CPU then kept a second [T, V] block, and ran
+  1.15x the time at N=4096, D=512, V=32768), so that the gradient takes the logits' buffer."""
+  return S.lse_rows(z), jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None],
+                                            axis=-1)[:, 0]
 
 
 def _log_prob_grad(z, lse, y, bad):
@@ -959,9 +959,8 @@ def group_loss(hidden, weight, labels, fn, length, args, *, bias, weight_layout,
   derivative): a loss of whole groups of ``length`` consecutive tokens of ``hidden``'s
   flattened tokens (``_GroupFn``). A block of logits takes ``chunk_size`` tokens at most (or
   the default): a token chunk holds as many whole groups as fit, each block of logits
-  computed once; a group longer than that is a chunk of its own, in blocks, each but the
-  last computed twice (``_split_group_chunk``). ``args`` are float arrays of the tokens'
-  shape."""
+  computed once; a group longer than that is a chunk of its own, in blocks, each computed
+  twice (``_split_group_chunk``). ``args`` are float arrays of the tokens' shape."""
   hidden = _checks.as_array(hidden, "hidden")
   n = _num_tokens(hidden)
   if n % length:

@@ -510,7 +510,8 @@ def linear_policy_loss(
                                     return_log_probs=True, **common)
   elif LH.groups_fit(h, weight, weight_layout, seq_len, labels, where, *args):
     # Whole sequences per token chunk: each sequence's ratio (or weight), and so every
-    # token's slope, from its chunk's own pass (each block of logits once).
+    # token's slope, from its chunk's own pass (each block of logits once; a sequence longer
+    # than a block in blocks, each computed twice).
     sfn = _sequence_fn(opts, has_old, opts.beta != 0, importance_weights is not None)
     loss, lp = LH.group_loss(h, weight, labels, sfn, seq_len, args + (wt,), **common)
   else:  # tokens over a mesh: the per-token log-probabilities

@@ -529,9 +529,12 @@ def _lse_and_label(z, y):
   """(logsumexp, label logit) of one block of logits for the log-probabilities: the
   logsumexp alone, one plain row sum (S.chunk_stats's entropy and argmax take a variadic
   reduction and a select on the block: XLA:CPU then kept a second [T, V] block, and ran
-  1.15x the time at N=4096, D=512, V=32768), so that the gradient takes the logits' buffer."""
-  return S.lse_rows(z), jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None],
-                                            axis=-1)[:, 0]
+  1.15x the time at N=4096, D=512, V=32768), so that the gradient takes the logits' buffer.
+  A row of -inf has lse 0, as chunk_stats gives it (its label's log-probability -inf, as the
+  per-token path's, not -inf - -inf)."""
+  lse = S.lse_rows(z)
+  return (jnp.where(lse == -jnp.inf, 0, lse),
+          jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0])
 
 
 def _log_prob_grad(z, lse, y, bad):

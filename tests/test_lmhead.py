@@ -953,3 +953,12 @@ def test_topk_kl_bounds_and_full_vocabulary(impl):
     np.testing.assert_allclose(got, full_kl, rtol=1e-9, atol=1e-12)
   with pytest.raises(ValueError, match=r"teacher_indices and teacher_log_probs must be"):
     jxent.linear_topk_kl_divergence(H, W, TOPK[:3], TOPK_LP[:3])
+
+
+def test_log_prob_loss_of_a_row_of_minus_inf_agrees_with_the_per_token_values():
+  # Every class ruled out (bias -inf): the label's log-probability is -inf in both paths (the
+  # forward method's logsumexp of such a row is taken as 0, as the per-token path's).
+  h, w, y = np.ones((3, 2), np.float32), np.zeros((2, 4), np.float32), np.array([0, 1, 2])
+  b = np.full(4, -np.inf, np.float32)
+  np.testing.assert_array_equal(jxent.linear_log_probs(h, w, y, bias=b), [-np.inf] * 3)
+  assert jxent.linear_log_prob_loss(h, w, y, lambda lp: -lp, bias=b, reduction="sum") == np.inf

@@ -492,7 +492,8 @@ def _split_group_chunk(carry, h, d, sc, w, b, cfg, kind, want):
   logits for its gradient saves a block's product, but XLA:CPU then computed the blocks of
   both passes before either's gradient: two blocks at once.)"""
   y, valid, args = d
-  t, v, s = h.shape[0], _num_classes(w, cfg), kind.pieces
+  t, s = h.shape[0], kind.pieces
+  v = w.shape[1] if cfg.layout == "dv" else w.shape[0]
   sub = -(-t // s)
   pad = lambda a: jnp.pad(a, [(0, s * sub - t)] + [(0, 0)] * (a.ndim - 1)).reshape(
       (s, sub) + a.shape[1:])
@@ -519,10 +520,6 @@ def _split_group_chunk(carry, h, d, sc, w, b, cfg, kind, want):
 
   carry, dh = jax.lax.scan(step, carry, (hs, ys, lse, pad(bad), coef))
   return carry, (val, (slopes, lp), dh.reshape(-1, h.shape[-1])[:t])
-
-
-def _num_classes(w, cfg):
-  return w.shape[1] if cfg.layout == "dv" else w.shape[0]
 
 
 def _lse_and_label(z, y):

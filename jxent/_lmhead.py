@@ -8,16 +8,21 @@ computes, one ``[chunk, V]`` block of logits at a time as ``linear_cross_entropy
 * the entropy ``H = -sum_v p_v log p_v = lse(z) - E_p[z]``;
 * the logsumexp and the argmax (monitoring).
 
-One ``jax.custom_jvp`` rule serves the differentiable ones. Its primal keeps per token the
-logsumexp, the entropy and the label's logit; its tangent recomputes the blocks (vocabulary
-slices outside, token chunks inside, both checkpointed, as the recompute method of the
-cross-entropy) and returns, for a tangent ``dz`` of the logits,
+Per token, the differentiable ones are ``jax.custom_jvp`` rules: the log-probability alone
+(``_head_log_probs``), the entropy alone (``_head_entropy``), or both (``_head_stats``). Each
+primal keeps per token the logsumexp (and the entropy, where it is wanted); its tangent
+recomputes the blocks (vocabulary slices outside, token chunks inside, both checkpointed, as
+the recompute method of the cross-entropy) and returns, for a tangent ``dz`` of the logits,
+one row sum per output:
 
-    d lse = E_p[dz],   d z_y = dz_y,   d H = -Cov_p(z, dz) = -(E_p[(z - lse) dz] + H E_p[dz]),
+    d log p_y = dz_y - E_p[dz],   d H = -Cov_p(z, dz) = -E_p[(z - lse + H) dz],
 
 linear in the tangents of ``h``, ``W`` and ``b``: forward mode, reverse mode (JAX's
-transpose) and higher orders all work, and reverse mode keeps only the inputs and three
-numbers per token.
+transpose) and higher orders all work, and reverse mode keeps only the inputs and one or two
+numbers per token. The log-probability alone takes the logsumexp as one plain row sum
+(``_lse_and_label``), without the entropy's argmax and variadic reduction: at N=4096, D=512,
+V=32768 the mean of the per-token log-probabilities then took 0.81x the time under
+``jit(value_and_grad)`` on XLA:CPU.
 
 Tokens laid out over explicit mesh axes (``jax.sharding.AxisType.Explicit``) are taken
 data-parallel: each function runs inside ``shard_map`` over those axes on each device's own
@@ -123,22 +128,94 @@ def _stats_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
   return a1, -(a2 + ent * a1), d_zy
 
 
-def _head_stats_jvp(primals, tangents):
+def _stats_tangents(primals, tangents, res, block, outs):
+  """The per-token tangents of ``outs`` from ``block`` over the recomputed blocks (residuals
+  ``res``), zeros when those of h, W and b are all zero."""
   h3, w, b, y2, cfg = primals
   dh3, dw, db, _, _ = tangents
-  lse, ent, z_y = _forward(h3, w, b, y2, cfg)
   dh3 = dh3 if F._nonzero(dh3) else None
   dw = dw if F._nonzero(dw) else None
   db = db if (b is not None and F._nonzero(db)) else None
-  zeros = (jnp.zeros_like(lse), jnp.zeros_like(ent), jnp.zeros_like(z_y))
   if dh3 is None and dw is None and db is None:
-    return (lse, ent, z_y), zeros
+    return tuple(jnp.zeros_like(a) for a in outs)
   valid = jnp.ones(y2.shape, bool)
-  out = _tangent(h3, y2, valid, (lse, ent), dh3, w, b, dw, db, cfg, _stats_block_tangent)
-  return (lse, ent, z_y), tuple(out)
+  return tuple(_tangent(h3, y2, valid, res, dh3, w, b, dw, db, cfg, block))
+
+
+def _head_stats_jvp(primals, tangents):
+  out = _forward(*primals)
+  return out, _stats_tangents(primals, tangents, out[:2], _stats_block_tangent, out)
 
 
 _head_stats.defjvp(_head_stats_jvp, symbolic_zeros=True)
+
+
+def _log_probs_forward(h3, w, b, y2, cfg):
+  """(lse, label logit), each [n_chunks, T]: the logsumexp alone where the entropy is not
+  wanted (token chunks), or the statistics over vocabulary blocks (GPU, TPU)."""
+  def chunks(h3, w, b, y2, cfg):
+    body = lambda _, xs: (None, _lse_and_label(_block_logits(xs[0], w, b, cfg), xs[1]))
+    return jax.lax.scan(body, None, (h3, y2))[1]
+
+  def vocab(h3, w, b, y2, cfg):
+    lse, _, z_y = _vocab_forward(h3, w, b, y2, cfg)
+    return lse, z_y
+
+  return dispatch(h3, w, b, y2, cfg, reference=chunks, accelerator=vocab)
+
+
+@jax.custom_jvp
+def _head_log_probs(h3, w, b, y2, cfg):
+  """log softmax(z)[y] = z_y - lse, [n_chunks, T]."""
+  lse, z_y = _log_probs_forward(h3, w, b, y2, cfg)
+  return z_y - lse
+
+
+def _log_probs_block_tangent(h, y, valid, lse, dh, w, b, dw, db, cfg, start, v):
+  """Tangent of one chunk's log p_y from the vocabulary slice ``start:start + S``:
+  sum_v (onehot(y) - p)_v dz_v, one row sum."""
+  del valid, v
+  z = _block_logits(h, w, b, cfg)
+  dz = _tangent_logits(h, w, dh, dw, db, cfg)
+  p = jnp.exp(z - S.finite(lse)[:, None])
+  onehot = (jnp.arange(z.shape[-1]) + start)[None, :] == y[:, None]
+  return (jnp.sum(jnp.where(onehot, 1 - p, -p) * dz, axis=-1),)
+
+
+def _head_log_probs_jvp(primals, tangents):
+  lse, z_y = _log_probs_forward(*primals)
+  lp = z_y - lse
+  return lp, _stats_tangents(primals, tangents, lse, _log_probs_block_tangent, (lp,))[0]
+
+
+_head_log_probs.defjvp(_head_log_probs_jvp, symbolic_zeros=True)
+
+
+@jax.custom_jvp
+def _head_entropy(h3, w, b, y2, cfg):
+  """The entropy, [n_chunks, T]."""
+  return _forward(h3, w, b, y2, cfg)[1]
+
+
+def _entropy_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
+  """Tangent of one chunk's entropy from the vocabulary slice ``start:start + S``:
+  -sum_v p_v (z_v - lse + H) dz_v, one row sum."""
+  del y, valid, start, v
+  lse, ent = res
+  z = _block_logits(h, w, b, cfg)
+  dz = _tangent_logits(h, w, dh, dw, db, cfg)
+  zl = z - S.finite(lse)[:, None]
+  # p (z - lse), 0 where p = 0 (z = -inf): a finite floor, not a select (see _one_head_chunk).
+  floor = jnp.asarray(jnp.finfo(zl.dtype).min / 4, zl.dtype)
+  return (-jnp.sum(jnp.exp(zl) * (jnp.maximum(zl, floor) + ent[:, None]) * dz, axis=-1),)
+
+
+def _head_entropy_jvp(primals, tangents):
+  lse, ent, _ = _forward(*primals)
+  return ent, _stats_tangents(primals, tangents, (lse, ent), _entropy_block_tangent, (ent,))[0]
+
+
+_head_entropy.defjvp(_head_entropy_jvp, symbolic_zeros=True)
 
 
 def _tangent(h3, y2, valid, res, dh3, w, b, dw, db, cfg, block):
@@ -673,11 +750,11 @@ def _wide(*xs) -> bool:
   return all(x is None or jnp.finfo(jnp.result_type(x)).bits >= 32 for x in xs)
 
 
-def _label_log_probs(z_y, lse, y2, v2, v):
-  """Flat [N]: z_y - lse on kept tokens, 0 on dropped ones, NaN for a kept label outside
-  [0, V)."""
+def _label_log_probs(lp, y2, v2, v):
+  """Flat [N]: the log-probabilities ``lp`` ([n_chunks, T]) on kept tokens, 0 on dropped
+  ones, NaN for a kept label outside [0, V)."""
   _, bad = R.split_labels(y2, v2, v)
-  return R.poison_rows(jnp.where(v2, z_y - lse, 0).reshape(-1), bad.reshape(-1))
+  return R.poison_rows(jnp.where(v2, lp, 0).reshape(-1), bad.reshape(-1))
 
 
 def linear_log_probs(
@@ -790,13 +867,12 @@ def linear_log_probs(
   wt = _token_weights(weights, jnp.shape(hidden)[:-1], v2, _num_tokens(hidden), cfg.acc)
   if return_entropy:
     lse, ent, z_y = _head_stats(h3, w, b, y2, cfg)
-    lp = _label_log_probs(z_y, lse, y2, v2, v)
+    lp = _label_log_probs(z_y - lse, y2, v2, v)
     return (unflat(lp if wt is None else lp * wt.reshape(-1)),
             unflat(jnp.where(v2, ent, 0).reshape(-1)))
 
   def per_token():
-    lse, _, z_y = _head_stats(h3, w, b, y2, cfg)
-    return _label_log_probs(z_y, lse, y2, v2, v)
+    return _label_log_probs(_head_log_probs(h3, w, b, y2, cfg), y2, v2, v)
 
   return _reduce_tokens("log_probs", h3, w, b, (y2, v2), v2, wt, cfg, reduction, per_token,
                         unflat)
@@ -934,8 +1010,7 @@ def _log_prob_loss(hidden, weight, labels, fn, args, *, bias, weight_layout, whe
   wt = _token_weights(weights, batch, v2, n, cfg.acc)
 
   def per_token():
-    lse, _, z_y = _head_stats(h3, w, b, y2, cfg)
-    lp = _label_log_probs(z_y, lse, y2, v2, v)
+    lp = _label_log_probs(_head_log_probs(h3, w, b, y2, cfg), y2, v2, v)
     flat = tuple(a.reshape((v2.size,) + a.shape[2:]) for a in args)
     return kind.terms(lp, v2.reshape(-1), flat)[0], lp
 
@@ -1111,8 +1186,7 @@ def linear_entropy(
   wt = _token_weights(weights, jnp.shape(hidden)[:-1], v2, _num_tokens(hidden), cfg.acc)
 
   def per_token():
-    _, ent, _ = _head_stats(h3, w, b, y2, cfg)
-    return jnp.where(v2, ent, 0).reshape(-1)
+    return jnp.where(v2, _head_entropy(h3, w, b, y2, cfg), 0).reshape(-1)
 
   return _reduce_tokens("entropy", h3, w, b, (y2, v2), v2, wt, cfg, reduction, per_token,
                         unflat)
@@ -1174,7 +1248,7 @@ def linear_token_stats(
   keep = lambda a: unflat(jnp.where(v2, a, 0))
   logp = None
   if labels is not None:
-    logp = unflat(_label_log_probs(z_y, lse, y2, v2, v))
+    logp = unflat(_label_log_probs(z_y - lse, y2, v2, v))
   return TokenStats(keep(lse), keep(ent), keep(am), logp)
 
 

@@ -30,8 +30,8 @@ tokens, and only scalars (a sum, a mean's count) cross devices (``_token_mesh``)
 
 The entropy is formed from ``log s - t / s`` with ``s = sum exp(z - m)`` and
 ``t = sum exp(z - m) (z - m)`` (``m`` the row's max), and ``log s`` as ``log1p`` of the sum
-without the max's own term: it keeps its relative accuracy when the distribution is nearly
-one-hot (no difference of two large numbers, no tail lost next to 1).
+without the max's own terms (``jxent/_stats.py``): it keeps its relative accuracy when the
+distribution is nearly one-hot (no difference of two large numbers, no tail lost next to 1).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _forward(h3, w, b, y2, cfg, with_argmax=False):
 def _chunks_forward(h3, w, b, y2, cfg, with_argmax=False):
   def body(_, xs):
     h, y = xs
-    lse, ent, z_y, am = S.chunk_stats(_block_logits(h, w, b, cfg), y)
+    lse, ent, z_y, am = S.chunk_stats(_block_logits(h, w, b, cfg), y, with_argmax)
     return None, (lse, ent, z_y, am) if with_argmax else (lse, ent, z_y)
 
   return jax.lax.scan(body, None, (h3, y2))[1]
@@ -486,7 +486,7 @@ def _one_head_chunk(z, data, kind, want):
       return val, None, slope
     g = _log_prob_grad(z, lse, y, bad)
     return val, g if g_lp is None else g * g_lp[:, None], slope
-  lse, ent, _, _ = S.chunk_stats(z, y)
+  lse, ent, _, _ = S.chunk_stats(z, y, with_argmax=False)
   zl = z - S.finite(lse)[:, None]
   p = jnp.exp(zl)
   val = jnp.where(valid, ent, 0)  # entropy

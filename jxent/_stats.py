@@ -7,8 +7,9 @@ cross-entropy's ``return_stats`` (``jxent/_fused.py``): one ``[T, V]`` block at 
 
 The entropy is formed from ``log s - t / s`` with ``s = sum exp(z - m)`` and
 ``t = sum exp(z - m) (z - m)`` (``m`` the row's top logit), and ``log s`` as ``log1p`` of the
-sum without the top's own term: it keeps its relative accuracy when the distribution is
-nearly one-hot (no difference of two large numbers, no tail lost next to 1).
+sum without the top's own terms (one per tie, each exactly 1, summed apart): it keeps its
+relative accuracy when the distribution is nearly one-hot (no difference of two large
+numbers, no tail lost next to 1).
 """
 
 from __future__ import annotations
@@ -55,49 +56,70 @@ def lse_rows(x):
 
 
 def row_sums(xs, k=128):
-  """Row sums of [T, V] arrays in one variadic reduction (XLA then fuses their common
-  operands into it rather than keep them as [T, V] blocks), in two stages: XLA:CPU adds a
-  variadic reduction's terms one after another, and 32768 of them in one float32 running sum
-  lose 1e-5 relative accuracy; sums of k first keep it near float32's resolution."""
+  """Row sums of [T, V] arrays in one variadic reduction (``row_reduce``)."""
+  return row_reduce(xs, (jnp.add,) * len(xs), k)
+
+
+def row_reduce(xs, ops, k=128):
+  """Row reductions (``jnp.add``, or ``jnp.minimum`` of integers) of [T, V] arrays in one
+  variadic reduction (XLA then fuses their common operands into it rather than keep them as
+  [T, V] blocks), in two stages: XLA:CPU adds a variadic reduction's terms one after another,
+  and 32768 of them in one float32 running sum lose 1e-5 relative accuracy; sums of k first
+  keep it near float32's resolution."""
   t, v = xs[0].shape
-  add = lambda a, b: tuple(p + q for p, q in zip(a, b))
-  zero = tuple(np.array(0, x.dtype) for x in xs)
+  red = lambda a, b: tuple(op(p, q) for op, p, q in zip(ops, a, b))
+  init = tuple(np.array(0 if op is jnp.add else np.iinfo(x.dtype).max, x.dtype)
+               for op, x in zip(ops, xs))
   full = (v // k) * k
-  out = tuple(jnp.zeros((t,), x.dtype) for x in xs)
+  out = None
   if full:
-    parts = jax.lax.reduce(tuple(x[:, :full].reshape(t, full // k, k) for x in xs), zero, add,
-                           (2,))
-    out = tuple(jnp.sum(p, axis=-1) for p in parts)
+    out = jax.lax.reduce(tuple(x[:, :full].reshape(t, full // k, k) for x in xs), init, red,
+                         (2,))
+    out = jax.lax.reduce(out, init, red, (1,))
   if v > full:
-    out = add(out, jax.lax.reduce(tuple(x[:, full:] for x in xs), zero, add, (1,)))
+    last = jax.lax.reduce(tuple(x[:, full:] for x in xs), init, red, (1,))
+    out = last if out is None else red(out, last)
   return out
 
 
-def chunk_stats(z, y):
-  """(lse, entropy, label logit, argmax) of one [T, V] block of logits."""
-  # The shift is the logit at one argmax, taken with its gradient, and that one term is left
-  # out of the sum as its exact value 1: s = sum e = 1 + rest, rest the other terms (ties
-  # included), so that log s = log1p(rest) keeps the tail's mass when it is below float
-  # resolution next to 1 (a nearly one-hot row). Every term is then an exact smooth function
-  # of z: the custom rule's primal is differentiated by autodiff at second order.
-  am = jnp.argmax(z, axis=-1)
-  m = jnp.take_along_axis(z, am[:, None], axis=-1)[:, 0]
-  m = finite(m)
-  zm = z - m[:, None]
+def chunk_stats(z, y, with_argmax=True):
+  """(lse, entropy, label logit, argmax or None) of one [T, V] block of logits; with the
+  argmax (monitoring), all four are constants to autodiff."""
+  # The shift c is the row's max, held constant: lse = c + log s and H = log s - t / s, with
+  # s = sum e, e = exp(z - c), t = sum e (z - c), hold for every constant c, so every
+  # derivative of them is exact (the custom rules' primals are differentiated by autodiff at
+  # second order). The top's terms (e = 1 each: one, or the ties) are summed apart from the
+  # rest: log s = log(top) + log1p(rest / top) keeps the tail's mass when it is below float
+  # resolution next to 1 (a nearly one-hot row). The masks are constants to autodiff, so the
+  # two partial sums are still the full sum's.
+  # All sums (and the first top index, the argmax) in one variadic reduction: e then has one
+  # consumer, and XLA:CPU fuses the exponentials into it rather than keep them and each
+  # operand as [T, V] blocks. No jnp.argmax (a variadic reduction of its own, which took as
+  # long as the sums on XLA:CPU), no select against a constant 0 (XLA:CPU hoists a [T, V]
+  # broadcast of it out of the scan as one more block of scratch).
+  v = z.shape[-1]
+  if with_argmax:
+    # JAX's derivative of a variadic reduction fails on the index's symbolic zero tangent.
+    z = jax.lax.stop_gradient(z)
+  mx = jax.lax.stop_gradient(jnp.max(z, axis=-1))
+  c = finite(mx)
+  zm = z - c[:, None]
   e = jnp.exp(zm)
-  top = jnp.arange(z.shape[-1])[None, :] == am[:, None]
-  # No select against a constant 0 here nor below: XLA:CPU hoists a [T, V] broadcast of it out
-  # of the scan and keeps it as one more block of scratch. e is finite (at most 1).
-  # e * zm is 0 where e underflows (z = -inf gives 0 * -inf: taken as e = 0, 0 log 0 = 0).
-  # Both sums in one (variadic) reduction: e then has one consumer, and XLA:CPU fuses the
-  # exponentials into it rather than keep them and each sum's operand as [T, V] blocks
-  # (the label's logit stays a gather: as a third sum it ran slower).
-  rest, t = row_sums((e * ~top, jnp.where(e > 0, e * zm, e)))
-  z_y = jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0]
-  log_s = jnp.log1p(rest)
-  lse = m + log_s
-  ent = log_s - t / (1 + rest)
-  return lse, ent, z_y, am.astype(jnp.int32)
+  top = z == mx[:, None]  # all of a row of -inf (e = 0 there)
+  # e (z - c) is 0 where e underflows (z = -inf: 0 log 0 = 0), by a finite floor on z - c.
+  floor = jnp.asarray(jnp.finfo(z.dtype).min / 4, z.dtype)
+  sums = (e * ~top, e * top, e * jnp.maximum(zm, floor))
+  if with_argmax:
+    iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1)
+    rest, ones, t, am = row_reduce(sums + (jnp.where(top, iota, v),), (jnp.add,) * 3
+                                   + (jnp.minimum,))
+    am = jnp.minimum(am, v - 1)  # a row with NaN has no top: its statistics are NaN
+  else:
+    (rest, ones, t), am = row_sums(sums), None
+  ones = jnp.where(ones > 0, ones, 1)  # a row of -inf: s = 1 (lse 0, entropy 0)
+  log_s = jnp.log(ones) + jnp.log1p(rest / ones)
+  z_y = jnp.take_along_axis(z, jnp.clip(y, 0, v - 1)[:, None], axis=-1)[:, 0]
+  return c + log_s, log_s - t / (ones + rest), z_y, am
 
 
 # Online over blocks of vocabulary columns: the running top logit is the shift, its own term

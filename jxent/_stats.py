@@ -73,9 +73,9 @@ def row_reduce(xs, ops, k=128):
   full = (v // k) * k
   out = None
   if full:
-    out = jax.lax.reduce(tuple(x[:, :full].reshape(t, full // k, k) for x in xs), init, red,
-                         (2,))
-    out = jax.lax.reduce(out, init, red, (1,))
+    parts = jax.lax.reduce(tuple(x[:, :full].reshape(t, full // k, k) for x in xs), init, red,
+                           (2,))
+    out = tuple((jnp.sum if op is jnp.add else jnp.min)(p, axis=-1) for op, p in zip(ops, parts))
   if v > full:
     last = jax.lax.reduce(tuple(x[:, full:] for x in xs), init, red, (1,))
     out = last if out is None else red(out, last)

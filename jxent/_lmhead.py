@@ -119,7 +119,7 @@ def _stats_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
   p = jnp.exp(zl)
   dz = _tangent_logits(h, w, dh, dw, db, cfg)
   a1 = jnp.sum(p * dz, axis=-1)
-  # p (z - lse), 0 where p = 0 (z = -inf): a finite floor, not a select (see _one_head_chunk).
+  # p (z - lse), 0 where p = 0 (z = -inf): a finite floor, not a select (see _entropy_grad).
   floor = jnp.asarray(jnp.finfo(zl.dtype).min / 4, zl.dtype)
   a2 = jnp.sum(p * jnp.maximum(zl, floor) * dz, axis=-1)
   onehot = (jnp.arange(z.shape[-1]) + start)[None, :] == y[:, None]
@@ -176,9 +176,7 @@ def _log_probs_block_tangent(h, y, valid, lse, dh, w, b, dw, db, cfg, start, v):
   del valid, v
   z = _block_logits(h, w, b, cfg)
   dz = _tangent_logits(h, w, dh, dw, db, cfg)
-  p = jnp.exp(z - S.finite(lse)[:, None])
-  onehot = (jnp.arange(z.shape[-1]) + start)[None, :] == y[:, None]
-  return (jnp.sum(jnp.where(onehot, 1 - p, -p) * dz, axis=-1),)
+  return (jnp.sum(_log_prob_grad(z, lse, y - start) * dz, axis=-1),)
 
 
 def _head_log_probs_jvp(primals, tangents):
@@ -203,10 +201,7 @@ def _entropy_block_tangent(h, y, valid, res, dh, w, b, dw, db, cfg, start, v):
   lse, ent = res
   z = _block_logits(h, w, b, cfg)
   dz = _tangent_logits(h, w, dh, dw, db, cfg)
-  zl = z - S.finite(lse)[:, None]
-  # p (z - lse), 0 where p = 0 (z = -inf): a finite floor, not a select (see _one_head_chunk).
-  floor = jnp.asarray(jnp.finfo(zl.dtype).min / 4, zl.dtype)
-  return (-jnp.sum(jnp.exp(zl) * (jnp.maximum(zl, floor) + ent[:, None]) * dz, axis=-1),)
+  return (jnp.sum(_entropy_grad(z, lse, ent) * dz, axis=-1),)
 
 
 def _head_entropy_jvp(primals, tangents):
@@ -486,16 +481,8 @@ def _one_head_chunk(z, data, kind, want):
     g = _log_prob_grad(z, lse, y, bad)
     return val, g if g_lp is None else g * g_lp[:, None], slope
   lse, ent, _, _ = S.chunk_stats(z, y, with_argmax=False)
-  zl = z - S.finite(lse)[:, None]
-  p = jnp.exp(zl)
   val = jnp.where(valid, ent, 0)  # entropy
-  if not want:
-    return val, None, None
-  # -p (log p + H), with log p clamped to a finite floor so that p = 0 (z = -inf) gives 0
-  # (0 log 0 = 0) and p enters one product: XLA then fuses the whole gradient into one
-  # elementwise pass (a select would keep p as one more [T, V] block).
-  floor = jnp.asarray(jnp.finfo(zl.dtype).min / 4, zl.dtype)
-  return val, -p * (jnp.maximum(zl, floor) + ent[:, None]), None
+  return val, _entropy_grad(z, lse, ent) if want else None, None
 
 
 def _one_head_grads(h3, w, b, data, scale, cfg, kind, want):
@@ -600,9 +587,9 @@ def _split_group_chunk(carry, h, d, sc, w, b, cfg, kind, want):
 
 def _lse_and_label(z, y):
   """(logsumexp, label logit) of one block of logits for the log-probabilities: the
-  logsumexp alone, one plain row sum (S.chunk_stats's entropy and argmax take a variadic
-  reduction and a select on the block: XLA:CPU then kept a second [T, V] block, and ran
-  1.15x the time at N=4096, D=512, V=32768), so that the gradient takes the logits' buffer.
+  logsumexp alone, one plain row sum, not S.chunk_stats's variadic reduction of the
+  entropy's sums (with its argmax and a select on the block, XLA:CPU then kept a second
+  [T, V] block), so that the gradient takes the logits' buffer.
   A row of -inf has lse 0, as chunk_stats gives it (its label's log-probability -inf, as the
   per-token path's, not -inf - -inf)."""
   lse = S.lse_rows(z)
@@ -610,11 +597,22 @@ def _lse_and_label(z, y):
           jnp.take_along_axis(z, jnp.clip(y, 0, z.shape[-1] - 1)[:, None], axis=-1)[:, 0])
 
 
-def _log_prob_grad(z, lse, y, bad):
+def _log_prob_grad(z, lse, y, bad=None):
   """d log p_y / dz = onehot(y) - p for one block of logits (NaN rows where ``bad``)."""
   p = jnp.exp(z - S.finite(lse)[:, None])
   onehot = jnp.arange(z.shape[-1])[None, :] == y[:, None]
-  return R.poison_rows(jnp.where(onehot, 1 - p, -p), bad)
+  g = jnp.where(onehot, 1 - p, -p)
+  return g if bad is None else R.poison_rows(g, bad)
+
+
+def _entropy_grad(z, lse, ent):
+  """dH / dz = -p (log p + H) for one block of logits, log p clamped to a finite floor so
+  that p = 0 (z = -inf) gives 0 (0 log 0 = 0) and p enters one product: XLA then fuses the
+  whole gradient into one elementwise pass (a select would keep p as one more [T, V]
+  block)."""
+  zl = z - S.finite(lse)[:, None]
+  floor = jnp.asarray(jnp.finfo(zl.dtype).min / 4, zl.dtype)
+  return -jnp.exp(zl) * (jnp.maximum(zl, floor) + ent[:, None])
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
